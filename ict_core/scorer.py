@@ -1,0 +1,279 @@
+"""The scorer: ICT (+ optional HP) on one device, batched, with the prompt cache in front of the text tower."""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import preprocess, text, weights
+from .errors import InputError, ModelFileError, ICTError
+from .modeling import RewardModules, build_hp, build_ict
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class ScoreResult:
+    index: int
+    label: str | None
+    prompt: str
+    ict: float | None = None
+    hp: float | None = None        # sigmoid of the HP head
+    hp_raw: float | None = None    # the head's output before the sigmoid (used by the `group` rule)
+    score: float | None = None     # ict * hp with an HP model, else ict
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {"image": self.label if self.label is not None else self.index, "prompt": self.prompt,
+             "ict": self.ict, "hp": self.hp, "score": self.score}
+        if self.error is not None:
+            d["error"] = self.error
+        return d
+
+
+@dataclass
+class ImageFeatures:
+    ict: torch.Tensor                 # [n, d] float32, L2-normalised; NaN rows for failed images
+    hp_raw: torch.Tensor | None       # [n] float32 or None without HP
+    errors: list[str | None]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device not in DEVICES and not str(device).startswith("cuda:"):
+        raise InputError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """fp32 unless lower precision is asked for (fidelity first); half precision only on CUDA."""
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision in ("auto", "fp32"):
+        return torch.float32
+    if device.type != "cuda":
+        log.warning("precision %s is for CUDA; scoring on %s in fp32", precision, device.type)
+        return torch.float32
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise InputError("this GPU does not support bf16; use precision fp16 or fp32")
+    return _DTYPES[precision]
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+class Scorer:
+    """Scores images against prompts. Build with Scorer.load(); hosts may move `modules` between devices."""
+
+    def __init__(self, modules: RewardModules, *, ict_fingerprint: str, hp_fingerprint: str | None = None,
+                 dtype: torch.dtype = torch.float32, cache=None, chunk_size: int | None = None,
+                 paths: tuple[Path, Path | None] | None = None):
+        self.modules = modules
+        self.dtype = dtype
+        self.ict_fingerprint = ict_fingerprint
+        self.hp_fingerprint = hp_fingerprint
+        self.cache = cache
+        self.chunk_size = chunk_size
+        self.paths = paths
+        self.last_cache_stats = _zero_stats()
+
+    # ---------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, ict_path: str | Path, hp_path: str | Path | None = None, *, device: str | torch.device = "auto",
+             precision: str = "auto", cache=None, config: str | Path | None = None,
+             chunk_size: int | None = None) -> "Scorer":
+        """Load converted safetensors files straight onto the device (no pickle, no random init)."""
+        from .config import load_architecture
+
+        dev = resolve_device(device)
+        dtype = resolve_dtype(precision, dev)
+        arch = load_architecture(config) if config is not None else None
+        ict_info = weights.open_model_file(ict_path, "ict", arch)
+        hp_info = weights.open_model_file(hp_path, "hp", arch) if hp_path else None
+        if hp_info is not None and hp_info.arch["projection_dim"] != ict_info.arch["projection_dim"]:
+            raise ModelFileError(f"{hp_path} and {ict_path} are for different architectures; use matching files")
+        log.info("loading ICT %s%s on %s (%s)", ict_path, f" + HP {hp_path}" if hp_path else "", dev, dtype)
+        ict = build_ict(ict_info.arch, weights.load_state(ict_info, dev), dev, dtype)
+        hp = build_hp(hp_info.arch, weights.load_state(hp_info, dev), dev, dtype) if hp_info else None
+        return cls(RewardModules(ict, hp), ict_fingerprint=weights.fingerprint(ict_path, ict_info),
+                   hp_fingerprint=weights.fingerprint(hp_path, hp_info) if hp_info else None,
+                   dtype=dtype, cache=cache, chunk_size=chunk_size,
+                   paths=(Path(ict_path), Path(hp_path) if hp_path else None))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.modules.ict.parameters()).device
+
+    @property
+    def has_hp(self) -> bool:
+        return self.modules.hp is not None
+
+    @property
+    def gallery_key(self) -> str:
+        return f"{self.ict_fingerprint}+{self.hp_fingerprint or 'none'}"
+
+    def _chunk(self) -> int:
+        if self.chunk_size:
+            return self.chunk_size
+        return 32 if self.device.type == "cuda" else 8
+
+    # ---------------------------------------------------------------------------------------------- prompts
+    @torch.inference_mode()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised text features [n, d] (float32, CPU); cached prompts never reach the text tower."""
+        prompts = [text.check_prompt(p) for p in prompts]
+        distinct = list(dict.fromkeys(prompts))
+        found: dict[str, torch.Tensor] = {}
+        if self.cache is not None:
+            for p, vec in self.cache.get_prompts(self.ict_fingerprint, distinct).items():
+                found[p] = torch.as_tensor(vec, dtype=torch.float32)
+        missing = [p for p in distinct if p not in found]
+        self.last_cache_stats["prompt_hits"] += len(distinct) - len(missing)
+        self.last_cache_stats["prompt_misses"] += len(missing)
+        if missing:
+            ids = text.tokenize(missing).to(self.device)
+            ict = self.modules.ict
+            pooled = ict.text_model(input_ids=ids).pooler_output
+            feats = _normalise(ict.text_projection(pooled)).cpu()
+            new = {p: feats[i] for i, p in enumerate(missing)}
+            found.update(new)
+            if self.cache is not None:
+                self.cache.put_prompts(self.ict_fingerprint, {p: v.numpy() for p, v in new.items()})
+        return torch.stack([found[p] for p in prompts])
+
+    # ----------------------------------------------------------------------------------------------- images
+    @torch.inference_mode()
+    def _forward_images(self, batch: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        pixels = preprocess.pixel_values_for(batch, self.device, self.dtype)
+        ict = self.modules.ict
+        feats = _normalise(ict.visual_projection(ict.vision_model(pixel_values=pixels).pooler_output)).cpu()
+        hp_raw = self.modules.hp(pixels).cpu() if self.modules.hp is not None else None
+        return feats, hp_raw
+
+    def _forward_split(self, batch: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward a chunk; on CUDA out-of-memory, halve it (and later chunks) and retry."""
+        try:
+            return self._forward_images(batch)
+        except torch.OutOfMemoryError:
+            if len(batch) == 1:
+                raise ICTError("out of GPU memory for a single image; free memory or use device cpu") from None
+            torch.cuda.empty_cache()
+            half = len(batch) // 2
+            self.chunk_size = max(1, half)
+            log.warning("out of GPU memory with %d images per chunk; retrying with %d", len(batch), half)
+            a, b = self._forward_split(batch[:half]), self._forward_split(batch[half:])
+            return torch.cat([a[0], b[0]]), (torch.cat([a[1], b[1]]) if a[1] is not None else None)
+
+    def encode_images(self, images: Any, *, progress: Callable[[int, int], None] | None = None,
+                      should_stop: Callable[[], bool] | None = None, labels=None,
+                      refs: list[preprocess.ImageRef] | None = None) -> ImageFeatures:
+        """Image features in chunks that fit memory. A bad image gets an error entry; the rest go on."""
+        refs = refs if refs is not None else preprocess.as_refs(images, labels)
+        n = len(refs)
+        dim = self.modules.ict.visual_projection.out_features
+        out = torch.full((n, dim), math.nan)
+        hp_out = torch.full((n,), math.nan) if self.has_hp else None
+        errors: list[str | None] = [None] * n
+        todo = list(range(n))
+        if self.cache is not None and n:
+            todo = self._from_gallery(refs, out, hp_out)
+        done = n - len(todo)
+        if progress:
+            progress(done, n)
+        i = 0
+        while i < len(todo):
+            if should_stop is not None and should_stop():
+                raise InterruptedError("scoring cancelled")
+            idx = todo[i:i + self._chunk()]
+            i += len(idx)
+            loaded, ok = [], []
+            for j in idx:
+                try:
+                    loaded.append(refs[j].load())
+                    ok.append(j)
+                except ICTError as e:
+                    errors[j] = str(e)
+                    log.warning("image %s skipped: %s", refs[j].label or j, e)
+            if loaded:
+                feats, hp_raw = self._forward_split(loaded)
+                out[ok] = feats
+                if hp_out is not None:
+                    hp_out[ok] = hp_raw
+            done += len(idx)
+            if progress:
+                progress(done, n)
+        return ImageFeatures(out, hp_out, errors)
+
+    def _from_gallery(self, refs, out, hp_out) -> list[int]:
+        """Reuse image features stored by `ict index`; returns the indices still to encode."""
+        keys: list[str | None] = []
+        for r in refs:
+            try:
+                keys.append(r.digest())
+            except (OSError, ICTError):
+                keys.append(None)
+        hits = self.cache.get_images(self.gallery_key, [k for k in keys if k is not None])
+        todo = []
+        for i, k in enumerate(keys):
+            hit = hits.get(k) if k is not None else None
+            if hit is None or (hp_out is not None and math.isnan(hit[1])):
+                todo.append(i)
+                continue
+            out[i] = torch.as_tensor(hit[0], dtype=torch.float32)
+            if hp_out is not None:
+                hp_out[i] = float(hit[1])
+        self.last_cache_stats["image_hits"] += len(refs) - len(todo)
+        self.last_cache_stats["image_misses"] += len(todo)
+        return todo
+
+    # -------------------------------------------------------------------------------------------------- score
+    def score(self, images: Any, prompts: str | Sequence[str], *, progress=None, should_stop=None,
+              labels: Sequence[str | None] | None = None) -> list[ScoreResult]:
+        """ICT (cosine), HP (sigmoid of the head) and the combined score of each image, in input order."""
+        self.last_cache_stats = _zero_stats()
+        refs = preprocess.as_refs(images, labels)
+        if not refs:
+            raise InputError("no images to score; give at least one image")
+        if isinstance(prompts, str):
+            per_image = [text.check_prompt(prompts)] * len(refs)
+        else:
+            per_image = [text.check_prompt(p, f"prompt {i}") for i, p in enumerate(prompts)]
+            if len(per_image) == 1:
+                per_image = per_image * len(refs)
+            if len(per_image) != len(refs):
+                raise InputError(f"{len(per_image)} prompts for {len(refs)} images; give one prompt, or one per image")
+        text_feats = self.encode_prompts(per_image)
+        feats = self.encode_images(None, progress=progress, should_stop=should_stop, refs=refs)
+        ict = (feats.ict * text_feats).sum(dim=-1)
+        results = []
+        for i, ref in enumerate(refs):
+            r = ScoreResult(i, ref.label, per_image[i], error=feats.errors[i])
+            if r.error is None:
+                r.ict = float(ict[i])
+                if feats.hp_raw is not None:
+                    r.hp_raw = float(feats.hp_raw[i])
+                    r.hp = float(torch.sigmoid(feats.hp_raw[i]))
+                r.score = r.ict * r.hp if r.hp is not None else r.ict
+            results.append(r)
+        if self.cache is not None:
+            self.cache.flush()
+        return results
+
+
+def _zero_stats() -> dict[str, int]:
+    return {"prompt_hits": 0, "prompt_misses": 0, "image_hits": 0, "image_misses": 0}

@@ -1,0 +1,40 @@
+"""Prompts -> token ids with open_clip's ViT-H-14 tokenizer, exactly as the model card does."""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+CONTEXT_LENGTH = 77
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer():
+    # The built-in ViT-H-14 config names no HF tokenizer, so this is open_clip's SimpleTokenizer: no network.
+    from open_clip import get_tokenizer
+
+    return get_tokenizer("ViT-H-14")
+
+
+def check_prompt(prompt: object, where: str = "prompt") -> str:
+    if not isinstance(prompt, str):
+        raise InputError(f"{where} must be text, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise InputError(f"{where} is empty; give the text the image should contain")
+    return prompt
+
+
+def tokenize(prompts: list[str]) -> torch.Tensor:
+    """LongTensor [n, 77]; a prompt longer than 75 BPE tokens is cut (its last id set to end-of-text)."""
+    tok = _tokenizer()
+    for p in prompts:
+        n = len(tok.encode(p))
+        if n > CONTEXT_LENGTH - 2:
+            log.warning("prompt has %d tokens, more than the model's %d: the text after token %d is ignored "
+                        "(%r...)", n, CONTEXT_LENGTH - 2, CONTEXT_LENGTH - 2, p[:60])
+    return tok(prompts, context_length=CONTEXT_LENGTH)

@@ -1,0 +1,130 @@
+"""Tiny random CLIP models saved in the exact released layouts (8y/ICT, 8y/HP), converted once per session."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Small but complete: the real vocabulary (open_clip ids reach 49407), 77 positions, 224 px input.
+TINY = {
+    "projection_dim": 16,
+    "text_config": {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 2, "num_hidden_layers": 2,
+                    "vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "gelu",
+                    "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1},
+    "vision_config": {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 2, "num_hidden_layers": 2,
+                      "patch_size": 32, "image_size": 224, "num_channels": 3, "hidden_act": "gelu",
+                      "layer_norm_eps": 1e-5},
+}
+
+
+def tiny_clip(seed: int):
+    """A random transformers CLIPModel at the tiny size, with weights large enough to give spread scores."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=TINY["text_config"], vision_config=TINY["vision_config"],
+                                 projection_dim=TINY["projection_dim"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+def tiny_mlp(seed: int, dim: int = TINY["projection_dim"]):
+    """The official HP head layout: keys layers.{0,2,4,6,7}."""
+    torch.manual_seed(seed)
+    mlp = torch.nn.Module()
+    mlp.layers = torch.nn.Sequential(torch.nn.Linear(dim, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
+                                     torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
+                                     torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+    mlp.forward = lambda x: mlp.layers(x)
+    return mlp.eval()
+
+
+def save_ict_layout(model, folder: Path) -> Path:
+    """8y/ICT: one pytorch_model.bin, bf16, full CLIPModel keys plus the legacy int64 position_ids buffers."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    for tower, n in (("text_model", TINY["text_config"]["max_position_embeddings"]),
+                     ("vision_model", (224 // TINY["vision_config"]["patch_size"]) ** 2 + 1)):
+        sd[f"{tower}.embeddings.position_ids"] = torch.arange(n, dtype=torch.int64).unsqueeze(0)
+    torch.save(sd, folder / "pytorch_model.bin")
+    return folder
+
+
+def save_hp_layout(model, mlp, folder: Path) -> Path:
+    """8y/HP: hp_backbone/ (save_pretrained-style config.json + pytorch_model.bin), hp_scorer/mlp_pytorch_model.bin."""
+    (folder / "hp_backbone").mkdir(parents=True, exist_ok=True)
+    (folder / "hp_scorer").mkdir(parents=True, exist_ok=True)
+    sd = dict(model.state_dict())
+    sd["text_model.embeddings.position_ids"] = torch.arange(77, dtype=torch.int64).unsqueeze(0)
+    torch.save(sd, folder / "hp_backbone" / "pytorch_model.bin")
+    (folder / "hp_backbone" / "config.json").write_text(json.dumps(model.config.to_dict(), default=str))
+    torch.save(mlp.state_dict(), folder / "hp_scorer" / "mlp_pytorch_model.bin")
+    return folder
+
+
+class TinyModels:
+    def __init__(self, root: Path):
+        from ict_core.weights import convert
+
+        self.root = root
+        self.config = root / "tiny_config.json"
+        self.config.write_text(json.dumps(TINY))
+        self.ict_clip = tiny_clip(1)
+        self.hp_clip = tiny_clip(2)
+        self.hp_mlp = tiny_mlp(3)
+        self.ict_src = save_ict_layout(self.ict_clip, root / "ICT")
+        self.hp_src = save_hp_layout(self.hp_clip, self.hp_mlp, root / "HP")
+        self.ict = convert(self.ict_src, root / "ict.safetensors", self.config).path
+        self.hp = convert(self.hp_src, root / "hp.safetensors").path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> TinyModels:
+    """Converted tiny ICT/HP files: .ict, .hp (safetensors paths), .ict_src/.hp_src (released layouts), .config."""
+    return TinyModels(tmp_path_factory.mktemp("tiny_models"))
+
+
+def make_images(folder: Path) -> list[Path]:
+    """Images of several sizes and modes: RGB JPEG/PNG/WebP, RGBA, grayscale, 16-bit, 1x1, panoramas."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+
+    def smooth(h, w, c=3):
+        y, x = np.mgrid[0:h, 0:w]
+        base = np.stack([np.sin(x / (7 + k * 3) + y / (11 + k)) for k in range(c)], -1)
+        noise = rng.normal(0, 0.15, (h, w, c))
+        return np.clip((base * 0.4 + 0.5 + noise) * 255, 0, 255).astype(np.uint8)
+
+    out = []
+    specs = [("a.png", (512, 512), "RGB"), ("b.jpg", (768, 512), "RGB"), ("c.webp", (300, 640), "RGB"),
+             ("d.png", (400, 333), "RGBA"), ("e.png", (256, 384), "L"), ("f.png", (1, 1), "RGB"),
+             ("g.png", (230, 1000), "RGB")]
+    for name, (h, w), mode in specs:
+        c = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+        arr = smooth(h, w, c)
+        img = Image.fromarray(arr[..., 0] if c == 1 else arr, mode)
+        path = folder / name
+        img.save(path, quality=95) if name.endswith(".jpg") else img.save(path)
+        out.append(path)
+    arr16 = (smooth(200, 300, 1)[..., 0].astype(np.uint16) * 257)
+    Image.fromarray(arr16).save(folder / "h16.png")
+    out.append(folder / "h16.png")
+    return out
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory) -> list[Path]:
+    return make_images(tmp_path_factory.mktemp("images"))
