@@ -1,0 +1,356 @@
+"""The ComfyUI nodes, run without ComfyUI on the tiny models; a fake comfy.* checks the host glue."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from ict_core.errors import ICTError, InputError, ModelFileError
+
+import nodes
+from nodes import adapters, comfy_host, loader
+from nodes.scoring import ICTRerank, ICTScore, ICTSelectBest
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "a red cube on a table"
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture()
+def models_dir(tiny_models, tmp_path, monkeypatch):
+    """ict_core's default models folder holding the tiny ICT and HP files."""
+    d = tmp_path / "models"
+    d.mkdir()
+    shutil.copy(tiny_models.ict, d / "ict.safetensors")
+    shutil.copy(tiny_models.hp, d / "hp.safetensors")
+    monkeypatch.setenv("ICT_MODELS_DIR", str(d))
+    loader.clear_cache()
+    yield d
+    loader.clear_cache()
+
+
+@pytest.fixture()
+def model(models_dir):
+    return loader.ICTModelLoader().load("ict.safetensors", "hp.safetensors", "fp32", "cpu")[0]
+
+
+@pytest.fixture()
+def model_ict_only(models_dir):
+    return loader.ICTModelLoader().load("ict.safetensors", "none", "auto", "cpu")[0]
+
+
+def batch(n=4, h=64, w=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, h, w, 3, generator=g)
+
+
+def latent(n=4):
+    return {"samples": torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 4, 8, 6).clone(),
+            "batch_index": list(range(10, 10 + n)),
+            "noise_mask": torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, 8, 6).clone()}
+
+
+# ------------------------------------------------------------------------------------------- public contract
+def test_node_ids_inputs_and_outputs_are_the_public_contract():
+    m = nodes.NODE_CLASS_MAPPINGS
+    assert set(m) == {"ICTModelLoader", "ICTScore", "ICTSelectBest", "ICTRerank"}
+    assert set(nodes.NODE_DISPLAY_NAME_MAPPINGS) == set(m)
+    ld = m["ICTModelLoader"].INPUT_TYPES()["required"]
+    assert list(ld) == ["ict_model", "hp_model", "precision", "device"]
+    assert ld["precision"][0] == ["auto", "fp16", "bf16", "fp32"] and ld["device"][0] == ["auto", "cpu"]
+    assert ld["hp_model"][0][0] == "none"
+    assert m["ICTModelLoader"].RETURN_TYPES == ("ICT_MODEL",)
+
+    sc = m["ICTScore"]
+    assert list(sc.INPUT_TYPES()["required"]) == ["model", "images", "prompt"]
+    assert sc.INPUT_TYPES()["required"]["prompt"][1]["multiline"] is True
+    assert sc.RETURN_NAMES == ("scores", "report") and sc.RETURN_TYPES == ("FLOAT", "STRING") and sc.OUTPUT_NODE
+
+    sb = m["ICTSelectBest"].INPUT_TYPES()
+    assert list(sb["required"]) == ["model", "images", "prompt", "k", "score_by", "min_score"]
+    assert list(sb["optional"]) == ["latent", "mask"]
+    assert sb["required"]["k"][1]["min"] == 1
+    assert sb["required"]["score_by"][0] == ["ict", "hp", "ict*hp", "group"]
+    assert m["ICTSelectBest"].RETURN_NAMES == ("images", "latent", "mask", "indices", "scores", "report")
+    assert m["ICTSelectBest"].RETURN_TYPES == ("IMAGE", "LATENT", "MASK", "STRING", "FLOAT", "STRING")
+
+    rr = m["ICTRerank"].INPUT_TYPES()
+    assert list(rr["required"]) == ["model", "images", "prompt", "score_by"]
+    assert list(rr["optional"]) == ["latent", "mask"]
+    assert m["ICTRerank"].RETURN_NAMES == ("images", "latent", "mask", "order", "scores", "report")
+
+
+def test_pack_root_imports_like_comfyui_loads_it():
+    """ComfyUI imports the folder as a package from its __init__.py; nothing heavy may happen then."""
+    before = set(sys.modules)
+    spec = importlib.util.spec_from_file_location("ict_reward_pack", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["ict_reward_pack"] = mod
+    try:
+        spec.loader.exec_module(mod)
+        assert set(mod.NODE_CLASS_MAPPINGS) == set(nodes.NODE_CLASS_MAPPINGS)
+        assert mod.WEB_DIRECTORY == "./web" and (ROOT / "web" / "ict_scores.js").is_file()
+        assert not {"transformers", "open_clip"} & (set(sys.modules) - before)
+    finally:
+        for name in [n for n in sys.modules if n == "ict_reward_pack" or n.startswith("ict_reward_pack.")]:
+            del sys.modules[name]
+
+
+def test_example_workflows_use_only_known_nodes_and_inputs():
+    import json
+
+    files = sorted((ROOT / "example_workflows").glob("*.json"))
+    assert len(files) >= 2
+    for f in files:
+        wf = json.loads(f.read_text())
+        assert "nodes" in wf and "links" in wf, f"{f.name} is not a UI-format workflow"
+        for n in wf["nodes"]:
+            if n["type"].startswith("ICT"):
+                assert n["type"] in nodes.NODE_CLASS_MAPPINGS
+
+
+# ------------------------------------------------------------------------------------------------ loader
+def test_loader_lists_files_and_reuses_the_loaded_model(models_dir):
+    files = loader.ICTModelLoader.INPUT_TYPES()["required"]["ict_model"][0]
+    assert files == ["hp.safetensors", "ict.safetensors"]
+    a = loader.ICTModelLoader().load("ict.safetensors", "hp.safetensors", "auto", "cpu")[0]
+    b = loader.ICTModelLoader().load("ict.safetensors", "hp.safetensors", "auto", "cpu")[0]
+    assert a is b and a.scorer.has_hp and a.patcher is None
+    changed = loader.ICTModelLoader.IS_CHANGED("ict.safetensors", "hp.safetensors", "auto", "cpu")
+    os.utime(models_dir / "ict.safetensors", ns=(1, 1))
+    assert loader.ICTModelLoader.IS_CHANGED("ict.safetensors", "hp.safetensors", "auto", "cpu") != changed
+    c = loader.ICTModelLoader().load("ict.safetensors", "hp.safetensors", "auto", "cpu")[0]
+    assert c is not a  # the file changed on disk: loaded again
+
+
+def test_loader_wrong_kind_and_missing_file_say_so(models_dir):
+    with pytest.raises(ModelFileError, match="HP model but was given as the ICT model"):
+        loader.ICTModelLoader().load("hp.safetensors", "none", "auto", "cpu")
+    with pytest.raises(ModelFileError, match="not found"):
+        loader.ICTModelLoader().load("nope.safetensors", "none", "auto", "cpu")
+    with pytest.raises(InputError, match="precision"):
+        loader.ICTModelLoader().load("ict.safetensors", "none", "fp8", "cpu")
+
+
+# ------------------------------------------------------------------------------------------------- scoring
+def test_score_gives_one_float_per_image_and_a_table(model):
+    imgs = batch()
+    out = ICTScore().score([model], [imgs], [PROMPT])
+    scores, report = out["result"]
+    direct = model.scorer.score([t.permute(2, 0, 1) for t in imgs], PROMPT)
+    assert scores == pytest.approx([r.score for r in direct], abs=1e-6)
+    assert len(scores) == 4 and isinstance(report, str) and "ict*hp" in report
+    tab = out["ui"]["ict_table"][0]
+    assert [row["index"] for row in tab["rows"]] == [0, 1, 2, 3] and tab["has_hp"]
+    assert out["ui"]["text"] == [report]
+
+
+def test_select_best_picks_images_latent_and_mask_alike(model):
+    imgs, lat, mask = batch(), latent(), torch.arange(4, dtype=torch.float32).view(4, 1, 1).expand(4, 64, 48)
+    out = ICTSelectBest().select([model], [imgs], [PROMPT], [2], ["ict*hp"], [-1.0], latent=[lat], mask=[mask])
+    images, lat_out, mask_out, indices, scores, report = out["result"]
+    idx = [int(i) for i in indices.split(",")]
+    assert len(idx) == 2 and scores[0] >= scores[1]
+    ranked = model.scorer.score([t.permute(2, 0, 1) for t in imgs], PROMPT)
+    best = sorted(range(4), key=lambda i: -ranked[i].score)[:2]
+    assert idx == best
+    assert torch.equal(images, imgs[idx])
+    assert lat_out["samples"][:, 0, 0, 0].tolist() == idx
+    assert lat_out["batch_index"] == [10 + i for i in idx]
+    assert lat_out["noise_mask"][:, 0, 0, 0].tolist() == idx
+    assert mask_out[:, 0, 0].tolist() == idx
+    assert lat["samples"].shape[0] == 4  # input untouched
+
+
+def test_select_best_clamps_k_and_keeps_the_best_below_min_score(model):
+    imgs = batch()
+    out = ICTSelectBest().select([model], [imgs], [PROMPT], [9], ["ict"], [-1.0])
+    assert len(out["result"][3].split(",")) == 4 and "k=9" in out["result"][5]
+    out = ICTSelectBest().select([model], [imgs], [PROMPT], [3], ["ict"], [0.99])
+    images, _, _, indices, scores, report = out["result"]
+    assert images.shape[0] == 1 and "min_score" in report and "single best" in report
+    assert out["ui"]["ict_table"][0]["notes"]
+
+
+def test_outputs_without_latent_or_mask_inputs_are_blocked_not_broken(model):
+    _, lat_out, mask_out, *_ = ICTSelectBest().select(model, batch(2), PROMPT, 1, "ict", 0.0)["result"]
+    assert lat_out is None and mask_out is None  # ComfyUI gets an ExecutionBlocker with a message instead
+
+
+def test_rerank_orders_everything_best_first(model):
+    imgs, lat = batch(5), latent(5)
+    out = ICTRerank().rerank([model], [imgs], [PROMPT], ["group"], latent=[lat], mask=[torch.ones(64, 48)])
+    images, lat_out, mask_out, order, scores, report = out["result"]
+    idx = [int(i) for i in order.split(",")]
+    assert sorted(idx) == list(range(5)) and scores == sorted(scores, reverse=True)
+    assert torch.equal(images, imgs[idx]) and lat_out["samples"][:, 0, 0, 0].tolist() == idx
+    assert mask_out.shape == (1, 64, 48)  # a single mask applies to every image: passed through
+
+
+def test_bad_inputs_give_one_clear_message(model, model_ict_only):
+    imgs = batch()
+    with pytest.raises(InputError, match="prompt is empty"):
+        ICTScore().score([model], [imgs], ["  \n"])
+    with pytest.raises(InputError, match="latent holds 3 samples but 4 images"):
+        ICTSelectBest().select([model], [imgs], [PROMPT], [1], ["ict"], [0.0], latent=[latent(3)])
+    with pytest.raises(InputError, match="mask holds 3 masks but 4 images"):
+        ICTRerank().rerank([model], [imgs], [PROMPT], ["ict"], mask=[torch.zeros(3, 64, 48)])
+    with pytest.raises(InputError, match="needs an HP model"):
+        ICTSelectBest().select([model_ict_only], [imgs], [PROMPT], [1], ["ict*hp"], [0.0])
+    with pytest.raises(InputError, match="connect an ICT Model Loader"):
+        ICTScore().score([None], [imgs], [PROMPT])
+    with pytest.raises(InputError, match="3 prompts"):
+        ICTScore().score([model], [imgs], ["a\n---\nb\n---\nc"])
+
+
+def test_images_of_different_sizes_in_a_list(model):
+    a, b = batch(2, 64, 48), batch(1, 40, 72, seed=1)
+    scores, _ = ICTScore().score([model], [a, b], [PROMPT])["result"]
+    assert len(scores) == 3 and all(math.isfinite(s) for s in scores)
+    best, *_ = ICTSelectBest().select([model], [a, b], [PROMPT], [1], ["ict"], [0.0])["result"]
+    assert best.shape[0] == 1
+    with pytest.raises(InputError, match="different sizes"):
+        ICTRerank().rerank([model], [a, b], [PROMPT], ["ict"])
+
+
+def test_one_prompt_per_image_or_per_group(model):
+    imgs = batch(4)
+    out = ICTScore().score([model], [imgs], ["a red cube\n---\na blue ball"])
+    rows = out["ui"]["ict_table"][0]["rows"]
+    assert [r["prompt"] for r in rows] == ["a red cube", "a red cube", "a blue ball", "a blue ball"]
+    assert adapters.split_prompts(["x", "y", "z", "w"], 4, "n") == ["x", "y", "z", "w"]
+    direct = model.scorer.score([t.permute(2, 0, 1) for t in imgs], ["a red cube"] * 2 + ["a blue ball"] * 2)
+    assert out["result"][0] == pytest.approx([r.score for r in direct], abs=1e-6)
+
+
+def test_rgba_and_grayscale_images_are_scored(model):
+    rgba = torch.rand(2, 32, 32, 4)
+    scores, _ = ICTScore().score(model, rgba, PROMPT)["result"]
+    rgb, _ = ICTScore().score(model, rgba[..., :3].contiguous(), PROMPT)["result"]
+    assert scores == pytest.approx(rgb)
+
+
+# --------------------------------------------------------------------------------- host glue (fake ComfyUI)
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.fixture()
+def fake_comfy(monkeypatch, tmp_path):
+    """Just enough of folder_paths and comfy.* for the host glue; records what the nodes ask of them."""
+    calls = {"load": [], "bars": [], "interrupt": False}
+    fp = types.ModuleType("folder_paths")
+    fp.models_dir = str(tmp_path / "models")
+    extra = tmp_path / "extra_ict"
+    extra.mkdir()
+    fp.folder_names_and_paths = {"ict": ([str(extra)], set())}  # as an extra_model_paths.yaml `ict:` entry leaves it
+
+    def get_filename_list(name):
+        paths, exts = fp.folder_names_and_paths[name]
+        out = []
+        for p in paths:
+            if os.path.isdir(p):
+                out += [f for f in os.listdir(p) if not exts or os.path.splitext(f)[1] in exts]
+        return sorted(out)
+
+    def get_full_path(name, filename):
+        for p in fp.folder_names_and_paths[name][0]:
+            if os.path.isfile(os.path.join(p, filename)):
+                return os.path.join(p, filename)
+        return None
+
+    fp.get_filename_list, fp.get_full_path = get_filename_list, get_full_path
+    fp.get_folder_paths = lambda name: list(fp.folder_names_and_paths[name][0])
+
+    mm = types.ModuleType("comfy.model_management")
+
+    class VRAMState:
+        DISABLED, NO_VRAM, LOW_VRAM, NORMAL_VRAM, HIGH_VRAM, SHARED = range(6)
+
+    mm.VRAMState, mm.vram_state = VRAMState, VRAMState.NORMAL_VRAM
+    mm.cpu_mode = lambda: True
+    mm.get_torch_device = lambda: torch.device("cpu")
+    mm.unet_offload_device = lambda: torch.device("cpu")
+    mm.should_use_bf16 = mm.should_use_fp16 = lambda *a, **k: False
+    mm.load_models_gpu = lambda models, **kw: calls["load"].append((models, kw))
+
+    def throw():
+        if calls["interrupt"]:
+            raise _Interrupted()
+
+    mm.throw_exception_if_processing_interrupted = throw
+    mp = types.ModuleType("comfy.model_patcher")
+
+    class ModelPatcher:
+        def __init__(self, model, load_device, offload_device):
+            self.model, self.load_device, self.offload_device = model, load_device, offload_device
+
+    mp.ModelPatcher = ModelPatcher
+    ut = types.ModuleType("comfy.utils")
+
+    class ProgressBar:
+        def __init__(self, total):
+            self.updates = []
+            calls["bars"].append(self)
+
+        def update_absolute(self, value, total=None):
+            self.updates.append((value, total))
+
+    ut.ProgressBar = ProgressBar
+    comfy = types.ModuleType("comfy")
+    comfy.model_management, comfy.model_patcher, comfy.utils = mm, mp, ut
+    for name, mod in {"folder_paths": fp, "comfy": comfy, "comfy.model_management": mm,
+                      "comfy.model_patcher": mp, "comfy.utils": ut}.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    loader.clear_cache()
+    yield types.SimpleNamespace(fp=fp, calls=calls, extra=extra)
+    loader.clear_cache()
+
+
+def test_host_glue_registers_folder_patcher_progress_and_cancel(fake_comfy, tiny_models):
+    shutil.copy(tiny_models.ict, fake_comfy.extra / "ict.safetensors")
+    (fake_comfy.extra / "notes.txt").write_text("not a model")
+    comfy_host.register_model_folder()
+    paths, exts = fake_comfy.fp.folder_names_and_paths["ict"]
+    assert exts == {".safetensors"} and paths[0] == str(fake_comfy.extra) and paths[1].endswith(os.sep + "ict")
+    assert loader.ICTModelLoader.INPUT_TYPES()["required"]["ict_model"][0] == ["ict.safetensors"]
+
+    model = loader.ICTModelLoader().load("ict.safetensors", "none", "auto", "auto")[0]
+    assert model.patcher is not None and model.patcher.model is model.scorer.modules
+    assert model.patcher.load_device.type == "cpu"  # --cpu respected
+    assert loader.ICTModelLoader().load("ict.safetensors", "none", "auto", "auto")[0] is model
+
+    model.scorer.chunk_size = 2
+    ICTScore().score(model, batch(5), PROMPT)
+    assert fake_comfy.calls["load"] and fake_comfy.calls["load"][-1][1].get("force_full_load") is True
+    bar = fake_comfy.calls["bars"][-1]
+    assert bar.updates[-1][0] == 5 and len(bar.updates) >= 3  # per chunk
+
+    fake_comfy.calls["interrupt"] = True
+    with pytest.raises(_Interrupted):
+        ICTScore().score(model, batch(5), PROMPT)
+
+
+def test_precision_auto_follows_the_host_device(fake_comfy):
+    mm = sys.modules["comfy.model_management"]
+    assert comfy_host.plan_precision("auto", torch.device("cpu")) == "fp32"
+    mm.should_use_bf16 = lambda *a, **k: True
+    assert comfy_host.plan_precision("auto", torch.device("cuda")) == "bf16"
+    assert comfy_host.plan_precision("fp16", torch.device("cuda")) == "fp16"
+    mm.cpu_mode = lambda: False
+    mm.vram_state = mm.VRAMState.NO_VRAM
+    assert comfy_host.plan_device("auto") == (torch.device("cpu"), torch.device("cpu"))
+
+
+def test_errors_are_ict_errors_with_one_line(model):
+    with pytest.raises(ICTError) as e:
+        ICTSelectBest().select([model], [batch()], [PROMPT], [1], ["best"], [0.0])
+    assert "\n" not in str(e.value) and "score_by" in str(e.value)
