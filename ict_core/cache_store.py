@@ -1,0 +1,336 @@
+"""In-memory table of the embedding cache: vectors with stable ids, LRU times, merge and search.
+
+A Table holds one file's worth of entries (all prompts of one model, or all images of one
+gallery). Rows are slots: an evicted entry's slot is reused by the next new entry, so a put on
+a full table costs O(d), not a copy of the whole table. Ids grow monotonically, so sorting by id
+is insertion order, which breaks score ties the same way the engine's ranking breaks them.
+
+Search runs through a faiss IndexIDMap2(IndexFlatIP) built lazily from the rows (exact inner
+product == ICT cosine for L2-normalised vectors); without faiss the same ranking is done with
+numpy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+
+from .cache_file import TableData
+
+log = logging.getLogger(__name__)
+
+#: Below this many rows a GPU copy of the index costs more than it saves.
+GPU_MIN_ROWS = 50_000
+_gpu_resources = None
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Numerically safe logistic function in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        pos = 1.0 / (1.0 + np.exp(-np.abs(x)))
+    return np.where(x >= 0, pos, 1.0 - pos)
+
+
+class Table:
+    """Entries of one table; see the module docstring. Not thread-safe (the cache locks)."""
+
+    def __init__(self, kind: str, key: str):
+        self.kind = kind
+        self.key = key
+        self.dim: int | None = None
+        self.n = 0
+        self.next_id = 0
+        self._keys: list = []
+        self._rows: dict = {}
+        self._ids = np.empty(0, np.int64)
+        self._vec = np.empty((0, 0), np.float32)
+        self._used = np.empty(0, np.float64)
+        self._hp = np.empty(0, np.float32)
+        self._labels: list = []
+        self.pending: set = set()  # keys put since the last successful save
+        self.touched = False  # LRU times changed since the last save
+        self.sig = None  # signature of the disk file this state was last synced with
+        self.checked = float("-inf")  # monotonic time of the last look at the disk
+        self.saved = time.monotonic()  # monotonic time of the last save or load
+        self._index = None
+        self._index_rows = 0
+        self._index_gpu = False
+        self._id_order = None
+
+    # ---- lookups -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.n
+
+    def row(self, key: str):
+        return self._rows.get(key)
+
+    def vector(self, row: int) -> np.ndarray:
+        return self._vec[row].copy()
+
+    def hp_raw(self, row: int) -> float:
+        return float(self._hp[row])
+
+    def label(self, row: int) -> str:
+        return self._labels[row]
+
+    def key_of(self, row: int) -> str:
+        return self._keys[row]
+
+    def touch(self, row: int, now: float) -> None:
+        self._used[row] = now
+        self.touched = True
+
+    # ---- storage -------------------------------------------------------------------------
+    def _grow(self, need: int) -> None:
+        cap = len(self._ids)
+        if need <= cap:
+            return
+        new_cap = max(need, 2 * cap, 64)
+        for name, shape, dtype in (
+            ("_ids", (new_cap,), np.int64),
+            ("_vec", (new_cap, self.dim), np.float32),
+            ("_used", (new_cap,), np.float64),
+            ("_hp", (new_cap,), np.float32),
+        ):
+            old = getattr(self, name)
+            arr = np.empty(shape, dtype)
+            arr[: self.n] = old[: self.n]
+            setattr(self, name, arr)
+
+    def _set(self, row, key, vec, hp, label, now, new_id) -> None:
+        self._vec[row] = vec
+        self._used[row] = now
+        self._hp[row] = hp
+        if new_id is not None:
+            self._ids[row] = new_id
+        if row == len(self._keys):
+            self._keys.append(key)
+            self._labels.append(label)
+        else:
+            self._keys[row] = key
+            self._labels[row] = label
+        self._rows[key] = row
+
+    def put(self, items: list, now: float, cap: int) -> int:
+        """Insert or replace (key, vec, hp_raw, label) items; evict least recently used past cap."""
+        if not items or cap <= 0:
+            return 0
+        if self.dim is None:
+            self.dim = int(items[0][1].shape[0])
+            self._vec = np.empty((0, self.dim), np.float32)
+        fresh = []
+        for item in items:
+            row = self._rows.get(item[0])
+            if row is None:
+                fresh.append(item)
+            else:
+                self._set(row, *item, now, None)
+                self._changed()
+                self.pending.add(item[0])
+        dropped = max(0, len(fresh) - cap)  # a batch larger than the cap keeps its tail
+        fresh = fresh[dropped:]
+        victims = self._lru_rows(self.n + len(fresh) - cap)
+        for row in victims:
+            old = self._keys[row]
+            del self._rows[old]
+            self.pending.discard(old)
+        if victims:
+            self._changed()
+        self._grow(self.n + len(fresh) - len(victims))
+        for i, item in enumerate(fresh):
+            if i < len(victims):
+                row = victims[i]
+            else:
+                row, self.n = self.n, self.n + 1
+            self._set(row, *item, now, self.next_id)
+            self.pending.add(item[0])
+            self.next_id += 1
+        self._id_order = None
+        self.touched = True
+        return len(items) - dropped
+
+    def _lru_rows(self, count: int) -> list:
+        """Rows of the `count` least recently used entries (oldest first, ties by id)."""
+        if count <= 0:
+            return []
+        order = np.lexsort((self._ids[: self.n], self._used[: self.n]))
+        return [int(r) for r in order[:count]]
+
+    def _changed(self) -> None:
+        """A row changed in place: the search index must be rebuilt."""
+        self._index = None
+        self._id_order = None
+
+    # ---- disk exchange -------------------------------------------------------------------
+    def to_data(self) -> TableData:
+        order = np.argsort(self._ids[: self.n], kind="stable")
+        keys = [self._keys[i] for i in order]
+        images = self.kind == "images"
+        return TableData(
+            self.kind, self.key, int(self.dim or 0), self.next_id, keys,
+            self._ids[order], self._vec[order], self._used[order],
+            self._hp[order] if images else None,
+            [self._labels[i] for i in order] if images else None,
+        )
+
+    def load(self, data: TableData | None) -> None:
+        """Replace the whole state by `data` (rows kept in its id order)."""
+        self._changed()
+        self.pending = set()
+        self.touched = False
+        if data is None or data.count == 0:
+            self.n, self._keys, self._labels, self._rows = 0, [], [], {}
+            self.next_id = data.next_id if data is not None else 0
+            if data is not None and data.dim:
+                self.dim = data.dim
+            if self.dim is not None:
+                self._vec = np.empty((0, self.dim), np.float32)
+            return
+        self.dim = data.dim
+        self.n = data.count
+        self.next_id = data.next_id
+        self._keys = list(data.keys)
+        self._rows = {k: i for i, k in enumerate(self._keys)}
+        self._ids = np.array(data.ids, np.int64)
+        self._vec = np.array(data.vectors, np.float32)
+        self._used = np.array(data.used, np.float64)
+        if data.hp_raw is not None:
+            self._hp = np.array(data.hp_raw, np.float32)
+            self._labels = list(data.labels)
+        else:
+            self._hp = np.full(self.n, np.nan, np.float32)
+            self._labels = [""] * self.n
+
+    def merge(self, disk: TableData | None, cap: int) -> None:
+        """Adopt what is on disk plus this process's pending entries and newer LRU times.
+
+        Entries that this process loaded earlier but that are gone from disk stay gone: another
+        process evicted or cleared them. Pending entries survive (they are kept for the save).
+        """
+        pending = self.pending
+        if disk is not None and self.dim is not None and disk.count and disk.dim != self.dim:
+            log.warning("ict-reward cache: %s %s changed width on disk; keeping the disk copy",
+                        self.kind, self.key)
+            pending = set()
+        mine_pending = sorted((self._rows[k] for k in pending), key=lambda r: self._ids[r])
+        base = disk if disk is not None else TableData(
+            self.kind, self.key, int(self.dim or 0), 0, [], np.empty(0, np.int64),
+            np.empty((0, int(self.dim or 0)), np.float32), np.empty(0, np.float64),
+            np.empty(0, np.float32) if self.kind == "images" else None,
+            [] if self.kind == "images" else None,
+        )
+        dim = base.dim if base.count else int(self.dim or base.dim)
+        index = {k: i for i, k in enumerate(base.keys)}
+        vectors = np.array(base.vectors, np.float32).reshape(base.count, dim)
+        used = np.array(base.used, np.float64)
+        hp = np.array(base.hp_raw, np.float32) if base.hp_raw is not None else np.full(base.count, np.nan, np.float32)
+        labels = list(base.labels) if base.labels is not None else [""] * base.count
+        keys, ids = list(base.keys), list(base.ids.tolist())
+        for key, row in self._rows.items():  # newer LRU times of shared entries
+            i = index.get(key)
+            if i is not None and self._used[row] > used[i]:
+                used[i] = self._used[row]
+        extra_vec, extra_used, extra_hp = [], [], []
+        next_id = base.next_id
+        for row in mine_pending:
+            key = self._keys[row]
+            i = index.get(key)
+            if i is not None:
+                vectors[i] = self._vec[row]
+                hp[i] = self._hp[row]
+                labels[i] = self._labels[row]
+            else:
+                keys.append(key)
+                ids.append(next_id)
+                next_id += 1
+                labels.append(self._labels[row])
+                extra_vec.append(self._vec[row])
+                extra_used.append(self._used[row])
+                extra_hp.append(self._hp[row])
+        if extra_vec:
+            vectors = np.concatenate([vectors, np.stack(extra_vec)])
+            used = np.concatenate([used, np.array(extra_used, np.float64)])
+            hp = np.concatenate([hp, np.array(extra_hp, np.float32)])
+        ids = np.array(ids, np.int64)
+        if len(keys) > cap:  # least recently used go, ties by id
+            keep = np.sort(np.lexsort((ids, used))[len(keys) - cap:])
+            keys = [keys[i] for i in keep]
+            labels = [labels[i] for i in keep]
+            ids, vectors, used, hp = ids[keep], vectors[keep], used[keep], hp[keep]
+        images = self.kind == "images"
+        merged = TableData(self.kind, self.key, dim, next_id, keys, ids, vectors, used,
+                           hp if images else None, labels if images else None)
+        kept = set(keys)
+        kept_pending = {k for k in pending if k in kept}
+        touched = self.touched
+        self.load(merged)
+        self.pending = kept_pending
+        self.touched = touched
+
+    # ---- search --------------------------------------------------------------------------
+    def search(self, query: np.ndarray, top_k, by: str, faiss_mod) -> list:
+        """Rank rows for a query vector: [(row, ict, value)], best first, ties by id, NaN last."""
+        n = self.n
+        if n == 0 or (top_k is not None and top_k <= 0):
+            return []
+        q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
+        if q.shape[1] != self.dim:
+            raise ValueError(f"query width {q.shape[1]} does not match stored width {self.dim}")
+        if faiss_mod is not None:
+            k = n if (by != "ict" or top_k is None) else min(int(top_k), n)
+            scores, found = self._faiss_index(faiss_mod).search(q, k)
+            rows = self._rows_of(found[0])
+            ict = scores[0].astype(np.float32)
+        else:
+            rows = np.arange(n)
+            ict = self._vec[:n] @ q[0]
+        value = ict.astype(np.float64)
+        if by == "ict*hp":
+            value = value * sigmoid(self._hp[rows])
+        bad = ~np.isfinite(value)
+        order = np.lexsort((self._ids[rows], -np.where(bad, 0.0, value), bad))
+        if top_k is not None:
+            order = order[: int(top_k)]
+        return [(int(rows[i]), float(ict[i]), float(value[i])) for i in order]
+
+    def _rows_of(self, ids: np.ndarray) -> np.ndarray:
+        if self._id_order is None:
+            self._id_order = np.argsort(self._ids[: self.n], kind="stable")
+        sorted_ids = self._ids[self._id_order]
+        return self._id_order[np.searchsorted(sorted_ids, ids)]
+
+    def _faiss_index(self, faiss):
+        if self._index is not None and self._index_rows == self.n:
+            return self._index
+        if self._index is not None and not self._index_gpu and self._index_rows < self.n:
+            # only appends since the last build
+            start = self._index_rows
+            self._index.add_with_ids(self._vec[start: self.n], self._ids[start: self.n])
+            self._index_rows = self.n
+            return self._index
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(int(self.dim)))
+        index.add_with_ids(np.ascontiguousarray(self._vec[: self.n]), np.ascontiguousarray(self._ids[: self.n]))
+        self._index = _maybe_gpu(faiss, index, self.n)
+        self._index_rows = self.n
+        self._index_gpu = self._index is not index
+        return self._index
+
+
+def _maybe_gpu(faiss, index, n: int):
+    """Move a big index to GPU 0 when faiss was built with GPU support and one is present."""
+    global _gpu_resources
+    if n < GPU_MIN_ROWS or os.environ.get("ICT_CACHE_GPU", "1") == "0":
+        return index
+    try:
+        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() <= 0:
+            return index
+        if _gpu_resources is None:
+            _gpu_resources = faiss.StandardGpuResources()
+        return faiss.index_cpu_to_gpu(_gpu_resources, 0, index)
+    except Exception as exc:  # an optional speed-up: any failure means CPU search
+        log.debug("faiss GPU search unavailable (%s); using CPU", exc)
+        return index
