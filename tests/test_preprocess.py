@@ -1,0 +1,86 @@
+"""Image inputs of every kind, the extremes of size, and the tokenizer's cut."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ict_core import preprocess
+from ict_core.errors import InputError
+from ict_core.text import tokenize
+
+
+def test_resized_size_matches_transformers():
+    from transformers.image_transforms import get_resize_output_image_size
+
+    for h, w in [(1, 1), (512, 768), (1000, 230), (333, 400), (224, 225), (7, 9000)]:
+        ref = get_resize_output_image_size(np.zeros((h, w, 3)), 224, default_to_square=False,
+                                           input_data_format="channels_last")
+        assert preprocess.resized_size(h, w) == tuple(ref)
+
+
+def test_accepts_every_input_kind(tmp_path):
+    arr = (np.random.default_rng(1).random((64, 80, 3)) * 255).astype(np.uint8)
+    path = tmp_path / "x.png"
+    Image.fromarray(arr).save(path)
+    chw_float = torch.from_numpy(arr).permute(2, 0, 1).float() / 255
+    inputs = [str(path), path, Image.fromarray(arr), chw_float, torch.from_numpy(arr).permute(2, 0, 1)]
+    loaded = [r.load() for r in preprocess.as_refs(inputs)]
+    for t in loaded:
+        assert t.dtype == torch.uint8 and t.shape == (3, 64, 80)
+        assert torch.equal(t, loaded[0])
+    comfy = torch.from_numpy(np.stack([arr, arr])).float() / 255  # [B,H,W,C]
+    assert all(torch.equal(r.load(), loaded[0]) for r in preprocess.as_refs(comfy))
+
+
+def test_modes_rgba_grayscale_16bit():
+    rgba = Image.new("RGBA", (10, 10), (10, 20, 30, 0))
+    assert preprocess.pil_to_uint8(rgba)[:, 0, 0].tolist() == [255, 255, 255]  # on white, like the processor
+    half = torch.tensor([0.0, 0.0, 0.0, 0.5]).view(4, 1, 1)
+    assert preprocess.tensor_to_uint8(half)[:, 0, 0].tolist() == [128, 128, 128]
+    gray = Image.new("L", (4, 4), 77)
+    assert preprocess.pil_to_uint8(gray)[:, 0, 0].tolist() == [77, 77, 77]
+    sixteen = Image.fromarray(np.full((4, 4), 128 * 257, dtype=np.uint16))
+    assert preprocess.pil_to_uint8(sixteen)[:, 0, 0].tolist() == [128, 128, 128]  # scaled, not clipped to 255
+
+
+def test_one_pixel_and_huge_images():
+    tiny = torch.full((3, 1, 1), 200, dtype=torch.uint8)
+    out = preprocess.pixel_values_for([tiny], torch.device("cpu"), torch.float32)
+    assert out.shape == (1, 3, 224, 224) and torch.allclose(out, out[..., :1, :1].expand_as(out))
+    huge = torch.randint(0, 256, (3, 8000, 8000), dtype=torch.uint8)
+    out = preprocess.pixel_values_for([huge], torch.device("cpu"), torch.float32)
+    assert out.shape == (1, 3, 224, 224) and torch.isfinite(out).all()
+
+
+def test_huge_pass_is_chunked(monkeypatch):
+    """The first pass never materialises the whole image in float: rows go through in slices."""
+    seen = []
+    real = torch.nn.functional.interpolate
+    monkeypatch.setattr(preprocess.F, "interpolate", lambda x, **k: seen.append(x.numel()) or real(x, **k))
+    preprocess.pixel_values_for([torch.zeros((3, 8000, 8000), dtype=torch.uint8)], torch.device("cpu"),
+                                torch.float32)
+    assert max(seen) * 4 <= preprocess._PASS_BYTES
+
+
+def test_bad_tensors_are_refused():
+    with pytest.raises(InputError):
+        preprocess.tensor_to_uint8(torch.zeros(5, 6, 7))
+    with pytest.raises(InputError):
+        preprocess.tensor_to_uint8(torch.full((3, 4, 4), float("nan")))
+
+
+def test_long_prompt_is_cut_with_a_warning(caplog):
+    long = " ".join(["word"] * 120)
+    with caplog.at_level(logging.WARNING, logger="ict_core.text"):
+        ids = tokenize([long, "short"])
+    assert ids.shape == (2, 77)
+    assert ids[0, -1].item() == 49407 and ids[0, 0].item() == 49406
+    assert any("ignored" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ict_core.text"):
+        tokenize(["a short prompt"])
+    assert not caplog.records
