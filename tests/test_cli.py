@@ -1,0 +1,139 @@
+"""The `ict` command: outputs, ranking, and one clear line (no traceback) for every error."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ict_core.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def base(tiny_models, tmp_path):
+    return ["--model", tiny_models.ict, "--quiet", "--cache-dir", tmp_path / "cache"]
+
+
+def test_score_json_rows_in_input_order(capsys, tiny_models, images, base):
+    code, out, err = run(capsys, "score", *images[:3], "--prompt", "a cat", *base, "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert [r["image"] for r in data["results"]] == [str(p) for p in images[:3]]
+    for r in data["results"]:
+        assert set(r) == {"image", "prompt", "ict", "hp", "score"} and r["hp"] is None and r["score"] == r["ict"]
+    assert set(data["cache"]) == {"prompt_hits", "prompt_misses", "image_hits", "image_misses"}
+
+
+def test_score_csv(capsys, images, base):
+    code, out, _ = run(capsys, "score", *images[:2], "--prompt", "a cat", *base, "--csv")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and len(rows) == 2 and float(rows[0]["ict"]) == pytest.approx(float(rows[0]["score"]))
+
+
+def test_unreadable_image_is_reported_and_the_rest_scored(capsys, images, base, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    code, out, err = run(capsys, "score", images[0], bad, tmp_path / "missing.jpg", images[1], "--prompt", "x",
+                         *base, "--json")
+    assert code == 0
+    rows = json.loads(out)["results"]
+    assert rows[0]["ict"] is not None and rows[3]["ict"] is not None
+    assert "cannot read image" in rows[1]["error"] and rows[1]["ict"] is None
+    assert "not found" in rows[2]["error"]
+    assert "broken.png" in err and "missing.jpg" in err
+
+
+def test_rank_top_k_min_score_copy(capsys, tiny_models, images, base, tmp_path):
+    code, out, _ = run(capsys, "rank", *images, "--prompt", "a fox", "--hp-model", tiny_models.hp, *base,
+                       "--by", "ict*hp", "--json")
+    assert code == 0
+    full = json.loads(out)["results"]
+    values = [r["value"] for r in full]
+    assert values == sorted(values, reverse=True) and len(full) == len(images)
+    dest = tmp_path / "best"
+    code, out, _ = run(capsys, "rank", *images, "--prompt", "a fox", "--hp-model", tiny_models.hp, *base,
+                       "--by", "ict*hp", "--top-k", 2, "--copy-to", dest, "--json")
+    top = json.loads(out)["results"]
+    assert [r["image"] for r in top] == [r["image"] for r in full[:2]]
+    assert sorted(p.name for p in dest.iterdir()) == [f"001_{Path(top[0]['image']).name}",
+                                                      f"002_{Path(top[1]['image']).name}"]
+    code, out, err = run(capsys, "rank", *images, "--prompt", "a fox", *base, "--min-score", 5, "--json")
+    data = json.loads(out)
+    assert len(data["results"]) == 1 and "no image reaches min_score" in data["notes"][0]
+
+
+def test_rank_text_report(capsys, images, base):
+    code, out, _ = run(capsys, "rank", *images[:3], "--prompt", "a fox", *base)
+    assert code == 0 and out.splitlines()[0].split()[:3] == ["rank", "#", "ict"]
+
+
+def test_models_default_to_the_models_folder(capsys, tiny_models, images, tmp_path, monkeypatch):
+    monkeypatch.setenv("ICT_MODELS_DIR", str(tmp_path / "models"))
+    (tmp_path / "models").mkdir()
+    shutil.copy(tiny_models.ict, tmp_path / "models" / "ict.safetensors")
+    code, out, _ = run(capsys, "score", images[0], "--prompt", "x", "--quiet", "--no-cache", "--json")
+    assert code == 0 and json.loads(out)["results"][0]["hp"] is None
+
+
+@pytest.mark.parametrize("case", ["missing", "wrong_kind", "truncated", "pickle", "empty_prompt", "no_images",
+                                  "hp_rule_without_hp", "no_default_model"])
+def test_errors_are_one_line(capsys, tiny_models, images, tmp_path, monkeypatch, case):
+    monkeypatch.setenv("ICT_MODELS_DIR", str(tmp_path / "empty"))
+    trunc = tmp_path / "t.safetensors"
+    trunc.write_bytes(tiny_models.ict.read_bytes()[:5000])
+    argv = {
+        "missing": ["score", images[0], "--prompt", "x", "--model", tmp_path / "nope.safetensors"],
+        "wrong_kind": ["score", images[0], "--prompt", "x", "--model", tiny_models.hp],
+        "truncated": ["score", images[0], "--prompt", "x", "--model", trunc],
+        "pickle": ["score", images[0], "--prompt", "x", "--model", tiny_models.ict_src / "pytorch_model.bin"],
+        "empty_prompt": ["score", images[0], "--prompt", "  ", "--model", tiny_models.ict],
+        "no_images": ["score", "--prompt", "x", "--model", tiny_models.ict],
+        "hp_rule_without_hp": ["rank", images[0], "--prompt", "x", "--model", tiny_models.ict, "--by", "group"],
+        "no_default_model": ["score", images[0], "--prompt", "x"],
+    }[case]
+    code, out, err = run(capsys, *argv, "--quiet")
+    assert code != 0
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ict: error: "), err
+    assert "Traceback" not in err
+
+
+def test_python_m_behaves_like_ict(tiny_models, images, tmp_path):
+    """`python -m ict_core` and the `ict` entry point are the same program (a real process, exit codes too)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = ["score", str(images[0]), "--prompt", "a fox", "--model", str(tiny_models.ict), "--json", "--quiet",
+           "--no-cache"]
+    a = subprocess.run([sys.executable, "-m", "ict_core", *cmd], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert a.returncode == 0, a.stderr
+    b = subprocess.run([sys.executable, "-c", "import sys; from ict_core.cli import main; sys.exit(main())", *cmd],
+                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert a.stdout == b.stdout
+    bad = subprocess.run([sys.executable, "-m", "ict_core", "score", str(images[0]), "--prompt", "x", "--model",
+                          str(tiny_models.hp), "--no-cache"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
+    ict = shutil.which("ict", path=str(Path(sys.executable).parent))
+    if ict:  # installed as a console script (CI installs the package)
+        c = subprocess.run([ict, *cmd], capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert c.stdout == a.stdout
+
+
+def test_fetch_without_network_says_how_to_convert(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hf_constants
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)  # read at import time by huggingface_hub
+    code, out, err = run(capsys, "fetch", "--dest", tmp_path)
+    assert code == 1 and "ict convert" in err and len(err.strip().splitlines()) == 1
