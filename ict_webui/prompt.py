@@ -1,0 +1,46 @@
+"""The webui's prompt syntax, reduced to the plain text the reward model was trained on.
+
+``p.prompts`` at ``postprocess_batch_list`` time is re-sliced from ``p.all_prompts``, so it still has extra-network
+tags (``<lora:x:0.8>``), attention weights (``(word:1.2)``), prompt editing (``[a:b:10]``), alternation
+(``[a|b]``), ``BREAK`` and composable ``AND``. ICT scores text/image agreement, so those are removed."""
+from __future__ import annotations
+
+import re
+
+_TAG = re.compile(r"<[^<>]*>")
+_SPLIT = re.compile(r"\s+(?:BREAK|AND)(?:\s+-?\d+(?:\.\d+)?)?(?=\s|$)")     # "AND" may carry a weight
+_WEIGHT = re.compile(r":\s*-?\d+(?:\.\d+)?\s*(?=\))")
+_EDIT = re.compile(r"\[([^\[\]]*)\]")
+
+
+def _edit(m: re.Match) -> str:
+    inner = m.group(1)
+    if "|" in inner:                                   # [a|b|c]: alternates every step; keep the first
+        return inner.split("|")[0]
+    parts = inner.split(":")
+    if len(parts) == 3:                                # [from:to:when] -> what the image ends with
+        return parts[1]
+    if len(parts) == 2:                                # [to:when] added, [from::when] removed
+        return parts[0]
+    return inner                                       # [word]: de-emphasis
+
+
+def clean_prompt(text: str | None) -> str:
+    if not text:
+        return ""
+    s = str(text)
+    s = s.replace("\\(", "\x00").replace("\\)", "\x01").replace("\\[", "\x02").replace("\\]", "\x03")
+    s = _TAG.sub(" ", s)
+    s = _SPLIT.sub(",", " " + s)
+    s = _WEIGHT.sub("", s)
+    for _ in range(8):                                 # nested [[a:b:3]:c:5]
+        new = _EDIT.sub(_edit, s)
+        if new == s:
+            break
+        s = new
+    s = s.replace("(", " ").replace(")", " ").replace("[", " ").replace("]", " ")
+    s = s.replace("\x00", "(").replace("\x01", ")").replace("\x02", "[").replace("\x03", "]")
+    s = re.sub(r"\s+", " ", s)
+    s = re.sub(r"\s*,(\s*,)+", ",", s)
+    s = re.sub(r"\s+,", ",", s)
+    return s.strip(" ,\n\t")

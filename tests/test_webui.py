@@ -1,0 +1,670 @@
+"""The webui extension, driven without the webui: a small stand-in for `modules.*` (and gradio) built here, in the
+tests only, replays the parts of A1111 1.10 / Forge `process_images_inner` that matter (batch slicing of
+p.all_* by n*batch_size, postprocess_batch_list before saving, infotext(i) from p.prompts/p.seeds with callable
+extra_generation_params, images.save_image with before_image_saved callbacks, the grid, Processed.all_*), and the
+tiny ICT/HP models of conftest.py do the scoring."""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, PngImagePlugin
+
+from ict_core import Scorer, ranking
+from ict_webui import (RunArgs, ScorerHolder, Settings, WebuiReward, align, clean_prompt, find_models,
+                       png_keys_from_infotext, scores_from_infotext)
+from ict_webui.infotext import STATE_ATTR, ScoreField
+from ict_webui.options import AFTER_CPU, AFTER_KEEP, AFTER_UNLOAD, OPTIONS
+
+ROOT = Path(__file__).resolve().parents[1]
+H, W = 40, 56
+
+
+# =============================================================================================== the stand-in
+def seed_image(seed: int) -> torch.Tensor:
+    """What the 'sampler' makes for a seed: a CHW float tensor in 0..1 (the type of pp.images in the webui)."""
+    g = torch.Generator().manual_seed(int(seed))
+    base = torch.rand(3, 1, 1, generator=g)
+    return (0.6 * base + 0.4 * torch.rand(3, H, W, generator=g)).clamp(0, 1)
+
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    arr = (255.0 * np.moveaxis(x.cpu().numpy(), 0, 2)).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+class Opts:
+    def __init__(self):
+        self.data = {}
+        self.added = {}
+
+    def add_option(self, key, info):
+        self.added[key] = info
+
+    def __getattr__(self, item):
+        data = self.__dict__.get("data", {})
+        if item in data:
+            return data[item]
+        raise AttributeError(item)
+
+
+class OptionInfo:
+    def __init__(self, default=None, label="", component=None, component_args=None, onchange=None, section=None,
+                 refresh=None, comment_before="", comment_after="", infotext=None, restrict_api=False,
+                 category_id=None):
+        self.default, self.label, self.component, self.component_args = default, label, component, component_args
+        self.section, self.category_id, self.comment_after = section, category_id, comment_after
+
+    def info(self, text):
+        self.comment_after += f"({text})"
+        return self
+
+
+class State:
+    interrupted = False
+    stopping_generation = False
+    textinfo = None
+
+
+class ImageSaveParams:
+    def __init__(self, image, p, filename, pnginfo):
+        self.image, self.p, self.filename, self.pnginfo = image, p, filename, pnginfo
+
+
+class Callbacks:
+    def __init__(self):
+        self.ui_settings, self.before_image_saved = [], []
+
+
+class PostprocessBatchListArgs:
+    def __init__(self, images):
+        self.images = images
+
+
+class PostprocessImageArgs:
+    def __init__(self, image):
+        self.image = image
+
+
+class Script:
+    sorting_priority = 0
+
+    def title(self):
+        raise NotImplementedError
+
+
+ALWAYS_VISIBLE = object()
+
+
+class Runner:
+    """ScriptRunner: always-on scripts get their slice of p.script_args; errors are reported, not raised."""
+
+    def __init__(self, script, args):
+        self.script, self.args, self.errors = script, list(args), []
+
+    def _call(self, name, p, *a, **kw):
+        fn = getattr(self.script, name, None)
+        if fn is None:
+            return
+        try:
+            fn(p, *a, *self.args, **kw)
+        except Exception as e:      # the webui's errors.report(...) and carry on
+            self.errors.append((name, e))
+
+    def process(self, p):
+        self._call("process", p)
+
+    def postprocess_batch_list(self, p, pp, **kw):
+        self._call("postprocess_batch_list", p, pp, **kw)
+
+    def postprocess_image(self, p, pp):
+        self._call("postprocess_image", p, pp)
+
+    def postprocess(self, p, processed):
+        self._call("postprocess", p, processed)
+
+
+class P:
+    """StableDiffusionProcessing: only what process_images_inner and the extension touch."""
+
+    def __init__(self, prompts, batch_size, n_iter, outdir, seed=1000, negative="blurry", **extra):
+        self.prompt = prompts
+        self.negative_prompt = negative
+        self.batch_size, self.n_iter = batch_size, n_iter
+        self.seed, self.subseed = seed, 5000
+        self.outpath_samples = str(outdir)
+        self.extra_generation_params = {}
+        self.comments = {}
+        self.scripts = None
+        self.iteration = 0
+        self.steps = 20
+        for k, v in extra.items():
+            setattr(self, k, v)
+
+    def comment(self, text):
+        self.comments[text] = 1
+
+
+class Processed:
+    def __init__(self, p, images, seed, info, subseed, index_of_first_image, infotexts):
+        self.images, self.seed, self.info, self.subseed = images, seed, info, subseed
+        self.index_of_first_image, self.infotexts = index_of_first_image, infotexts
+        self.all_prompts, self.all_negative_prompts = p.all_prompts, p.all_negative_prompts
+        self.all_seeds, self.all_subseeds = p.all_seeds, p.all_subseeds
+        self.comments = "".join(f"{c}\n" for c in p.comments)
+
+
+def create_infotext(p, all_prompts, all_seeds, all_subseeds, comments=None, iteration=0,
+                    position_in_batch=0, use_main_prompt=False, index=None, all_negative_prompts=None):
+    if use_main_prompt:
+        index = 0
+    elif index is None:
+        index = position_in_batch + iteration * p.batch_size
+    prompt_text = p.main_prompt if use_main_prompt else all_prompts[index]
+    negative = p.main_negative_prompt if use_main_prompt else all_negative_prompts[index]
+    params = {"Steps": p.steps, "Seed": p.all_seeds[0] if use_main_prompt else all_seeds[index],
+              "Variation seed": p.all_subseeds[0] if use_main_prompt else all_subseeds[index],
+              **p.extra_generation_params}
+    for key, value in params.items():
+        if isinstance(value, list):
+            params[key] = value[index]
+        elif callable(value):
+            params[key] = value(**locals())
+    line = ", ".join(f"{k}: {v}" for k, v in params.items() if v is not None)
+    return f"{prompt_text}\nNegative prompt: {negative}\n{line}"
+
+
+class Webui:
+    """modules.processing.process_images_inner as far as the extension can tell."""
+
+    def __init__(self, callbacks: Callbacks, outdir: Path):
+        self.callbacks, self.outdir, self.counter = callbacks, outdir, 0
+        self.saved: list[Path] = []
+
+    def save_image(self, image, seed, prompt, info, p):
+        self.counter += 1
+        fn = self.outdir / f"{self.counter:05d}-{seed}.png"
+        params = ImageSaveParams(image, p, str(fn), {"parameters": info})
+        for cb in self.callbacks.before_image_saved:
+            cb(params)
+        png = PngImagePlugin.PngInfo()
+        for k, v in params.pnginfo.items():
+            png.add_text(k, str(v))
+        params.image.save(fn, pnginfo=png)
+        self.saved.append(fn)
+
+    def process_images(self, p):
+        bs = p.batch_size
+        total = bs * p.n_iter
+        p.all_prompts = list(p.prompt) if isinstance(p.prompt, list) else [p.prompt] * total
+        p.all_negative_prompts = [p.negative_prompt] * len(p.all_prompts)
+        p.main_prompt, p.main_negative_prompt = p.all_prompts[0], p.all_negative_prompts[0]
+        p.all_seeds = [p.seed + i for i in range(len(p.all_prompts))]
+        p.all_subseeds = [p.subseed + i for i in range(len(p.all_prompts))]
+        if getattr(p, "enable_hr", False):
+            p.all_hr_prompts = [f"hr {t}" for t in p.all_prompts]
+            p.all_hr_negative_prompts = list(p.all_negative_prompts)
+        p.used_overlays = []
+        p.scripts.process(p)
+        infotexts, output_images = [], []
+        for n in range(p.n_iter):
+            p.iteration = n
+            sl = slice(n * bs, (n + 1) * bs)
+            p.prompts, p.negative_prompts = p.all_prompts[sl], p.all_negative_prompts[sl]
+            p.seeds, p.subseeds = p.all_seeds[sl], p.all_subseeds[sl]
+            if getattr(p, "enable_hr", False):
+                p.hr_prompts, p.hr_negative_prompts = p.all_hr_prompts[sl], p.all_hr_negative_prompts[sl]
+            x_samples = torch.stack([seed_image(s) for s in p.seeds])
+            if getattr(p, "bad_image_at", None) is not None and n == 0:
+                x_samples[p.bad_image_at] = float("nan")
+
+            p.prompts, p.negative_prompts = p.all_prompts[sl], p.all_negative_prompts[sl]   # as the webui does
+            batch_params = PostprocessBatchListArgs(list(x_samples))
+            p.scripts.postprocess_batch_list(p, batch_params, batch_number=n)
+            x_samples = batch_params.images
+
+            def infotext(index=0, use_main_prompt=False):
+                return create_infotext(p, p.prompts, p.seeds, p.subseeds, use_main_prompt=use_main_prompt,
+                                            index=index, all_negative_prompts=p.negative_prompts)
+
+            for i, x in enumerate(x_samples):
+                p.batch_index = i
+                image = to_pil(torch.nan_to_num(x))
+                pp = PostprocessImageArgs(image)
+                p.scripts.postprocess_image(p, pp)
+                image = pp.image
+                if getattr(p, "overlay_images", None) is not None and i < len(p.overlay_images):
+                    p.used_overlays.append((p.seeds[i], p.overlay_images[i]))
+                self.save_image(image, p.seeds[i], p.prompts[i], infotext(i), p)
+                text = infotext(i)
+                infotexts.append(text)
+                image.info["parameters"] = text
+                output_images.append(image)
+        index_of_first_image = 0
+        if len(output_images) >= 2:
+            grid = Image.new("RGB", (W * len(output_images), H))
+            for j, im in enumerate(output_images):
+                grid.paste(im, (j * W, 0))
+            text = infotext(use_main_prompt=True)
+            infotexts.insert(0, text)
+            grid.info["parameters"] = text
+            output_images.insert(0, grid)
+            index_of_first_image = 1
+        res = Processed(p, output_images, p.all_seeds[0], infotexts[0], p.all_subseeds[0], index_of_first_image,
+                        infotexts)
+        p.scripts.postprocess(p, res)
+        return res
+
+
+# =============================================================================================== fixtures
+class FakeGradio(types.ModuleType):
+    """Enough of gradio for Script.ui(): components remember their kwargs."""
+
+    class _Component:
+        def __init__(self, *a, **kw):
+            self.args, self.kwargs = a, kw
+            self.value = kw.get("value")
+
+    class _Block(_Component):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def __init__(self):
+        super().__init__("gradio")
+        self.Checkbox = type("Checkbox", (self._Component,), {})
+        self.Radio = type("Radio", (self._Component,), {})
+        self.Slider = type("Slider", (self._Component,), {})
+        self.Accordion = type("Accordion", (self._Block,), {})
+        self.Row = type("Row", (self._Block,), {})
+        self.warnings = []
+        self.Warning = lambda msg: self.warnings.append(msg)
+
+
+@pytest.fixture()
+def host(tmp_path, monkeypatch):
+    """The stand-in modules.* + gradio in sys.modules, and scripts/ict_reward.py loaded on top of them."""
+    cb = Callbacks()
+    opts = Opts()
+    webui_root = tmp_path / "webui"
+    (webui_root / "models").mkdir(parents=True)
+    modules = types.ModuleType("modules")
+    m_scripts = types.ModuleType("modules.scripts")
+    m_scripts.Script, m_scripts.AlwaysVisible = Script, ALWAYS_VISIBLE
+    m_scripts.PostprocessBatchListArgs, m_scripts.PostprocessImageArgs = PostprocessBatchListArgs, PostprocessImageArgs
+    m_shared = types.ModuleType("modules.shared")
+    m_shared.opts, m_shared.state, m_shared.OptionInfo = opts, State(), OptionInfo
+    m_paths = types.ModuleType("modules.paths")
+    m_paths.models_path = str(webui_root / "models")
+    m_cb = types.ModuleType("modules.script_callbacks")
+    m_cb.on_ui_settings = cb.ui_settings.append
+    m_cb.on_before_image_saved = cb.before_image_saved.append
+    for name, mod in (("scripts", m_scripts), ("shared", m_shared), ("paths", m_paths), ("script_callbacks", m_cb)):
+        setattr(modules, name, mod)
+        monkeypatch.setitem(sys.modules, f"modules.{name}", mod)
+    monkeypatch.setitem(sys.modules, "modules", modules)
+    gr = FakeGradio()
+    monkeypatch.setitem(sys.modules, "gradio", gr)
+    monkeypatch.setenv("ICT_MODELS_DIR", str(tmp_path / "no-default-models"))   # keep ~ out of it
+
+    spec = importlib.util.spec_from_file_location("ict_reward_script_under_test", ROOT / "scripts" / "ict_reward.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "out"
+    out.mkdir()
+    h = types.SimpleNamespace(module=module, script=module.ICTRewardScript(), callbacks=cb, opts=opts, gr=gr,
+                              models=webui_root / "models" / "ict", webui=Webui(cb, out), out=out, state=m_shared.state)
+    for f in cb.ui_settings:
+        f()
+    return h
+
+
+@pytest.fixture()
+def installed(host, tiny_models):
+    """Tiny ICT + HP weights in the webui's models/ict folder."""
+    host.models.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tiny_models.ict, host.models / "ict.safetensors")
+    shutil.copy(tiny_models.hp, host.models / "hp.safetensors")
+    return host
+
+
+@pytest.fixture(scope="module")
+def reference_scorer(tiny_models):
+    return Scorer.load(tiny_models.ict, tiny_models.hp, device="cpu", precision="fp32")
+
+
+PROMPTS = ["a red cube on a table", "a (blue:1.2) sphere <lora:shiny:0.7>", "a green pyramid", "a yellow torus",
+           "a photo of a cat", "a photo of a dog", "a city at night", "a [forest:lake:5] at dawn"]
+
+
+def run(host, *, mode="keep best K", k=2, by="ict*hp", use_hp=True, min_score=0.0, batch_size=4, n_iter=1,
+        enabled=True, prompts=None, **extra):
+    total = batch_size * n_iter
+    prompts = prompts if prompts is not None else (PROMPTS * 4)[:total]
+    p = P(list(prompts), batch_size, n_iter, host.out, **extra)
+    args = [enabled, mode, k, min_score, by, use_hp]
+    p.scripts = Runner(host.script, args)
+    res = host.webui.process_images(p)
+    assert p.scripts.errors == []
+    return p, res
+
+
+def params_line(text: str) -> dict[str, str]:
+    out = {}
+    for part in text.strip().splitlines()[-1].split(", "):
+        k, _, v = part.partition(": ")
+        out[k] = v
+    return out
+
+
+def image_outputs(res):
+    return res.images[res.index_of_first_image:], res.infotexts[res.index_of_first_image:]
+
+
+def check_alignment(res, p, host, reference_scorer, seed_to_prompt):
+    """Every returned / saved image is the one its seed made, with its own prompt, and its own score."""
+    images, infos = image_outputs(res)
+    assert len(res.all_seeds) == len(images) == len(res.all_prompts) == len(res.all_subseeds)
+    assert len(host.webui.saved) == len(images)
+    for j, (img, info, path) in enumerate(zip(images, infos, host.webui.saved)):
+        params = params_line(info)
+        seed = int(params["Seed"])
+        assert res.all_seeds[j] == seed
+        assert res.all_subseeds[j] == int(params["Variation seed"]) == seed - 1000 + 5000
+        assert res.all_prompts[j] == seed_to_prompt[seed] == info.splitlines()[0]
+        assert path.name.endswith(f"-{seed}.png")
+        expected = to_pil(seed_image(seed))
+        assert np.array_equal(np.asarray(img), np.asarray(expected)), f"image {j} is not the image of seed {seed}"
+        with Image.open(path) as saved:
+            assert np.array_equal(np.asarray(saved.convert("RGB")), np.asarray(expected))
+            assert saved.text["parameters"] == info
+            assert saved.text["ict_score"] == params["ICT score"]
+            assert saved.text["hp_score"] == params["HP score"]
+        assert img.info["ict_score"] == params["ICT score"]
+        r = reference_scorer.score([seed_image(seed)], clean_prompt(seed_to_prompt[seed]))[0]
+        assert float(params["ICT score"]) == pytest.approx(r.ict, abs=2e-4)
+        assert float(params["HP score"]) == pytest.approx(r.hp, abs=2e-4)
+
+
+def reference_batch(reference_scorer, seeds, seed_to_prompt, by="ict*hp"):
+    results = reference_scorer.score([seed_image(s) for s in seeds], [clean_prompt(seed_to_prompt[s]) for s in seeds])
+    return results, ranking.values(results, by)
+
+
+# =============================================================================================== end to end
+@pytest.mark.parametrize("n_iter", [1, 2])
+def test_keep_best_k_keeps_images_seeds_prompts_and_scores_aligned(installed, reference_scorer, n_iter):
+    p, res = run(installed, mode="keep best K", k=2, n_iter=n_iter)
+    seed_to_prompt = dict(zip([1000 + i for i in range(4 * n_iter)], (PROMPTS * 4)[:4 * n_iter]))
+    check_alignment(res, p, installed, reference_scorer, seed_to_prompt)
+    images, infos = image_outputs(res)
+    assert len(images) == 2 * n_iter
+    assert res.index_of_first_image == 1 and "ICT score" not in res.infotexts[0]     # grid: rebuilt, no score
+    for n in range(n_iter):                      # each batch judged on its own: its own two best, best first
+        seeds = [1000 + 4 * n + i for i in range(4)]
+        _, vals = reference_batch(reference_scorer, seeds, seed_to_prompt)
+        best = [seeds[i] for i in sorted(range(4), key=lambda i: -vals[i])[:2]]
+        assert res.all_seeds[2 * n:2 * n + 2] == best
+    assert p.all_seeds == res.all_seeds and p.all_prompts == res.all_prompts
+    assert res.seed == res.all_seeds[0]
+
+
+@pytest.mark.parametrize("n_iter", [1, 2])
+def test_rerank_orders_each_batch_best_first_and_keeps_everything(installed, reference_scorer, n_iter):
+    p, res = run(installed, mode="rerank", n_iter=n_iter, by="ict")
+    seed_to_prompt = dict(zip([1000 + i for i in range(4 * n_iter)], (PROMPTS * 4)[:4 * n_iter]))
+    check_alignment(res, p, installed, reference_scorer, seed_to_prompt)
+    assert sorted(res.all_seeds) == list(range(1000, 1000 + 4 * n_iter))
+    for n in range(n_iter):
+        batch = res.all_seeds[4 * n:4 * n + 4]
+        assert sorted(batch) == list(range(1000 + 4 * n, 1004 + 4 * n))          # batches never mix
+        _, vals = reference_batch(reference_scorer, batch, seed_to_prompt, by="ict")
+        assert vals == sorted(vals, reverse=True)
+
+
+def test_annotate_keeps_order(installed, reference_scorer):
+    p, res = run(installed, mode="annotate", n_iter=2)
+    seed_to_prompt = dict(zip(range(1000, 1008), PROMPTS))
+    check_alignment(res, p, installed, reference_scorer, seed_to_prompt)
+    assert res.all_seeds == list(range(1000, 1008))
+
+
+def test_min_score_keeps_those_reaching_it_or_the_single_best(installed, reference_scorer):
+    seed_to_prompt = dict(zip(range(1000, 1004), PROMPTS))
+    _, vals = reference_batch(reference_scorer, list(range(1000, 1004)), seed_to_prompt, by="ict")
+    cut = sorted(vals, reverse=True)[1]                 # exactly two reach it
+    p, res = run(installed, mode="min score", by="ict", min_score=cut - 1e-6)
+    check_alignment(res, p, installed, reference_scorer, seed_to_prompt)
+    assert len(image_outputs(res)[0]) == 2
+    installed.webui.saved.clear()
+    p, res = run(installed, mode="min score", by="ict", min_score=0.999)
+    assert len(image_outputs(res)[0]) == 1
+    assert any("keeping the single best" in c for c in p.comments)
+
+
+def test_k_larger_than_the_batch_keeps_all_best_first(installed, reference_scorer):
+    p, res = run(installed, mode="keep best K", k=9, batch_size=3, by="ict")
+    seed_to_prompt = dict(zip(range(1000, 1003), PROMPTS))
+    check_alignment(res, p, installed, reference_scorer, seed_to_prompt)
+    assert sorted(res.all_seeds) == [1000, 1001, 1002]
+    assert any("k=9 is more than" in c for c in p.comments)
+
+
+def test_group_and_hp_rules(installed, reference_scorer):
+    prompts = ["a red cube"] * 4
+    p, res = run(installed, mode="keep best K", k=1, by="group", prompts=prompts)
+    results, vals = reference_batch(reference_scorer, list(range(1000, 1004)), dict.fromkeys(range(1000, 1004),
+                                                                                                "a red cube"),
+                                    by="group")
+    assert res.all_seeds == [1000 + max(range(4), key=lambda i: vals[i])]
+
+
+def test_no_weights_message_and_generation_still_succeeds(host):
+    p, res = run(host, mode="keep best K", k=1, n_iter=2)
+    images, infos = image_outputs(res)
+    assert len(images) == 8 and res.all_seeds == list(range(1000, 1008))     # untouched, unscored
+    assert all("ICT score" not in t for t in infos)
+    msg = next(iter(p.comments))
+    assert "no ICT model found" in msg and "ict fetch" in msg and str(host.models) in msg
+    assert host.gr.warnings == [msg]
+    assert not host.module.REWARD.holder.loaded
+    assert "ict_score" not in Image.open(host.webui.saved[0]).text
+
+
+def test_hp_missing_falls_back_to_ict(host, tiny_models, reference_scorer):
+    host.models.mkdir(parents=True)
+    shutil.copy(tiny_models.ict, host.models / "my-ict.safetensors")         # any name: found by its header
+    p, res = run(host, mode="keep best K", k=1, by="ict*hp")
+    assert any("no HP model" in c for c in p.comments)
+    info = res.infotexts[res.index_of_first_image]
+    assert "ICT score" in info and "HP score" not in info
+    _, vals = reference_batch(reference_scorer, list(range(1000, 1004)), dict(zip(range(1000, 1004), PROMPTS)),
+                              by="ict")
+    assert res.all_seeds == [1000 + max(range(4), key=lambda i: vals[i])]
+
+
+def test_unreadable_image_is_kept_unscored_after_the_others(installed):
+    p, res = run(installed, mode="rerank", by="ict", bad_image_at=1)
+    images, infos = image_outputs(res)
+    assert len(images) == 4 and res.all_seeds[-1] == 1001
+    assert "ICT score" not in infos[-1] and all("ICT score" in t for t in infos[:-1])
+    assert any("image 2 of batch 1 could not be scored" in c for c in p.comments)
+    installed.webui.saved.clear()
+    p, res = run(installed, mode="keep best K", k=2, by="ict", bad_image_at=1)
+    assert len(image_outputs(res)[0]) == 2 and 1001 not in res.all_seeds
+
+
+def test_img2img_overlays_and_hires_prompts_follow_their_images(installed, reference_scorer):
+    overlays = [f"overlay-{i}" for i in range(4)]        # one per batch position, reused by every batch
+    corrections = [f"cc-{i}" for i in range(4)]
+    p, res = run(installed, mode="keep best K", k=2, n_iter=2, overlay_images=list(overlays),
+                 color_corrections=list(corrections), enable_hr=True)
+    for seed, overlay in p.used_overlays:
+        assert overlay == f"overlay-{(seed - 1000) % 4}"
+    assert p.overlay_images == overlays and p.color_corrections == corrections      # restored afterwards
+    assert p.all_hr_prompts == [f"hr {t}" for t in res.all_prompts]
+
+
+def test_disabled_does_nothing_and_loads_nothing(installed):
+    p, res = run(installed, enabled=False, mode="keep best K", k=1)
+    assert res.all_seeds == [1000, 1001, 1002, 1003]
+    assert all("ICT score" not in t for t in res.infotexts)
+    assert not installed.module.REWARD.holder.loaded
+    assert getattr(p, STATE_ATTR, None) is None
+
+
+def test_nothing_loads_at_import_and_the_model_is_reused(installed):
+    assert not installed.module.REWARD.holder.loaded
+    run(installed, mode="annotate")
+    holder = installed.module.REWARD.holder
+    assert holder.loaded and holder.loads == 1
+    run(installed, mode="rerank")
+    assert holder.loads == 1
+
+
+def test_settings_are_registered_and_used(installed):
+    assert set(installed.opts.added) == {o.key for o in OPTIONS}
+    for o in OPTIONS:
+        info = installed.opts.added[o.key]
+        assert info.section == ("ict_reward", "ICT reward") and info.default == o.default
+        assert info.category_id == "postprocessing"
+    installed.opts.data["ict_reward_after"] = AFTER_UNLOAD
+    run(installed, mode="annotate")
+    assert not installed.module.REWARD.holder.loaded
+    other = installed.models.parent / "elsewhere"
+    installed.models.rename(other)
+    installed.opts.data["ict_reward_models_dir"] = str(other)
+    p, res = run(installed, mode="annotate")
+    assert "ICT score" in res.infotexts[1]
+
+
+def test_ui_components_match_process_args(host):
+    comps = host.script.ui(False)
+    assert [type(c).__name__ for c in comps] == ["Checkbox", "Radio", "Slider", "Slider", "Radio", "Checkbox"]
+    assert host.script.show(False) is ALWAYS_VISIBLE and host.script.show(True) is ALWAYS_VISIBLE
+    values = [c.value for c in comps]
+    assert RunArgs.from_values(*values) == RunArgs(enabled=False, mode="annotate", k=1, min_score=0.3, by="ict*hp",
+                                                   use_hp=True)
+
+
+# =============================================================================================== units
+def test_align_unit_with_forge_neo_comment_lists():
+    p = types.SimpleNamespace(batch_size=3, prompts=["a", "b", "c"], seeds=[1, 2, 3], subseeds=[7, 8, 9],
+                              negative_prompts=["n1", "n2", "n3"],
+                              all_prompts=["x", "y", "z", "a", "b", "c"], all_seeds=[4, 5, 6, 1, 2, 3],
+                              all_subseeds=[0, 0, 0, 7, 8, 9], all_negative_prompts=["n"] * 3 + ["n1", "n2", "n3"],
+                              _all_prompts_c=["x#", "y#", "z#", "a#", "b#", "c#"])
+    st = align.AlignState()
+    align.record_untouched(p, 3, 0, st)
+    out = align.apply_order(p, ["A", "B", "C"], [2, 0], 1, st)
+    assert out == ["C", "A"]
+    assert p.prompts == ["c", "a"] and p.seeds == [3, 1] and p.subseeds == [9, 7] and p.negative_prompts == ["n3", "n1"]
+    assert p.all_seeds == [4, 5, 6, 3, 1, 2] and p._all_prompts_c[3:] == ["c#", "a#", "b#"]
+    processed = types.SimpleNamespace(all_seeds=p.all_seeds, all_prompts=p.all_prompts)
+    align.compact(p, st, processed)
+    assert p.all_seeds == [4, 5, 6, 3, 1] and p.all_prompts == ["x", "y", "z", "c", "a"]
+    assert processed.all_seeds == [4, 5, 6, 3, 1] and p._all_prompts_c == ["x#", "y#", "z#", "c#", "a#"]
+    with pytest.raises(ValueError):
+        align.apply_order(p, ["A", "B"], [0, 0], 0, st)
+
+
+def test_align_leaves_lists_another_extension_changed():
+    p = types.SimpleNamespace(batch_size=2, prompts=["a", "b"], seeds=[1, 2], all_prompts=["q", "r"],
+                              all_seeds=[1, 2])
+    st = align.AlignState()
+    align.apply_order(p, ["A", "B"], [1], 0, st)
+    assert p.prompts == ["b"] and p.all_prompts == ["q", "r"] and p.all_seeds == [2, 1]
+    assert align.can_align(types.SimpleNamespace(prompts=["a"], seeds=[1, 2]), 2) is not None
+
+
+def test_clean_prompt():
+    assert clean_prompt("a (red:1.3) cat, <lora:foo:0.8> on a [table:chair:10] BREAK sunny day") == \
+        "a red cat, on a chair, sunny day"
+    assert clean_prompt("photo of [cat|dog], ((masterpiece)), \\(artist\\)") == "photo of cat, masterpiece, (artist)"
+    assert clean_prompt("a AND b AND 0.5 c") == "a, b, c"
+    assert clean_prompt("[dog:5] and [cat::0.5]") == "dog and"
+    assert clean_prompt("<lora:x:1>") == "" and clean_prompt(None) == ""
+
+
+def test_infotext_keys_and_png_keys():
+    text = "a cat, ICT score: 9\nNegative prompt: x\nSteps: 20, ICT score: 0.3125, HP score: 0.7000, Seed: 1"
+    assert scores_from_infotext(text) == {"ict_score": 0.3125, "hp_score": 0.7}
+    assert png_keys_from_infotext(text) == {"ict_score": "0.3125", "hp_score": "0.7000"}
+    assert png_keys_from_infotext("a\nSteps: 20") == {} and png_keys_from_infotext(None) == {}
+    assert scores_from_infotext("x\nSteps: 2, ICT score: -0.05") == {"ict_score": -0.05}
+    field = ScoreField("ict")
+    assert field(p=object(), index=0) is None and field(p=None, index=0) is None
+
+
+def test_run_args_are_tolerant():
+    a = RunArgs.from_values(True, "keep best K", "3", "0.25", "group", False)
+    assert a == RunArgs(True, "keep best K", 3, 0.25, "group", False) and a.needs_hp
+    assert RunArgs.from_values() == RunArgs()
+    b = RunArgs.from_values(True, "bogus", -5, "nan", "nope", None)
+    assert b.mode == "annotate" and b.k == 1 and b.min_score == 0.0 and b.by == "ict*hp" and b.use_hp
+    assert not RunArgs.from_values(True, "annotate", 1, 0, "ict", False).needs_hp
+
+
+def test_settings_defaults(tmp_path):
+    s = Settings.from_opts(lambda k, d: d, str(tmp_path / "models"))
+    assert s.models_dir == str(tmp_path / "models" / "ict") and (s.device, s.precision, s.after) == (
+        "auto", "auto", AFTER_KEEP)
+    s = Settings.from_opts(lambda k, d: {"ict_reward_device": "tpu", "ict_reward_models_dir": "~/m"}.get(k, d), None)
+    assert s.device == "auto" and not s.models_dir.startswith("~")
+
+
+def test_find_models_by_name_and_header(tmp_path, tiny_models):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "junk.safetensors").write_bytes(b"not a model")
+    shutil.copy(tiny_models.hp, a / "x.safetensors")
+    shutil.copy(tiny_models.ict, b / "ict.safetensors")
+    assert find_models([a, b]) == (b / "ict.safetensors", a / "x.safetensors")
+    assert find_models([tmp_path / "none"]) == (None, None)
+
+
+def test_holder_offload_policies(tiny_models):
+    loads = []
+
+    def loader(ict, hp, device, precision):
+        loads.append((ict, hp))
+        return Scorer.load(ict, hp, device=device, precision=precision)
+
+    h = ScorerHolder(loader)
+    s = h.get(tiny_models.ict, None, "cpu", "fp32")
+    assert h.get(tiny_models.ict, None, "cpu", "fp32") is s and len(loads) == 1
+    h.release(AFTER_CPU)
+    assert h.loaded and str(s.device) == "cpu"
+    s2 = h.get(tiny_models.ict, tiny_models.hp, "cpu", "fp32")         # HP asked for: another load
+    assert s2 is not s and s2.has_hp and len(loads) == 2
+    h.release(AFTER_UNLOAD)
+    assert not h.loaded
+
+
+def test_scoring_failure_never_fails_the_generation(installed, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("CUDA out of memory")
+    monkeypatch.setattr(installed.module.REWARD.holder, "get", boom)
+    p, res = run(installed, mode="keep best K", k=1)
+    assert res.all_seeds == [1000, 1001, 1002, 1003]
+    assert any("scoring failed (RuntimeError: CUDA out of memory)" in c for c in p.comments)
+
+
+def test_cancel_leaves_batch_unscored(installed):
+    installed.state.interrupted = True
+    try:
+        p, res = run(installed, mode="keep best K", k=1)
+    finally:
+        installed.state.interrupted = False
+    assert res.all_seeds == [1000, 1001, 1002, 1003]
+    assert any("cancelled" in c for c in p.comments)
