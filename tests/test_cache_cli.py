@@ -1,0 +1,152 @@
+"""`ict index` / `ict search` / `ict cache`: the gallery ranks like `ict rank`, without encoding images."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("ict_core.scorer")
+from ict_core import cli  # noqa: E402
+from ict_core.scorer import Scorer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "a red fox in the snow"
+
+
+@pytest.fixture
+def gallery(tiny_models, images, tmp_path):
+    """A folder of the test images (one in a sub-folder) and the options naming the tiny models."""
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    for i, p in enumerate(images):
+        shutil.copy(p, (folder / "sub" if i == 0 else folder) / p.name)
+    (folder / "notes.txt").write_text("not an image")
+    opts = ["--model", str(tiny_models.ict), "--hp-model", str(tiny_models.hp), "--device", "cpu",
+            "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    return folder, opts
+
+
+@pytest.fixture
+def forwards(monkeypatch):
+    """Counts images sent through the image towers."""
+    seen = []
+    real = Scorer._forward_images
+
+    def counting(self, batch):
+        seen.append(len(batch))
+        return real(self, batch)
+
+    monkeypatch.setattr(Scorer, "_forward_images", counting)
+    return seen
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def labels(rows):
+    return [str(Path(r["image"]).resolve()) for r in rows]
+
+
+@pytest.mark.parametrize("by", ["ict", "ict*hp"])
+def test_index_then_search_ranks_like_rank(gallery, capsys, forwards, by):
+    folder, opts = gallery
+    code, out, err = run(capsys, "index", str(folder), *opts)
+    assert code == 0, err
+    n = len(list(folder.rglob("*.*"))) - 1
+    assert sum(forwards) == n
+
+    forwards.clear()
+    code, out, err = run(capsys, "search", PROMPT, "--by", by, "--json", *opts)
+    assert code == 0, err
+    found = json.loads(out)
+    assert forwards == [] and found["count"] == n and len(found["results"]) == n
+
+    code, out, err = run(capsys, "rank", str(folder), "--prompt", PROMPT, "--by", by, "--json", "--no-cache",
+                         *[o for o in opts if o != "--quiet"], "--quiet")
+    assert code == 0, err
+    ranked = json.loads(out)
+    assert labels(found["results"]) == labels(ranked["results"])
+    for a, b in zip(found["results"], ranked["results"]):
+        assert a["ict"] == pytest.approx(b["ict"], abs=1e-5)
+        assert a["hp"] == pytest.approx(b["hp"], abs=1e-5)
+        assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+
+    code, out, err = run(capsys, "search", PROMPT, "--by", by, "--top-k", "3", *opts)
+    assert code == 0 and len(out.strip().splitlines()) == 4
+    assert out.splitlines()[1].endswith(found["results"][0]["image"])
+
+
+def test_index_skips_stored_images_and_search_skips_model_load(gallery, capsys, forwards, images, monkeypatch):
+    folder, opts = gallery
+    assert run(capsys, "index", str(folder), *opts)[0] == 0
+    forwards.clear()
+    code, out, err = run(capsys, "index", str(folder), *[o for o in opts if o != "--quiet"])
+    assert code == 0 and forwards == [] and "indexed 0 new" in out
+    shutil.copy(images[1], folder / "copy_of_b.jpg")  # same bytes: same hash, nothing to encode
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(folder / "new.png")
+    assert run(capsys, "index", str(folder), *opts)[0] == 0
+    assert forwards == [1]  # only the new image
+
+    assert run(capsys, "search", PROMPT, *opts)[0] == 0  # encodes the prompt once, caches it
+
+    def no_load(*a, **k):
+        raise AssertionError("model loaded for a cached prompt")
+
+    monkeypatch.setattr(Scorer, "load", no_load)
+    code, out, err = run(capsys, "search", PROMPT, "--json", *opts)
+    assert code == 0, err
+    assert json.loads(out)["cache"]["prompt_hits"] == 1
+
+
+def test_search_without_the_indexing_hp_model_explains(gallery, capsys, tiny_models):
+    folder, opts = gallery
+    assert run(capsys, "index", str(folder), *opts)[0] == 0
+    no_hp = [o for o in opts if o not in ("--hp-model", str(tiny_models.hp))] + ["--no-hp"]
+    code, out, err = run(capsys, "search", PROMPT, *no_hp)
+    assert code == 1 and err.startswith("ict: error:") and "--hp-model" in err and "Traceback" not in err
+    code, out, err = run(capsys, "search", PROMPT, "--by", "ict*hp", *no_hp)
+    assert code == 1 and "HP model" in err
+
+
+@pytest.mark.parametrize("extra,needle", [([], "ict index"), (["--no-cache"], "--no-cache"),
+                                          (["--top-k", "0"], "--top-k")])
+def test_search_errors_are_one_line(gallery, capsys, extra, needle):
+    folder, opts = gallery
+    code, out, err = run(capsys, "search", PROMPT, *opts, *extra)
+    assert code == 1 and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_cache_stats_and_clear(gallery, capsys, tmp_path):
+    folder, opts = gallery
+    assert run(capsys, "index", str(folder), *opts)[0] == 0
+    assert run(capsys, "search", PROMPT, *opts)[0] == 0
+    cdir = ["--cache-dir", str(tmp_path / "cache")]
+    code, out, err = run(capsys, "cache", "stats", "--json", *cdir)
+    stats = json.loads(out)
+    assert code == 0 and stats["path"] == str(tmp_path / "cache") and stats["prompts"] == 1
+    assert stats["images"] >= 7 and stats["bytes"] > 0
+    code, out, err = run(capsys, "cache", "stats", *cdir)
+    assert code == 0 and "images:" in out
+    assert run(capsys, "cache", "clear", "--prompts", *cdir)[0] == 0
+    stats = json.loads(run(capsys, "cache", "stats", "--json", *cdir)[1])
+    assert stats["prompts"] == 0 and stats["images"] >= 7
+    code, out, err = run(capsys, "cache", "clear", *cdir)
+    assert code == 0 and "cleared" in out
+    assert json.loads(run(capsys, "cache", "stats", "--json", *cdir)[1])["images"] == 0
+
+
+def test_cache_stats_console_script_uses_env(tmp_path):
+    env = dict(os.environ, ICT_CACHE_DIR=str(tmp_path / "envcache"), PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "ict_core", "cache", "stats", "--json"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["path"] == str(tmp_path / "envcache")
