@@ -108,8 +108,11 @@ class Scorer:
         if hp_info is not None and hp_info.arch["projection_dim"] != ict_info.arch["projection_dim"]:
             raise ModelFileError(f"{hp_path} and {ict_path} are for different architectures; use matching files")
         log.info("loading ICT %s%s on %s (%s)", ict_path, f" + HP {hp_path}" if hp_path else "", dev, dtype)
-        ict = build_ict(ict_info.arch, weights.load_state(ict_info, dev), dev, dtype)
-        hp = build_hp(hp_info.arch, weights.load_state(hp_info, dev), dev, dtype) if hp_info else None
+        ict = build_ict(ict_info.arch, weights.load_state(ict_info, dev, lambda _: dtype), dev, dtype)
+        hp = None
+        if hp_info is not None:  # the tiny head stays fp32 whatever the tower's precision
+            hp_state = weights.load_state(hp_info, dev, lambda k: torch.float32 if k.startswith("head.") else dtype)
+            hp = build_hp(hp_info.arch, hp_state, dev, dtype)
         return cls(RewardModules(ict, hp), ict_fingerprint=weights.fingerprint(ict_path, ict_info),
                    hp_fingerprint=weights.fingerprint(hp_path, hp_info) if hp_info else None,
                    dtype=dtype, cache=cache, chunk_size=chunk_size,

@@ -121,16 +121,37 @@ def _check_tensors(info: FileInfo, expected: dict[str, tuple[int, ...]]) -> None
         raise ModelFileError(f"{info.path} does not match its own architecture record ({_describe(missing, unexpected, shaped, got, expected)}); convert it again")
 
 
-def load_state(info: FileInfo, device: torch.device) -> dict[str, torch.Tensor]:
-    """Tensors straight onto `device` via safetensors (memory-mapped on CPU)."""
-    from safetensors import safe_open
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
 
+
+def load_state(info: FileInfo, device: torch.device, dtype_for=None) -> dict[str, torch.Tensor]:
+    """Stream tensors one by one from the file straight to `device`, cast there to `dtype_for(name)`.
+
+    Plain reads (no mmap) and one tensor in flight keep peak memory at the size of the loaded model:
+    a bf16 file loaded as fp32 never holds both copies of the weights."""
+    header = json.loads(info.header_bytes)
+    header.pop("__metadata__", None)
+    base = 8 + len(info.header_bytes)
+    state: dict[str, torch.Tensor] = {}
     try:
-        with safe_open(str(info.path), framework="pt", device=str(device)) as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for damaged files
+        with open(info.path, "rb", buffering=0) as f:
+            for name, t in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                start, end = t["data_offsets"]
+                src_dtype = _ST_DTYPES[t["dtype"]]
+                buf = bytearray(end - start)
+                f.seek(base + start)
+                if f.readinto(buf) != len(buf):
+                    raise EOFError("short read")
+                x = torch.frombuffer(buf, dtype=src_dtype) if buf else torch.empty(0, dtype=src_dtype)
+                x = x.reshape(t["shape"]).to(device)
+                want = dtype_for(name) if dtype_for is not None and x.is_floating_point() else None
+                state[name] = x.to(want) if want is not None else x
+    except (OSError, EOFError, KeyError, RuntimeError, ValueError) as e:
         raise ModelFileError(f"{info.path} could not be read ({type(e).__name__}: {str(e)[:120]}); it may be "
                              f"corrupt: download or convert it again") from None
+    return state
 
 
 def open_model_file(path: str | Path, kind: str, arch: dict[str, Any] | None = None) -> FileInfo:
