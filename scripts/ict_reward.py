@@ -15,8 +15,8 @@ import gradio as gr
 from modules import paths, script_callbacks, scripts, shared
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:       # the webui puts only scripts/ in reach; ict_core and ict_webui live beside it
-    sys.path.insert(0, _ROOT)
+if _ROOT not in sys.path:       # ict_core and ict_webui live beside scripts/; appended so nothing is shadowed
+    sys.path.append(_ROOT)
 
 from ict_webui import (BY_CHOICES, MODE_CHOICES, OPTIONS, RunArgs, Settings, WebuiReward)  # noqa: E402
 from ict_webui.infotext import add_png_keys  # noqa: E402
