@@ -178,11 +178,10 @@ class WebuiReward:
             return None, None
         why = align.can_align(p, n)
         raw_prompts = list(getattr(p, "prompts", None) or [])
-        if len(raw_prompts) != n:
-            if not raw_prompts:
-                self.notify(p, state, "ICT reward: the batch has no prompts; images left unscored.")
-                return None, None
-            raw_prompts = [raw_prompts[0]] * n
+        if len(raw_prompts) != n:       # e.g. video frames (Forge Neo), or another extension changed the batch
+            self.notify(p, state, f"ICT reward: batch {batch_number + 1} has {n} images for {len(raw_prompts)} "
+                                  f"prompts; it is left unscored.")
+            return None, None
         prompts = [clean_prompt(t) for t in raw_prompts]
 
         try:

@@ -668,3 +668,27 @@ def test_cancel_leaves_batch_unscored(installed):
         installed.state.interrupted = False
     assert res.all_seeds == [1000, 1001, 1002, 1003]
     assert any("cancelled" in c for c in p.comments)
+
+
+def test_batch_with_more_images_than_prompts_is_left_alone(installed):
+    class Frames:                      # a "video" batch: 6 frames for 1 prompt (Forge Neo's Wan path)
+        def process(self, p, *a):
+            installed.script.process(p, *a)
+
+        def postprocess_batch_list(self, p, pp, *a, **kw):
+            pp.images = pp.images + pp.images[:2]
+            installed.script.postprocess_batch_list(p, pp, *a, **kw)
+            assert len(pp.images) == 6
+            pp.images = pp.images[:4]
+
+        def postprocess_image(self, p, pp, *a):
+            installed.script.postprocess_image(p, pp, *a)
+
+        def postprocess(self, p, processed, *a):
+            installed.script.postprocess(p, processed, *a)
+
+    p = P(PROMPTS[:4], 4, 1, installed.out)
+    p.scripts = Runner(Frames(), [True, "keep best K", 1, 0.0, "ict", True])
+    res = installed.webui.process_images(p)
+    assert p.scripts.errors == [] and res.all_seeds == [1000, 1001, 1002, 1003]
+    assert any("6 images for 4 prompts" in c for c in p.comments)
