@@ -8,7 +8,12 @@ Run by both hosts with their own interpreter:
 
 torch, torchvision and torchaudio are never installed, upgraded or downgraded: they come from the host. They are
 skipped, and while the rest installs pip gets a constraints file pinning the versions present, so no dependency
-can pull a different torch in. Model weights are not downloaded here (see the hint printed at the end).
+can pull a different torch in.
+
+Under the webui, the packages its ``requirements_versions.txt`` pins (Pillow, numpy, transformers,
+open-clip-torch, safetensors, ...) are the webui's too: the webui re-installs its pins at every start, so changing
+them would flip-flop on each launch. They are left as they are (pinned like torch) and a warning says when one is
+older than this project asks for. Model weights are not downloaded here (see the hint printed at the end).
 """
 from __future__ import annotations
 
@@ -114,15 +119,23 @@ class Plan:
     protected: list[Req]
     satisfied: list[Req]
     not_applicable: list[Req]
+    host_owned: list[Req]          # pinned by the webui: left as they are
+    host_too_old: list[Req]        # ... and older than asked for here (a warning)
 
 
-def make_plan(reqs: Sequence[Req], version_of: Callable[[str], str | None] = installed_version) -> Plan:
-    plan = Plan([], [], [], [])
+def make_plan(reqs: Sequence[Req], version_of: Callable[[str], str | None] = installed_version,
+              host_pins: dict[str, str] | None = None) -> Plan:
+    plan = Plan([], [], [], [], [], [])
+    host_pins = host_pins or {}
     for r in reqs:
         if r.name in PROTECTED:
             plan.protected.append(r)
         elif not applies(r):
             plan.not_applicable.append(r)
+        elif r.name in host_pins and version_of(r.name) is not None:
+            plan.host_owned.append(r)
+            if not is_satisfied(r, version_of):
+                plan.host_too_old.append(r)
         elif is_satisfied(r, version_of):
             plan.satisfied.append(r)
         else:
@@ -130,14 +143,41 @@ def make_plan(reqs: Sequence[Req], version_of: Callable[[str], str | None] = ins
     return plan
 
 
-def constraints_text(version_of: Callable[[str], str | None] = installed_version) -> str:
-    """``torch==2.5.1+cu124`` etc. for what is installed: pip may then not replace them."""
+def constraints_text(version_of: Callable[[str], str | None] = installed_version,
+                     host_pins: dict[str, str] | None = None) -> str:
+    """``torch==2.5.1+cu124`` etc. for what is installed of torch and of the host's pins: pip may then not
+    replace them while it installs the rest."""
     lines = []
-    for name in PROTECTED:
+    for name in list(PROTECTED) + sorted(set(host_pins or {}) - set(PROTECTED)):
         v = version_of(name)
         if v:
             lines.append(f"{name}=={v}")
     return "".join(line + "\n" for line in lines)
+
+
+def read_pins(path: str) -> dict[str, str]:
+    """``{canonical name: version}`` of the ``name==version`` lines of a webui requirements_versions.txt."""
+    pins: dict[str, str] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        return pins
+    for raw in text.splitlines():
+        m = re.match(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*==\s*([^\s;#]+)", raw)
+        if m:
+            pins[canonical(m.group(1))] = m.group(2)
+    return pins
+
+
+def webui_pins() -> dict[str, str]:
+    """The webui's pinned versions (its launch.py sits beside requirements_versions.txt; REQS_FILE overrides)."""
+    launch = sys.modules.get("launch")
+    root = os.path.dirname(os.path.abspath(getattr(launch, "__file__", "") or ""))
+    if not root:
+        return {}
+    name = os.environ.get("REQS_FILE", "requirements_versions.txt")
+    return read_pins(name if os.path.isabs(name) else os.path.join(root, name))
 
 
 def webui_run_pip() -> Callable[..., object] | None:
@@ -178,7 +218,9 @@ def pip_install(lines: Sequence[str], constraints: str | None,
 def main(argv: Sequence[str] | None = None, *, root: str = HERE,
          version_of: Callable[[str], str | None] = installed_version,
          run_pip: Callable[..., object] | None | bool = True,
-         run: Callable[[list[str]], int] | None = None) -> int:
+         run: Callable[[list[str]], int] | None = None,
+         host_pins: dict[str, str] | None = None) -> int:
+    """``run_pip=True``: use the webui's ``launch.run_pip`` when under the webui (and its pins), else plain pip."""
     path = os.path.join(root, "requirements.txt")
     try:
         with open(path, encoding="utf-8") as f:
@@ -186,22 +228,26 @@ def main(argv: Sequence[str] | None = None, *, root: str = HERE,
     except OSError as e:
         log.error("ICT reward: cannot read %s (%s)", path, e)
         return 1
-    plan = make_plan(reqs, version_of)
-    for r in plan.protected:
-        v = version_of(r.name)
-        if v is None and r.name == "torch":
-            log.warning("ICT reward: torch is not installed in %s; install the build for your GPU first "
-                        "(this script never installs torch)", sys.executable)
+    if run_pip is True:
+        run_pip = webui_run_pip()
+        if run_pip is not None and host_pins is None:
+            host_pins = webui_pins()
+    run_pip = run_pip or None
+    plan = make_plan(reqs, version_of, host_pins)
+    if "torch" in {r.name for r in plan.protected} and version_of("torch") is None:
+        log.warning("ICT reward: torch is not installed in %s; install the build for your GPU first "
+                    "(this script never installs torch)", sys.executable)
+    for r in plan.host_too_old:
+        log.warning("ICT reward: the webui pins %s==%s; this extension asks for %s. Left as it is (the webui "
+                    "would put its version back at the next start).", r.name, (host_pins or {}).get(r.name),
+                    r.line)
     if not plan.install:
         log.info("ICT reward: all requirements are installed.")
         log.info(WEIGHTS_HINT)
         return 0
     lines = [r.line for r in plan.install]
     log.info("ICT reward: installing %s", ", ".join(lines))
-    if run_pip is True:
-        run_pip = webui_run_pip()
-    run_pip = run_pip or None
-    constraints = constraints_text(version_of)
+    constraints = constraints_text(version_of, host_pins)
     tmp = None
     if constraints:
         fd, tmp = tempfile.mkstemp(prefix="ict-reward-constraints-", suffix=".txt")

@@ -165,3 +165,37 @@ def test_runs_as_a_script_without_touching_anything(tmp_path):
                          cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "all requirements are installed" in out.stdout
+
+
+def test_webui_pins_are_left_alone_and_pinned(inst, tmp_path, monkeypatch, caplog):
+    """A1111 re-installs its requirements_versions.txt pins at every start: changing them would flip-flop."""
+    webui = tmp_path / "webui"
+    webui.mkdir()
+    (webui / "requirements_versions.txt").write_text("Pillow==9.5.0\ntransformers==4.30.2\nnumpy==1.26.2\n"
+                                                     "open-clip-torch==2.20.0\n")
+    launch = types.ModuleType("launch")
+    launch.__file__ = str(webui / "launch.py")
+    seen = []
+    launch.run_pip = lambda command, desc=None, live=False: seen.append(
+        (command, Path(command.split(' -c "')[1].rstrip('"')).read_text()))
+    launch.is_installed = lambda name: True
+    monkeypatch.setitem(sys.modules, "launch", launch)
+    versions = dict(VERSIONS, pillow="9.5.0", transformers="4.30.2", numpy="1.26.2", **{"open-clip-torch": "2.20.0"})
+    reqs = write_reqs(tmp_path, "torch\ntransformers>=4.40\nPillow>=10\nnumpy>=1.24\nopen-clip-torch>=2.24\n"
+                                "faiss-cpu>=1.7.4\n")
+    caplog.set_level("INFO")
+    rc = inst.main([], root=str(reqs), version_of=versions.get)
+    assert rc == 0 and len(seen) == 1
+    command, constraints = seen[0]
+    assert command.startswith('install "faiss-cpu>=1.7.4" -c ')
+    assert constraints.splitlines() == ["torch==2.5.1+cu124", "torchvision==0.20.1+cu124", "numpy==1.26.2",
+                                        "open-clip-torch==2.20.0", "pillow==9.5.0", "transformers==4.30.2"]
+    assert "the webui pins transformers==4.30.2" in caplog.text and "the webui pins pillow==9.5.0" in caplog.text
+    assert "numpy==1.26.2; this extension" not in caplog.text
+
+
+def test_read_pins(inst, tmp_path):
+    f = tmp_path / "r.txt"
+    f.write_text("# c\nGitPython==3.1.32\nPillow == 9.5.0  # x\naccelerate\ntorch\nfoo[bar]==1.0 ; python_version>'3'\n")
+    assert inst.read_pins(str(f)) == {"gitpython": "3.1.32", "pillow": "9.5.0", "foo": "1.0"}
+    assert inst.read_pins(str(tmp_path / "missing.txt")) == {}
