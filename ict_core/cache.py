@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import itertools
 import logging
 import os
 import re
@@ -275,9 +276,11 @@ class EmbeddingCache:
             raise ValueError(f"by must be one of {BY}, not {by!r}")
         with self._lock:
             table = self._table("images", gallery)
-            ranked = table.search(np.asarray(query_vec, dtype=np.float32), top_k, by, _faiss())
-            return [SearchHit(table.label(r), table.key_of(r), ict, table.hp_raw(r), value)
-                    for r, ict, value in ranked]
+            rows, ict, value = table.search(np.asarray(query_vec, dtype=np.float32), top_k, by, _faiss())
+            labels, keys, hp_raw = table.columns(rows)
+            # tuple.__new__ builds the namedtuples in C: 100,000 results cost milliseconds, not 100+
+            rows = zip(labels, keys, ict.tolist(), hp_raw, value.tolist())
+            return list(map(tuple.__new__, itertools.repeat(SearchHit), rows))
 
     # ---- housekeeping --------------------------------------------------------------------
     @_guard(None)

@@ -12,6 +12,7 @@ numpy.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 
 #: Below this many rows a GPU copy of the index costs more than it saves.
 GPU_MIN_ROWS = 50_000
+#: faiss GPU k-selection handles at most this many results per query.
+GPU_MAX_K = 2048
 _gpu_resources = None
 
 
@@ -58,7 +61,7 @@ class Table:
         self.saved = time.monotonic()  # monotonic time of the last save or load
         self._index = None
         self._index_rows = 0
-        self._index_gpu = False
+        self._gpu_index = None
         self._id_order = None
 
     # ---- lookups -------------------------------------------------------------------------
@@ -149,6 +152,8 @@ class Table:
             self._set(row, *item, now, self.next_id)
             self.pending.add(item[0])
             self.next_id += 1
+        if len(victims) > len(fresh):  # the table was over the cap (a smaller cap than before)
+            self._remove_rows(victims[len(fresh):])
         self._id_order = None
         self.touched = True
         return len(items) - dropped
@@ -160,9 +165,30 @@ class Table:
         order = np.lexsort((self._ids[: self.n], self._used[: self.n]))
         return [int(r) for r in order[:count]]
 
+    def enforce_cap(self, cap: int) -> None:
+        """Evict least recently used entries until at most `cap` remain."""
+        rows = self._lru_rows(self.n - max(cap, 0))
+        for row in rows:
+            self.pending.discard(self._keys[row])
+        if rows:
+            self._remove_rows(rows)
+
+    def _remove_rows(self, rows) -> None:
+        """Drop rows and compact (O(n*d): only when the cap shrinks, not on the hot path)."""
+        keep = np.ones(self.n, bool)
+        keep[list(rows)] = False
+        for name in ("_ids", "_vec", "_used", "_hp"):
+            setattr(self, name, getattr(self, name)[: self.n][keep].copy())
+        self._keys = [k for k, on in zip(self._keys, keep) if on]
+        self._labels = [x for x, on in zip(self._labels, keep) if on]
+        self._rows = {k: i for i, k in enumerate(self._keys)}
+        self.n = len(self._keys)
+        self._changed()
+
     def _changed(self) -> None:
         """A row changed in place: the search index must be rebuilt."""
         self._index = None
+        self._gpu_index = None
         self._id_order = None
 
     # ---- disk exchange -------------------------------------------------------------------
@@ -195,11 +221,12 @@ class Table:
         self.next_id = data.next_id
         self._keys = list(data.keys)
         self._rows = {k: i for i, k in enumerate(self._keys)}
-        self._ids = np.array(data.ids, np.int64)
-        self._vec = np.array(data.vectors, np.float32)
-        self._used = np.array(data.used, np.float64)
+        # no copy when the arrays are already writable (views into the buffer the file was read into)
+        self._ids = np.require(data.ids, np.int64, ["C", "W"])
+        self._vec = np.require(data.vectors, np.float32, ["C", "W"])
+        self._used = np.require(data.used, np.float64, ["C", "W"])
         if data.hp_raw is not None:
-            self._hp = np.array(data.hp_raw, np.float32)
+            self._hp = np.require(data.hp_raw, np.float32, ["C", "W"])
             self._labels = list(data.labels)
         else:
             self._hp = np.full(self.n, np.nan, np.float32)
@@ -211,6 +238,10 @@ class Table:
         Entries that this process loaded earlier but that are gone from disk stay gone: another
         process evicted or cleared them. Pending entries survive (they are kept for the save).
         """
+        if not self.pending and not self.n and not self.touched:  # nothing of ours: adopt the disk copy
+            self.load(disk)
+            self.enforce_cap(cap)
+            return
         pending = self.pending
         if disk is not None and self.dim is not None and disk.count and disk.dim != self.dim:
             log.warning("ict-reward cache: %s %s changed width on disk; keeping the disk copy",
@@ -273,29 +304,54 @@ class Table:
 
     # ---- search --------------------------------------------------------------------------
     def search(self, query: np.ndarray, top_k, by: str, faiss_mod) -> list:
-        """Rank rows for a query vector: [(row, ict, value)], best first, ties by id, NaN last."""
+        """Rank rows for a query vector: arrays (rows, ict, value), best first, ties by id, NaN last."""
         n = self.n
         if n == 0 or (top_k is not None and top_k <= 0):
-            return []
+            return np.empty(0, np.int64), np.empty(0, np.float32), np.empty(0, np.float64)
         q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
         if q.shape[1] != self.dim:
             raise ValueError(f"query width {q.shape[1]} does not match stored width {self.dim}")
         if faiss_mod is not None:
-            k = n if (by != "ict" or top_k is None) else min(int(top_k), n)
-            scores, found = self._faiss_index(faiss_mod).search(q, k)
-            rows = self._rows_of(found[0])
-            ict = scores[0].astype(np.float32)
+            rows, ict = self._faiss_scores(faiss_mod, q, top_k if by == "ict" else None)
         else:
-            rows = np.arange(n)
-            ict = self._vec[:n] @ q[0]
+            rows, ict = np.arange(n), self._vec[:n] @ q[0]
         value = ict.astype(np.float64)
         if by == "ict*hp":
             value = value * sigmoid(self._hp[rows])
-        bad = ~np.isfinite(value)
-        order = np.lexsort((self._ids[rows], -np.where(bad, 0.0, value), bad))
+        key = np.where(np.isfinite(value), -value, np.inf)
+        cand = np.arange(len(rows))
+        if top_k is not None and top_k < len(rows):  # keep every tie of the k-th value
+            kth = np.partition(key, int(top_k) - 1)[int(top_k) - 1]
+            cand = np.flatnonzero(key <= kth)
+        order = cand[np.lexsort((self._ids[rows[cand]], key[cand]))]
         if top_k is not None:
             order = order[: int(top_k)]
-        return [(int(rows[i]), float(ict[i]), float(value[i])) for i in order]
+        return rows[order], ict[order], value[order]
+
+    def columns(self, rows: np.ndarray) -> tuple[list, list, list]:
+        """labels, keys and hp_raw (Python floats) of rows, for building results in bulk."""
+        labels, keys = self._labels, self._keys
+        return [labels[r] for r in rows.tolist()], [keys[r] for r in rows.tolist()], self._hp[rows].tolist()
+
+    def _faiss_scores(self, faiss, q: np.ndarray, top_k):
+        """(rows, inner products) from faiss: the top k by heap, or every row by a range search
+        (no k-sized heap, which is what ranking everything would otherwise cost)."""
+        with _search_threads(faiss):
+            return self._faiss_scores_locked(faiss, q, top_k)
+
+    def _faiss_scores_locked(self, faiss, q, top_k):
+        n = self.n
+        index = self._faiss_index(faiss)
+        if top_k is not None and top_k < n:
+            target = self._gpu_index if (self._gpu_index is not None and top_k <= GPU_MAX_K) else index
+            scores, found = target.search(q, int(top_k))
+            keep = found[0] >= 0
+            return self._rows_of(found[0][keep]), scores[0][keep]
+        _lims, scores, found = index.range_search(q, float(-np.finfo(np.float32).max))
+        if len(found) != n:  # only if some inner product is below -FLT_MAX (unnormalised input)
+            scores, found = index.search(q, n)
+            scores, found = scores[0], found[0]
+        return self._rows_of(found), scores
 
     def _rows_of(self, ids: np.ndarray) -> np.ndarray:
         if self._id_order is None:
@@ -304,33 +360,56 @@ class Table:
         return self._id_order[np.searchsorted(sorted_ids, ids)]
 
     def _faiss_index(self, faiss):
+        """The CPU IndexIDMap2(IndexFlatIP); appends are added incrementally, other changes rebuild.
+        A GPU copy is kept beside it for top-k searches of big tables when faiss has a GPU."""
         if self._index is not None and self._index_rows == self.n:
             return self._index
-        if self._index is not None and not self._index_gpu and self._index_rows < self.n:
-            # only appends since the last build
-            start = self._index_rows
+        if self._index is not None and self._index_rows < self.n and self._gpu_index is None:
+            start = self._index_rows  # only appends since the last build
             self._index.add_with_ids(self._vec[start: self.n], self._ids[start: self.n])
-            self._index_rows = self.n
-            return self._index
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(int(self.dim)))
-        index.add_with_ids(np.ascontiguousarray(self._vec[: self.n]), np.ascontiguousarray(self._ids[: self.n]))
-        self._index = _maybe_gpu(faiss, index, self.n)
+        else:
+            self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(int(self.dim)))
+            self._index.add_with_ids(np.ascontiguousarray(self._vec[: self.n]),
+                                     np.ascontiguousarray(self._ids[: self.n]))
         self._index_rows = self.n
-        self._index_gpu = self._index is not index
+        self._gpu_index = _maybe_gpu(faiss, self._index, self.n)
         return self._index
 
 
+@contextlib.contextmanager
+def _search_threads(faiss):
+    """Threads for one single-query scan ($ICT_CACHE_FAISS_THREADS, else 1 on machines of <= 4 CPUs).
+
+    Why: a one-query flat scan is memory-bound; on a small or busy machine faiss's OpenMP threads
+    spin against each other (measured 3x slower with 2 threads than 1 on a loaded 2-core box).
+    """
+    want = os.environ.get("ICT_CACHE_FAISS_THREADS")
+    try:
+        threads = int(want) if want else (1 if (os.cpu_count() or 1) <= 4 else 0)
+    except ValueError:
+        threads = 0
+    if threads <= 0:
+        yield
+        return
+    old = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(old)
+
+
 def _maybe_gpu(faiss, index, n: int):
-    """Move a big index to GPU 0 when faiss was built with GPU support and one is present."""
+    """A GPU 0 copy of a big index when faiss was built with GPU support and one is present, else None."""
     global _gpu_resources
     if n < GPU_MIN_ROWS or os.environ.get("ICT_CACHE_GPU", "1") == "0":
         return index
     try:
         if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() <= 0:
-            return index
+            return None
         if _gpu_resources is None:
             _gpu_resources = faiss.StandardGpuResources()
         return faiss.index_cpu_to_gpu(_gpu_resources, 0, index)
     except Exception as exc:  # an optional speed-up: any failure means CPU search
         log.debug("faiss GPU search unavailable (%s); using CPU", exc)
-        return index
+        return None
