@@ -29,11 +29,21 @@ def check_prompt(prompt: object, where: str = "prompt") -> str:
     return prompt
 
 
+def _count(prompt: str) -> int:
+    tok = _tokenizer()
+    encode = getattr(tok, "encode", None)
+    if encode is None:  # open_clip < 2.24 returns its module-level tokenize function
+        from open_clip.tokenizer import _tokenizer as simple
+
+        encode = simple.encode
+    return len(encode(prompt))
+
+
 def tokenize(prompts: list[str]) -> torch.Tensor:
     """LongTensor [n, 77]; a prompt longer than 75 BPE tokens is cut (its last id set to end-of-text)."""
     tok = _tokenizer()
     for p in prompts:
-        n = len(tok.encode(p))
+        n = _count(p)
         if n > CONTEXT_LENGTH - 2:
             log.warning("prompt has %d tokens, more than the model's %d: the text after token %d is ignored "
                         "(%r...)", n, CONTEXT_LENGTH - 2, CONTEXT_LENGTH - 2, p[:60])
