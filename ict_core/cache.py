@@ -455,15 +455,17 @@ class EmbeddingCache:
 
     def _quarantine(self, table: Table, path: Path, exc, sig, locked: bool):
         """Move a bad file aside (under the lock, after re-checking it) and start empty."""
+        busy = False
         if not locked and not self._memory_only:
             try:
                 with cf.FileLock(self._lock_path(path), self.lock_timeout):
                     return self._read(table, path, locked=True)
-            except (OSError, cf.LockTimeout) as err:
-                if isinstance(err, OSError):
-                    self._go_memory_only(err)
+            except cf.LockTimeout:
+                busy = True  # never move a file aside without the lock: a writer may be replacing it
+            except OSError as err:
+                self._go_memory_only(err)
         aside = None
-        if not self._memory_only:
+        if not self._memory_only and not busy:
             aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
             try:
                 os.replace(path, aside)
@@ -486,6 +488,8 @@ class EmbeddingCache:
                 cf.remove_stale_temps(path)
                 if cf.signature(path) != table.sig:  # someone else saved: merge their state in
                     data, _ = self._read(table, path, locked=True)
+                    if self._memory_only:  # the disk copy could not be read: never overwrite it blind
+                        return
                     table.merge(data, self._cap(table))
                 cf.atomic_write(path, cf.encode(table.to_data()))
                 table.sig = cf.signature(path)
