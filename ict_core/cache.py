@@ -88,9 +88,12 @@ def hash_file(path, chunk: int = 1 << 20) -> str:
 
 
 def hash_pixels(pixels) -> str:
-    """sha256 of in-memory uint8 pixels and their shape (so a reshaped buffer differs)."""
+    """sha256 of in-memory uint8 pixels and their shape (so a reshaped buffer differs).
+
+    Same digest as the engine's for a uint8 CHW tensor (ict_core.preprocess), so a host that hashes
+    images itself finds what the scorer stored."""
     arr = np.ascontiguousarray(np.asarray(pixels))
-    digest = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
+    digest = hashlib.sha256(str(tuple(int(x) for x in arr.shape)).encode())
     digest.update(arr.tobytes())
     return digest.hexdigest()
 

@@ -8,7 +8,6 @@ ict_core.cli calls add_subcommands(); errors are raised as ICTError (one line, n
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys

@@ -528,6 +528,17 @@ def test_numpy_fallback_without_faiss(tmp_path, caplog, monkeypatch):
     assert len([r for r in cache_warnings(caplog) if "faiss" in r.getMessage()]) == 1
 
 
+def test_hashes_match_the_engine(tmp_path):
+    pre = pytest.importorskip("ict_core.preprocess")
+    torch = pytest.importorskip("torch")
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 5, 7), dtype=np.uint8)
+    assert cache_mod.hash_pixels(pixels) == pre._pixel_digest(torch.from_numpy(pixels))
+    assert cache_mod.hash_pixels(pixels) != cache_mod.hash_pixels(pixels.reshape(3, 7, 5))
+    f = tmp_path / "x.png"
+    f.write_bytes(b"not really a png")
+    assert cache_mod.hash_file(f) == pre.as_refs([f])[0].digest()
+
+
 def test_module_imports_light():
     code = PRELUDE + "print(sorted(m for m in ('torch', 'faiss') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
