@@ -170,6 +170,8 @@ class EmbeddingCache:
     refresh_interval = 0.5
     #: A save that only carries new LRU times waits this long (flush(force=True) does not).
     lru_flush_interval = 60.0
+    #: Use times alone are saved only for tables at least this full (fraction of the cap).
+    LRU_PERSIST_FILL = 0.8
     #: Seconds to wait for another process's lock before deferring a save to the next flush.
     lock_timeout = 30.0
 
@@ -289,13 +291,15 @@ class EmbeddingCache:
     @_guard(None)
     def flush(self, force: bool = False) -> None:
         """Persist new entries now (merging with other processes). Cheap when nothing changed;
-        LRU-only changes wait lru_flush_interval unless force."""
+        changes of use times alone wait lru_flush_interval unless force, and are kept only for
+        tables near their cap (see _lru_matters)."""
         with self._lock:
             if self._memory_only:
                 return
             now = time.monotonic()
             for table in list(self._tables.values()):
-                if table.pending or (table.touched and (force or now - table.saved >= self.lru_flush_interval)):
+                if table.pending or (table.touched and self._lru_matters(table)
+                                     and (force or now - table.saved >= self.lru_flush_interval)):
                     self._save(table)
                     if self._memory_only:
                         return
@@ -418,6 +422,11 @@ class EmbeddingCache:
             table = self._tables[(kind, key)] = Table(kind, key)
         self._refresh(table)
         return table
+
+    def _lru_matters(self, table: Table) -> bool:
+        """Use times can only change what is evicted once a table nears its cap; below that, a run
+        that only reads (a search, a re-score) never rewrites a possibly large file."""
+        return len(table) >= self.LRU_PERSIST_FILL * self._cap(table)
 
     def _cap(self, table: Table) -> int:
         return self.max_prompts if table.kind == "prompts" else self.max_images

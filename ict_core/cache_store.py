@@ -77,12 +77,6 @@ class Table:
     def hp_raw(self, row: int) -> float:
         return float(self._hp[row])
 
-    def label(self, row: int) -> str:
-        return self._labels[row]
-
-    def key_of(self, row: int) -> str:
-        return self._keys[row]
-
     def touch(self, row: int, now: float) -> None:
         self._used[row] = now
         self.touched = True

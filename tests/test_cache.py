@@ -375,17 +375,37 @@ def test_read_only_folder_really(tmp_path, caplog):
 
 # ------------------------------------------------------------------------------------------ housekeeping
 def test_flush_is_cheap_when_clean(tmp_path, monkeypatch):
-    c = EmbeddingCache(tmp_path)
+    c = EmbeddingCache(tmp_path, max_prompts=3)
     c.put_prompts(FP, prompts_of(3))
     c.flush()
     writes = []
     monkeypatch.setattr(cf, "atomic_write", lambda *a: writes.append(a))
     c.flush()
-    c.get_prompts(FP, ["p0"])  # only an LRU touch: deferred ...
+    c.get_prompts(FP, ["p0"])  # only a use-time change: deferred ...
     c.flush()
     assert writes == []
     c.flush(force=True)  # ... until forced (close / exit)
     assert len(writes) == 1
+    roomy = EmbeddingCache(tmp_path)  # far from its cap: use times never cause a rewrite
+    roomy.get_prompts(FP, ["p0", "p1"])
+    roomy.close()
+    assert len(writes) == 1
+
+
+def test_use_times_survive_for_a_full_table(tmp_path):
+    feats = prompts_of(4)
+    c = EmbeddingCache(tmp_path, max_prompts=4)
+    c.put_prompts(FP, feats)
+    c.flush()
+    time.sleep(0.01)
+    reader = EmbeddingCache(tmp_path, max_prompts=4)
+    reader.get_prompts(FP, ["p0"])  # p0 becomes the most recently used ...
+    reader.close()
+    time.sleep(0.01)
+    writer = EmbeddingCache(tmp_path, max_prompts=4)
+    writer.put_prompts(FP, {"new": feats["p1"]})  # ... so p1 (not p0) is the one evicted
+    writer.flush()
+    assert set(EmbeddingCache(tmp_path).get_prompts(FP, list(feats) + ["new"])) == {"p0", "p2", "p3", "new"}
 
 
 def test_stats_and_clear(tmp_path):
