@@ -290,6 +290,33 @@ def test_other_process_saves_are_picked_up(tmp_path):
     assert set(EmbeddingCache(tmp_path).get_prompts(FP, ["p0", "p1", "a", "b"])) == {"p0", "p1", "a", "b"}
 
 
+def test_threads_share_one_cache(tmp_path):
+    import threading
+
+    c = EmbeddingCache(tmp_path)
+    errors = []
+
+    def work(w):
+        try:
+            feats = prompts_of(50, tag=f"t{w}-", seed=w)
+            for k, v in feats.items():
+                c.put_prompts(FP, {k: v})
+                assert np.array_equal(c.get_prompts(FP, [k])[k], v)
+                if k.endswith("9"):
+                    c.flush()
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    c.flush()
+    assert errors == []
+    assert len(EmbeddingCache(tmp_path).get_prompts(FP, [f"t{w}-{i}" for w in range(4) for i in range(50)])) == 200
+
+
 def test_lock_held_elsewhere_defers_save(tmp_path, caplog):
     import fcntl
 
