@@ -88,7 +88,9 @@ def report(results: Sequence, by: str, selection: Selection | None = None) -> st
     order = rank(results, by)
     picked = set(selection.indices) if selection else set()
     has_hp = any(r.hp is not None for r in results)
-    head = f"{'rank':>4} {'#':>3} {'ict':>7}" + (f" {'hp':>7}" if has_hp else "") + f" {by:>8}  image"
+    extra = by != "ict"  # a column for the ranking value unless it is the ict column itself
+    head = (f"{'rank':>4} {'#':>3} {'ict':>7}" + (f" {'hp':>7}" if has_hp else "") + (f" {by:>8}" if extra else "")
+            + "  image")
     lines = [head]
     for pos, i in enumerate(order, 1):
         r = results[i]
@@ -97,7 +99,8 @@ def report(results: Sequence, by: str, selection: Selection | None = None) -> st
             lines.append(f"{'-':>4} {i:>3} error: {r.error}")
             continue
         hp = f" {r.hp:7.4f}" if has_hp else ""
-        lines.append(f"{pos:>4}{mark}{i:>3} {r.ict:7.4f}{hp} {vals[i]:8.4f}  {r.label or ''}".rstrip())
+        value = f" {vals[i]:8.4f}" if extra else ""
+        lines.append(f"{pos:>4}{mark}{i:>3} {r.ict:7.4f}{hp}{value}  {r.label or ''}".rstrip())
     if selection:
         lines.extend(f"note: {n}" for n in selection.notes)
     return "\n".join(lines)

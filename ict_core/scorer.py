@@ -96,12 +96,16 @@ class Scorer:
     @classmethod
     def load(cls, ict_path: str | Path, hp_path: str | Path | None = None, *, device: str | torch.device = "auto",
              precision: str = "auto", cache=None, config: str | Path | None = None,
-             chunk_size: int | None = None) -> "Scorer":
-        """Load converted safetensors files straight onto the device (no pickle, no random init)."""
+             chunk_size: int | None = None, run_device: str | torch.device | None = None) -> "Scorer":
+        """Load converted safetensors files straight onto the device (no pickle, no random init).
+
+        `run_device`: where a host will run the model when it differs from where the weights wait
+        (ComfyUI keeps them on the CPU and moves them to the GPU to score); the precision is resolved
+        for it, so fp16/bf16 weights can wait on the CPU."""
         from .config import load_architecture
 
         dev = resolve_device(device)
-        dtype = resolve_dtype(precision, dev)
+        dtype = resolve_dtype(precision, resolve_device(run_device) if run_device is not None else dev)
         arch = load_architecture(config) if config is not None else None
         ict_info = weights.open_model_file(ict_path, "ict", arch)
         hp_info = weights.open_model_file(hp_path, "hp", arch) if hp_path else None

@@ -115,20 +115,6 @@ def plan_device(choice: str):
     return mm.get_torch_device(), mm.unet_offload_device()
 
 
-def plan_precision(choice: str, load_device) -> str:
-    """Resolve `auto` for the device the model will run on (bf16, else fp16, else fp32)."""
-    if choice != "auto":
-        return choice
-    mm = _model_management()
-    if mm is None or load_device is None or load_device.type == "cpu":
-        return "auto" if mm is None else "fp32"
-    if mm.should_use_bf16(load_device, prioritize_performance=False):
-        return "bf16"
-    if mm.should_use_fp16(load_device, prioritize_performance=False):
-        return "fp16"
-    return "fp32"
-
-
 def make_patcher(module, load_device, offload_device):
     """Wrap the scorer's weights so ComfyUI's model management can load/offload them."""
     import comfy.model_patcher

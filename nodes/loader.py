@@ -45,23 +45,6 @@ def _file_key(path: Path | None) -> tuple:
     return (str(path.resolve()), st.st_mtime_ns, st.st_size)
 
 
-def _cast_for_run_device(scorer, precision: str) -> None:
-    """TEMPORARY (request to ict_core): give the dtype of the run device to a model loaded on the offload device.
-
-    Scorer.load resolves fp16/bf16 to fp32 when it loads onto the CPU, but in ComfyUI the weights wait
-    on the CPU and run on the GPU.  The HP head stays fp32 as ict_core builds it.
-    """
-    import torch
-
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-    if dtype is None or scorer.dtype == dtype:
-        return
-    scorer.modules.ict.to(dtype)
-    if scorer.modules.hp is not None:
-        scorer.modules.hp.vision.to(dtype)
-    scorer.dtype = dtype
-
-
 def load_model(ict_name: str, hp_name: str, precision: str, device: str) -> ICTModel:
     """Load (or reuse) a scorer; the cache key changes when a file is replaced on disk."""
     from ict_core import Scorer
@@ -84,16 +67,12 @@ def load_model(ict_name: str, hp_name: str, precision: str, device: str) -> ICTM
         if plan is None:  # no ComfyUI: ict_core places the model itself
             scorer = Scorer.load(ict_path, hp_path, device=device, precision=precision)
             patcher = None
-            resolved = precision
-        else:
+        else:  # weights wait on the offload device, in the precision of the device they run on
             load_device, offload_device = plan
-            resolved = comfy_host.plan_precision(precision, load_device)
-            # ict_core builds half precision only on CUDA; on a CPU offload device it is cast below
-            scorer = Scorer.load(ict_path, hp_path, device=offload_device,
-                                 precision="fp32" if offload_device.type == "cpu" else resolved)
-            _cast_for_run_device(scorer, resolved)
+            scorer = Scorer.load(ict_path, hp_path, device=offload_device, run_device=load_device,
+                                 precision=precision)
             patcher = comfy_host.make_patcher(scorer.modules, load_device, offload_device)
-        model = ICTModel(scorer, patcher, ict_name, None if hp_path is None else hp_name, resolved)
+        model = ICTModel(scorer, patcher, ict_name, None if hp_path is None else hp_name, precision)
         _cache[key] = model
         log.info("ICT model loaded: %s", model.describe())
         return model
@@ -122,7 +101,8 @@ class ICTModelLoader:
             "hp_model": ([NONE] + files, {"default": NONE,
                                          "tooltip": "optional HP model; needed for score_by hp, ict*hp, group"}),
             "precision": (list(PRECISIONS), {"default": "auto",
-                                             "tooltip": "auto: bf16/fp16 on a GPU that supports it, fp32 on CPU"}),
+                                             "tooltip": "auto = fp32, the official scores; fp16/bf16 are faster on a GPU "
+                                                        "and differ slightly"}),
             "device": (list(DEVICES), {"default": "auto",
                                        "tooltip": "auto: ComfyUI's device (respects --cpu, --lowvram, --highvram)"}),
         }}

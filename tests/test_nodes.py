@@ -339,15 +339,22 @@ def test_host_glue_registers_folder_patcher_progress_and_cancel(fake_comfy, tiny
         ICTScore().score(model, batch(5), PROMPT)
 
 
-def test_precision_auto_follows_the_host_device(fake_comfy):
+def test_precision_is_resolved_for_the_run_device(fake_comfy, monkeypatch, tiny_models):
+    """auto stays fp32 (the official scores); fp16 weights may wait on the CPU to run on the GPU."""
+    import ict_core.scorer as scorer_mod
+
+    shutil.copy(tiny_models.ict, fake_comfy.extra / "ict.safetensors")
+    seen = {}
+    real = scorer_mod.resolve_dtype
+    monkeypatch.setattr(scorer_mod, "resolve_dtype", lambda p, d: seen.setdefault((p, d.type), real(p, d)))
+    loader.clear_cache()
+    model = loader.ICTModelLoader().load("ict.safetensors", "none", "auto", "auto")[0]
+    assert model.scorer.dtype == torch.float32 and ("auto", "cpu") in seen
     mm = sys.modules["comfy.model_management"]
-    assert comfy_host.plan_precision("auto", torch.device("cpu")) == "fp32"
-    mm.should_use_bf16 = lambda *a, **k: True
-    assert comfy_host.plan_precision("auto", torch.device("cuda")) == "bf16"
-    assert comfy_host.plan_precision("fp16", torch.device("cuda")) == "fp16"
     mm.cpu_mode = lambda: False
     mm.vram_state = mm.VRAMState.NO_VRAM
     assert comfy_host.plan_device("auto") == (torch.device("cpu"), torch.device("cpu"))
+    loader.clear_cache()
 
 
 def test_errors_are_ict_errors_with_one_line(model):

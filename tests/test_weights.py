@@ -182,3 +182,13 @@ def test_fingerprint_is_cheap_and_tells_files_apart(tiny_models, tmp_path):
     other = convert(save_ict_layout(tiny_clip(9), tmp_path / "ICT9"), tmp_path / "ict9.safetensors",
                     tiny_models.config).path
     assert fingerprint(other) != a
+
+
+def test_half_precision_waits_on_the_cpu_for_a_gpu_host(tiny_models):
+    """A host that scores on the GPU keeps the weights on the CPU in the GPU's precision (ComfyUI)."""
+    scorer = Scorer.load(tiny_models.ict, tiny_models.hp, device="cpu", run_device=torch.device("cuda"),
+                         precision="fp16")
+    assert scorer.dtype == torch.float16 and scorer.device.type == "cpu"
+    assert next(scorer.modules.ict.parameters()).dtype == torch.float16
+    assert scorer.modules.hp.head.layers[0].weight.dtype == torch.float32  # the head stays fp32
+    assert Scorer.load(tiny_models.ict, precision="fp16").dtype == torch.float32  # CPU-only: fp32, with a warning
