@@ -153,9 +153,8 @@ def cmd_index(args) -> int:
             bar.close()
     cache.flush()
     total = cache.image_count(gallery)
-    if not args.quiet:
-        print(f"indexed {added} new image(s), {len(digests) - len(todo)} already stored, {failed} failed; "
-              f"the gallery holds {total} image(s) ({cache.path})")
+    print(f"indexed {added} new image(s), {len(digests) - len(todo)} already stored, {failed} failed; "
+          f"the gallery holds {total} image(s) ({cache.path})")  # --quiet silences only the progress bar
     if failed and not added and not stored:
         raise ICTError(f"none of the {failed} image(s) could be indexed; see the messages above")
     return 0
