@@ -31,13 +31,12 @@ _PASS_BYTES = 64 * 1024 * 1024  # working-set cap of one resize pass (keeps 8000
 
 # ------------------------------------------------------------------------------------------ decoding to uint8
 def pil_to_uint8(img) -> torch.Tensor:
-    """PIL image -> uint8 [3,H,W]. Transparency is composited onto white, as the reference
-    CLIPImageProcessor does; 16-bit and float images are scaled to 8 bits instead of being clipped."""
+    """PIL image -> uint8 [3,H,W]. Alpha is dropped by PIL's convert('RGB'), as the official code's
+    CLIPImageProcessor (transformers 4.x) does; transformers 5 composites onto white instead, which
+    would change the scores of transparent images. 16-bit and float images are scaled to 8 bits
+    instead of being clipped."""
     from PIL import Image
 
-    if "A" in img.getbands() or img.info.get("transparency") is not None:
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     if img.mode in ("RGB", "L", "P", "RGBA", "LA", "CMYK", "YCbCr", "1", "PA", "La", "RGBa", "RGBX", "LAB", "HSV"):
         arr = np.asarray(img.convert("RGB"))
     else:  # I;16*, I, F and other wide modes
@@ -69,9 +68,7 @@ def tensor_to_uint8(t: torch.Tensor) -> torch.Tensor:
     elif torch.isnan(t).any():
         raise InputError("image tensor contains NaN values")
     t = t.float().clamp(0, 1)
-    if t.shape[0] == 4:  # composite onto white, as for PIL images
-        t = t[:3] * t[3:] + (1 - t[3:])
-    t = t if t.shape[0] == 3 else t.expand(3, -1, -1)
+    t = t[:3] if t.shape[0] >= 3 else t.expand(3, -1, -1)  # alpha dropped, as for PIL images
     return torch.floor(t * 255 + 0.5).to(torch.uint8)
 
 

@@ -35,7 +35,7 @@ def tiny_clip(seed: int):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim >= 2:
-                p.normal_(0, 0.2)
+                p.normal_(0, 0.1)
     return model.eval()
 
 

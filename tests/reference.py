@@ -27,10 +27,14 @@ def _features(out):
 
 def open_rgb(path):
     """PIL image as the reference receives it. 16-bit files are scaled to 8 bits first (PIL's own
-    convert('RGB') would clip them to white, a bug the project does not copy)."""
+    convert('RGB') would clip them to white, a bug the project does not copy). Transparent images are
+    converted with PIL's convert('RGB') (alpha dropped) as transformers 4.x, which the official code ran
+    on, does; transformers 5's processor composites them onto white instead."""
     from PIL import Image
 
     im = Image.open(path)
+    if "A" in im.getbands():
+        im = im.convert("RGB")
     if im.mode.startswith("I;16") or im.mode == "I":
         arr = np.asarray(im).astype(np.float64)
         im = Image.fromarray(np.clip(np.floor(arr * 255 / 65535 + 0.5), 0, 255).astype(np.uint8))

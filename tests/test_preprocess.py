@@ -38,9 +38,9 @@ def test_accepts_every_input_kind(tmp_path):
 
 def test_modes_rgba_grayscale_16bit():
     rgba = Image.new("RGBA", (10, 10), (10, 20, 30, 0))
-    assert preprocess.pil_to_uint8(rgba)[:, 0, 0].tolist() == [255, 255, 255]  # on white, like the processor
-    half = torch.tensor([0.0, 0.0, 0.0, 0.5]).view(4, 1, 1)
-    assert preprocess.tensor_to_uint8(half)[:, 0, 0].tolist() == [128, 128, 128]
+    assert preprocess.pil_to_uint8(rgba)[:, 0, 0].tolist() == [10, 20, 30]  # alpha dropped, as the official code
+    half = torch.tensor([0.0, 0.2, 1.0, 0.5]).view(4, 1, 1)
+    assert preprocess.tensor_to_uint8(half)[:, 0, 0].tolist() == [0, 51, 255]
     gray = Image.new("L", (4, 4), 77)
     assert preprocess.pil_to_uint8(gray)[:, 0, 0].tolist() == [77, 77, 77]
     sixteen = Image.fromarray(np.full((4, 4), 128 * 257, dtype=np.uint16))
