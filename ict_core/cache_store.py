@@ -324,8 +324,9 @@ class Table:
 
     def columns(self, rows: np.ndarray) -> tuple[list, list, list]:
         """labels, keys and hp_raw (Python floats) of rows, for building results in bulk."""
-        labels, keys = self._labels, self._keys
-        return [labels[r] for r in rows.tolist()], [keys[r] for r in rows.tolist()], self._hp[rows].tolist()
+        order = rows.tolist()
+        return (list(map(self._labels.__getitem__, order)), list(map(self._keys.__getitem__, order)),
+                self._hp[rows].tolist())
 
     def _faiss_scores(self, faiss, q: np.ndarray, top_k):
         """(rows, inner products) from faiss: the top k by heap, or every row by a range search
