@@ -42,7 +42,7 @@ from .cache_store import Table
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "EmbeddingCache", "SearchHit", "resolve_cache_dir", "gallery_key", "hash_file",
+    "EmbeddingCache", "SearchHit", "resolve_cache_dir", "gallery_key", "prompt_key", "hash_file",
     "hash_pixels", "CACHE_DIR_ENV",
 ]
 
@@ -74,9 +74,20 @@ def resolve_cache_dir(explicit=None) -> Path:
     return Path(os.path.expanduser(str(default_cache_dir())))
 
 
-def gallery_key(ict_fp: str, hp_fp: str | None) -> str:
-    """Key of the image gallery of one (ICT, HP) weight pair; HP may be absent."""
-    return f"{ict_fp}+{hp_fp or 'none'}"
+def _precision_tag(dtype: str) -> str:
+    """Half-precision features differ from fp32 ones, so they are kept apart ("" for fp32)."""
+    dtype = str(dtype).removeprefix("torch.")
+    return "" if dtype in ("float32", "fp32") else f"@{dtype}"
+
+
+def prompt_key(ict_fp: str, dtype: str = "float32") -> str:
+    """Key of the prompt table of one ICT weight file at one precision."""
+    return ict_fp + _precision_tag(dtype)
+
+
+def gallery_key(ict_fp: str, hp_fp: str | None, dtype: str = "float32") -> str:
+    """Key of the image gallery of one (ICT, HP) weight pair at one precision; HP may be absent."""
+    return f"{ict_fp}+{hp_fp or 'none'}{_precision_tag(dtype)}"
 
 
 def hash_file(path, chunk: int = 1 << 20) -> str:

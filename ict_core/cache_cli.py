@@ -85,11 +85,18 @@ def _models(args, need_hp: bool):
     return ict, hp
 
 
-def _gallery_key(ict_path, hp_path) -> str:
+def _dtype(args) -> str:
+    """The precision a Scorer for these options would run at (part of the cache keys)."""
+    from .scorer import resolve_device, resolve_dtype
+
+    return str(resolve_dtype(args.precision, resolve_device(args.device)))
+
+
+def _gallery_key(ict_path, hp_path, args) -> str:
     from .cache import gallery_key
     from .weights import fingerprint
 
-    return gallery_key(fingerprint(ict_path), fingerprint(hp_path) if hp_path else None)
+    return gallery_key(fingerprint(ict_path), fingerprint(hp_path) if hp_path else None, _dtype(args))
 
 
 def _label(path: str) -> str:
@@ -123,7 +130,7 @@ def cmd_index(args) -> int:
         except OSError as e:
             failed += 1
             print(f"ict: cannot index {ref.label}: {e.strerror or e}", file=sys.stderr)
-    gallery = _gallery_key(ict_path, hp_path)
+    gallery = _gallery_key(ict_path, hp_path, args)
     stored = cache.get_images(gallery, list(digests))
     todo = [(d, r) for d, r in digests.items()
             if d not in stored or (hp_path is not None and math.isnan(stored[d][1]))]
@@ -163,12 +170,12 @@ def cmd_index(args) -> int:
 # ------------------------------------------------------------------------------------------------ search
 def query_vector(cache, ict_path: str, prompt: str, args):
     """The prompt's text feature: from the prompt cache (no model load at all), else encoded once."""
+    from .cache import prompt_key
     from .text import check_prompt
     from .weights import fingerprint
 
     prompt = check_prompt(prompt)
-    fp = fingerprint(ict_path)
-    hit = cache.get_prompts(fp, [prompt]).get(prompt)
+    hit = cache.get_prompts(prompt_key(fingerprint(ict_path), _dtype(args)), [prompt]).get(prompt)
     if hit is not None:
         return hit
     from .scorer import Scorer
@@ -188,7 +195,7 @@ def cmd_search(args) -> int:
     ict_path, hp_path = _models(args, need_hp=args.by != "ict")
     if args.by != "ict" and hp_path is None:
         raise InputError("--by ict*hp needs the HP model; pass --hp-model (and index with it)")
-    gallery = _gallery_key(ict_path, hp_path)
+    gallery = _gallery_key(ict_path, hp_path, args)
     if cache.image_count(gallery) == 0:
         raise InputError(_empty_gallery_hint(cache, gallery, hp_path))
     query = query_vector(cache, ict_path, args.prompt, args)

@@ -131,8 +131,16 @@ class Scorer:
         return self.modules.hp is not None
 
     @property
+    def prompt_key(self) -> str:
+        from .cache import prompt_key
+
+        return prompt_key(self.ict_fingerprint, str(self.dtype))
+
+    @property
     def gallery_key(self) -> str:
-        return f"{self.ict_fingerprint}+{self.hp_fingerprint or 'none'}"
+        from .cache import gallery_key
+
+        return gallery_key(self.ict_fingerprint, self.hp_fingerprint, str(self.dtype))
 
     def _chunk(self) -> int:
         if self.chunk_size:
@@ -147,7 +155,7 @@ class Scorer:
         distinct = list(dict.fromkeys(prompts))
         found: dict[str, torch.Tensor] = {}
         if self.cache is not None:
-            for p, vec in self.cache.get_prompts(self.ict_fingerprint, distinct).items():
+            for p, vec in self.cache.get_prompts(self.prompt_key, distinct).items():
                 found[p] = torch.as_tensor(vec, dtype=torch.float32)
         missing = [p for p in distinct if p not in found]
         self.last_cache_stats["prompt_hits"] += len(distinct) - len(missing)
@@ -160,7 +168,7 @@ class Scorer:
             new = {p: feats[i] for i, p in enumerate(missing)}
             found.update(new)
             if self.cache is not None:
-                self.cache.put_prompts(self.ict_fingerprint, {p: v.numpy() for p, v in new.items()})
+                self.cache.put_prompts(self.prompt_key, {p: v.numpy() for p, v in new.items()})
         return torch.stack([found[p] for p in prompts])
 
     # ----------------------------------------------------------------------------------------------- images

@@ -16,9 +16,14 @@ from ict_core.text import tokenize
 def test_resized_size_matches_transformers():
     from transformers.image_transforms import get_resize_output_image_size
 
+    import inspect
+
+    fmt = ({"input_data_format": "channels_last"}
+           if "input_data_format" in inspect.signature(get_resize_output_image_size).parameters else {})
     for h, w in [(1, 1), (512, 768), (1000, 230), (333, 400), (224, 225), (7, 9000)]:
-        ref = get_resize_output_image_size(np.zeros((h, w, 3)), 224, default_to_square=False,
-                                           input_data_format="channels_last")
+        if not fmt and min(h, w) <= 4:
+            continue  # old transformers cannot be told the channel axis of a tiny image
+        ref = get_resize_output_image_size(np.zeros((h, w, 3)), 224, default_to_square=False, **fmt)
         assert preprocess.resized_size(h, w) == tuple(ref)
 
 

@@ -25,3 +25,15 @@ def test_score_reuses_prompts_and_indexed_images(capsys, tiny_models, images, tm
     assert indexed["cache"]["image_hits"] == len(images) and indexed["cache"]["image_misses"] == 0
     for runs in zip(plain["results"], first["results"], again["results"], indexed["results"]):
         assert len({(r["ict"], r["hp"]) for r in runs}) == 1  # bit-identical through every path
+
+
+def test_half_precision_features_are_cached_apart(tiny_models):
+    import torch
+
+    from ict_core import Scorer
+
+    fp32 = Scorer.load(tiny_models.ict, tiny_models.hp)
+    fp16 = Scorer.load(tiny_models.ict, tiny_models.hp, device="cpu", run_device=torch.device("cuda"),
+                       precision="fp16")
+    assert fp32.prompt_key == fp32.ict_fingerprint and fp16.prompt_key == fp32.ict_fingerprint + "@float16"
+    assert fp16.gallery_key != fp32.gallery_key and fp16.gallery_key.endswith("@float16")
