@@ -9,7 +9,7 @@ from .infotext import (HP_INFOTEXT_KEY, HP_PNG_KEY, ICT_INFOTEXT_KEY, ICT_PNG_KE
 from .options import (AFTER_CHOICES, DEVICE_CHOICES, OPTIONS, PRECISION_CHOICES, RunArgs, Settings, BY_CHOICES,
                       MODE_CHOICES)
 from .holder import ScorerHolder, find_models
-from .prompt import clean_prompt
+from ict_core.prompt_syntax import clean_prompt
 from .reward import WebuiReward
 
 __all__ = [

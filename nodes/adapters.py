@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ict_core.errors import InputError
+from ict_core.prompt_syntax import clean_prompt
 
 PROMPT_SEPARATOR = re.compile(r"^\s*---\s*$", re.MULTILINE)
 
@@ -88,7 +89,7 @@ def split_prompts(prompt, n_images: int, node: str) -> list[str]:
     for t in texts:
         if not isinstance(t, str):
             raise InputError(f"{node}: prompt must be text, got {type(t).__name__}")
-        parts.extend(p.strip() for p in PROMPT_SEPARATOR.split(t))
+        parts.extend(clean_prompt(p) for p in PROMPT_SEPARATOR.split(t))
     parts = [p for p in parts if p]
     if not parts:
         raise InputError(f"{node}: the prompt is empty; type the prompt the images were generated from")

@@ -361,3 +361,10 @@ def test_errors_are_ict_errors_with_one_line(model):
     with pytest.raises(ICTError) as e:
         ICTSelectBest().select([model], [batch()], [PROMPT], [1], ["best"], [0.0])
     assert "\n" not in str(e.value) and "score_by" in str(e.value)
+
+
+def test_prompt_weights_and_embeddings_are_not_scored():
+    """ComfyUI's (word:1.2) weights and embedding: names are generation syntax, not text the image contains."""
+    from nodes.adapters import split_prompts
+
+    assert split_prompts("(red fox:1.2), embedding:EasyNegative, snow", 2, "ICTScore") == ["red fox, snow"] * 2

@@ -1,13 +1,15 @@
-"""The webui's prompt syntax, reduced to the plain text the reward model was trained on.
+r"""Generation-prompt syntax, reduced to the plain text the reward model was trained on.
 
-``p.prompts`` at ``postprocess_batch_list`` time is re-sliced from ``p.all_prompts``, so it still has extra-network
-tags (``<lora:x:0.8>``), attention weights (``(word:1.2)``), prompt editing (``[a:b:10]``), alternation
-(``[a|b]``), ``BREAK`` and composable ``AND``. ICT scores text/image agreement, so those are removed."""
+Both hosts' prompts carry attention weights (``(word:1.2)``, escapes ``\(``); the webui's also carry
+extra-network tags (``<lora:x:0.8>``), prompt editing (``[a:b:10]``), alternation (``[a|b]``), ``BREAK``
+and composable ``AND``; ComfyUI's ``embedding:name``. ICT scores text/image agreement, so the syntax
+is removed and the words kept. The CLI scores its prompt verbatim."""
 from __future__ import annotations
 
 import re
 
 _TAG = re.compile(r"<[^<>]*>")
+_EMBEDDING = re.compile(r"\bembedding:[^\s,()\[\]]+")
 _SPLIT = re.compile(r"\s+(?:BREAK|AND)(?:\s+-?\d+(?:\.\d+)?)?(?=\s|$)")     # "AND" may carry a weight
 _WEIGHT = re.compile(r":\s*-?\d+(?:\.\d+)?\s*(?=\))")
 _EDIT = re.compile(r"\[([^\[\]]*)\]")
@@ -31,6 +33,7 @@ def clean_prompt(text: str | None) -> str:
     s = str(text)
     s = s.replace("\\(", "\x00").replace("\\)", "\x01").replace("\\[", "\x02").replace("\\]", "\x03")
     s = _TAG.sub(" ", s)
+    s = _EMBEDDING.sub(" ", s)
     s = _SPLIT.sub(",", " " + s)
     s = _WEIGHT.sub("", s)
     for _ in range(8):                                 # nested [[a:b:3]:c:5]
