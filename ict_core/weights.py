@@ -297,6 +297,8 @@ def convert(src: str | Path, out: str | Path, config_path: str | Path | None = N
 
 # ----------------------------------------------------------------------------------------------------- fetching
 REPOS = {"ict": "8y/ICT", "hp": "8y/HP"}
+# sha256 of 8y/ICT's pytorch_model.bin as a mirror reports it (FACTS.md); a mismatch is worth a warning
+KNOWN_ICT_SHA256 = "d5b86b0d5da463288650ed86d0409a28196f7514efa44cf63641297fb0e9832f"
 _REPO_FILES = {"ict": ["pytorch_model.bin"],
                "hp": ["hp_backbone/pytorch_model.bin", "hp_backbone/config.json", "hp_scorer/mlp_pytorch_model.bin"]}
 
@@ -317,7 +319,11 @@ def fetch(kind: str, dest: Path, download_dir: Path | None = None) -> Path:
         raise ModelFileError(
             f"could not download {repo} ({type(e).__name__}); without network, copy the {repo} folder from "
             f"elsewhere and run `ict convert FOLDER --out {out}`") from None
-    convert(local, out)
+    info = convert(local, out)
+    got = info.metadata.get(META_SHA, "")
+    if kind == "ict" and got != f"ict={KNOWN_ICT_SHA256}":
+        log.warning("downloaded %s has sha256 %s, not the published %s; check the source",
+                    repo, got.partition("=")[2], KNOWN_ICT_SHA256)
     return out
 
 

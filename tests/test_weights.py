@@ -192,3 +192,23 @@ def test_half_precision_waits_on_the_cpu_for_a_gpu_host(tiny_models):
     assert next(scorer.modules.ict.parameters()).dtype == torch.float16
     assert scorer.modules.hp.head.layers[0].weight.dtype == torch.float32  # the head stays fp32
     assert Scorer.load(tiny_models.ict, precision="fp16").dtype == torch.float32  # CPU-only: fp32, with a warning
+
+
+def test_out_of_memory_chunk_is_split_and_retried(tiny_models, images, monkeypatch):
+    """On CUDA a chunk that runs out of memory is halved (for the rest of the run too) with the same scores."""
+    scorer = Scorer.load(tiny_models.ict, tiny_models.hp, chunk_size=8)
+    want = scorer.score(images[:6], "a fox")
+    real = scorer._forward_images
+    sizes = []
+
+    def flaky(batch):
+        sizes.append(len(batch))
+        if len(batch) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(batch)
+
+    monkeypatch.setattr(scorer, "_forward_images", flaky)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    got = scorer.score(images[:6], "a fox")
+    assert [r.ict for r in got] == pytest.approx([r.ict for r in want], abs=1e-6)
+    assert sizes[0] == 6 and max(sizes[1:]) <= 3 and scorer.chunk_size <= 2
