@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from . import align
 from .holder import ScorerHolder, find_models, missing_message, search_dirs
 from .infotext import (HP_INFOTEXT_KEY, HP_PNG_KEY, ICT_INFOTEXT_KEY, ICT_PNG_KEY, STATE_ATTR, ScoreField, fmt)
-from .options import MODE_ANNOTATE, MODE_KEEP, MODE_MIN, MODE_RERANK, NEEDS_HP, RunArgs, Settings
+from .options import MODE_ANNOTATE, MODE_KEEP, MODE_RERANK, NEEDS_HP, RunArgs, Settings
 from ict_core.prompt_syntax import clean_prompt
 
 log = logging.getLogger(__name__)

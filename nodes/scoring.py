@@ -5,7 +5,7 @@ import logging
 import math
 
 from . import adapters, comfy_host
-from .adapters import many, one
+from .adapters import one
 
 log = logging.getLogger(__name__)
 

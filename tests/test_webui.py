@@ -5,9 +5,7 @@ extra_generation_params, images.save_image with before_image_saved callbacks, th
 tiny ICT/HP models of conftest.py do the scoring."""
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import math
 import shutil
 import sys
 import types
@@ -19,7 +17,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from ict_core import Scorer, ranking
-from ict_webui import (RunArgs, ScorerHolder, Settings, WebuiReward, align, clean_prompt, find_models,
+from ict_webui import (RunArgs, ScorerHolder, Settings, align, clean_prompt, find_models,
                        png_keys_from_infotext, scores_from_infotext)
 from ict_webui.infotext import STATE_ATTR, ScoreField
 from ict_webui.options import AFTER_CPU, AFTER_KEEP, AFTER_UNLOAD, OPTIONS
