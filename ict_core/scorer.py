@@ -11,7 +11,7 @@ import torch
 
 from . import preprocess, text, weights
 from .errors import InputError, ModelFileError, ICTError
-from .modeling import RewardModules, build_hp, build_ict
+from .modeling import RewardModules, build_hp, build_ict, keeps_storage_dtype
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,8 @@ class Scorer:
         if hp_info is not None and hp_info.arch["projection_dim"] != ict_info.arch["projection_dim"]:
             raise ModelFileError(f"{hp_path} and {ict_path} are for different architectures; use matching files")
         log.info("loading ICT %s%s on %s (%s)", ict_path, f" + HP {hp_path}" if hp_path else "", dev, dtype)
-        ict = build_ict(ict_info.arch, weights.load_state(ict_info, dev, lambda _: dtype), dev, dtype)
+        ict_state = weights.load_state(ict_info, dev, lambda k: None if keeps_storage_dtype(k, dtype) else dtype)
+        ict = build_ict(ict_info.arch, ict_state, dev, dtype)
         hp = None
         if hp_info is not None:  # the tiny head stays fp32 whatever the tower's precision
             hp_state = weights.load_state(hp_info, dev, lambda k: torch.float32 if k.startswith("head.") else dtype)
