@@ -58,8 +58,9 @@ def _install_tokenizer_fallback() -> str:
         tok.encode = lambda p: list(p)
         text._tokenizer.cache_clear()
         text._tokenizer = lambda: tok
-        sys.modules.setdefault("open_clip", type(sys)("open_clip"))
-        sys.modules["open_clip"].get_tokenizer = lambda name: tok
+        stub = type(sys)("open_clip")
+        stub.get_tokenizer = lambda name: tok
+        sys.modules["open_clip"] = stub  # for the reference loop's `from open_clip import get_tokenizer`
         return "synthetic (open_clip not importable)"
 
 
