@@ -317,7 +317,7 @@ def run_bench(args) -> dict:
         cache_dir = args.work / "caches" / f"round{r}"
         for d in (cache_dir, Path(str(cache_dir) + "-hp")):
             shutil.rmtree(d, ignore_errors=True)
-        rnd: dict = {}
+        rnd: dict = {"git": _git_state()}
         rnd["ref"] = C.run_child(script, _child_args(args, "ref", hp=True), OUT / "child.json")
         log.info("round %d ref: load %.1f s, best-of-8 %.1f s, ICT+HP %.1f s, peak %.2f GB", r,
                  rnd["ref"]["load_s"], rnd["ref"]["score_s"], rnd["ref"]["hp_score_s"], rnd["ref"]["peak_rss_bytes"] / 1e9)
@@ -344,12 +344,22 @@ def run_bench(args) -> dict:
     return _save(args, started, rounds, cache_bench, partial=False)
 
 
+def _git_state() -> dict:
+    """The commit measured, and whether ict_core/ differed from it (a run must not mix code versions)."""
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=C.ROOT, capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+    return {"commit": git("rev-parse", "--short", "HEAD"), "ict_core_dirty": bool(git("status", "--porcelain", "ict_core"))}
+
+
 def _save(args, started, rounds, cache_bench, partial: bool) -> dict:
     data = {
         "bench": "cpu", "tiny": args.tiny, "partial": partial, "started": started.isoformat(timespec="seconds"),
         "finished": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": "python bench/bench_cpu.py " + " ".join(sys.argv[1:]), "machine": C.machine(),
-        "work": str(args.work), "manifest": json.loads((args.work / "manifest.json").read_text()),
+        "git": _git_state(), "work": str(args.work), "manifest": json.loads((args.work / "manifest.json").read_text()),
         "prompt": C.PROMPT, "rounds": rounds, "summary": summarise(rounds) if rounds else None,
         "cache_bench": cache_bench,
     }
@@ -383,7 +393,9 @@ def render_cpu(data: dict) -> str:
         f"8 images of 512-1024 px; one prompt; fp32 everywhere. Files are in the page cache for both sides "
         f"(\"cold\" = fresh process, not a cold disk).",
         "",
-        f"Command: `{data['command']}`",
+        f"Command: `{data['command']}`; ict_core at commit {(data.get('git') or {}).get('commit', '?')}"
+        f"{' with local changes' if (data.get('git') or {}).get('ict_core_dirty') else ''}, per round: "
+        f"{', '.join(str((r.get('git') or {}).get('commit', '?')) for r in rounds)}.",
         "",
         "| figure (median of runs) | model card loop (A) | ict_core (B) | A / B pair by pair |",
         "|---|---:|---:|---:|",
