@@ -52,24 +52,28 @@ def pil_to_uint8(img) -> torch.Tensor:
 
 
 def tensor_to_uint8(t: torch.Tensor) -> torch.Tensor:
-    """CHW (or HWC when the last dim is 1/3/4 and the first is not) tensor -> uint8 [3,H,W]."""
+    """CHW (or HWC when the last dim is 1/3/4 and the first is not) tensor -> uint8 [3,H,W].
+
+    Float values are clamped to 0..1 and rounded to 8 bits; alpha is dropped, as for PIL images.
+    The arithmetic runs in the input's own layout (ComfyUI's HWC) and only the uint8 result is permuted."""
     if t.ndim == 2:
         t = t.unsqueeze(0)
     if t.ndim != 3:
         raise InputError(f"an image tensor must be [C,H,W] or [H,W,C], got shape {tuple(t.shape)}")
-    if t.shape[0] not in (1, 3, 4) and t.shape[-1] in (1, 3, 4):
-        t = t.permute(2, 0, 1)
-    if t.shape[0] not in (1, 3, 4):
+    channel = 2 if (t.shape[0] not in (1, 3, 4) and t.shape[-1] in (1, 3, 4)) else 0
+    c = t.shape[channel]
+    if c not in (1, 3, 4):
         raise InputError(f"an image tensor needs 1, 3 or 4 channels, got shape {tuple(t.shape)}")
-    if t.dtype == torch.uint8:
-        t = t.float() / 255
-    elif not t.is_floating_point():
-        raise InputError(f"image tensors must be float in 0..1 or uint8, got {t.dtype}")
-    elif torch.isnan(t).any():
-        raise InputError("image tensor contains NaN values")
-    t = t.float().clamp(0, 1)
-    t = t[:3] if t.shape[0] >= 3 else t.expand(3, -1, -1)  # alpha dropped, as for PIL images
-    return torch.floor(t * 255 + 0.5).to(torch.uint8)
+    t = t.narrow(channel, 0, 3) if c >= 3 else t
+    if t.dtype != torch.uint8:
+        if not t.is_floating_point():
+            raise InputError(f"image tensors must be float in 0..1 or uint8, got {t.dtype}")
+        if torch.isnan(t).any():
+            raise InputError("image tensor contains NaN values")
+        t = torch.floor(t.float().clamp(0, 1) * 255 + 0.5).to(torch.uint8)
+    if channel == 2:
+        t = t.permute(2, 0, 1)
+    return t if t.shape[0] == 3 else t.expand(3, -1, -1)
 
 
 # ------------------------------------------------------------------------------------------------ image refs

@@ -237,6 +237,9 @@ class Scorer:
 
     def _from_gallery(self, refs, out, hp_out) -> list[int]:
         """Reuse image features stored by `ict index`; returns the indices still to encode."""
+        if self.cache.image_count(self.gallery_key) == 0:  # nothing indexed: do not hash every image
+            self.last_cache_stats["image_misses"] += len(refs)
+            return list(range(len(refs)))
         keys: list[str | None] = []
         for r in refs:
             try:

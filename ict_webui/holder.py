@@ -84,7 +84,19 @@ def missing_message(dirs: list[Path], kind: str = "ict") -> str:
 
 def _default_loader(ict_path: Path, hp_path: Path | None, device: str, precision: str):
     from ict_core import Scorer
-    return Scorer.load(ict_path, hp_path, device=device, precision=precision)
+
+    return Scorer.load(ict_path, hp_path, device=device, precision=precision, cache=_open_cache())
+
+
+def _open_cache():
+    """The prompt embedding cache ($ICT_CACHE_DIR or ict_core's default); an accelerator, never a failure."""
+    try:
+        from ict_core.cache import EmbeddingCache
+
+        return EmbeddingCache()
+    except Exception as e:
+        log.warning("ICT embedding cache unavailable (%s); prompts will be encoded each time", e)
+        return None
 
 
 class ScorerHolder:

@@ -96,6 +96,28 @@ def resolve_model_file(name: str, what: str) -> Path:
     return full
 
 
+def cache_dir() -> Path | None:
+    """Embedding cache folder inside ComfyUI: $ICT_CACHE_DIR, else ComfyUI's user folder
+    (user/ict-reward); None lets ict_core pick its own default outside ComfyUI."""
+    if os.environ.get("ICT_CACHE_DIR"):
+        return None
+    fp = _folder_paths()
+    if fp is not None and hasattr(fp, "get_user_directory"):
+        return Path(fp.get_user_directory()) / "ict-reward"
+    return None
+
+
+def open_cache():
+    """The prompt/image embedding cache, or None: it is an accelerator, never a reason to fail."""
+    try:
+        from ict_core.cache import EmbeddingCache
+
+        return EmbeddingCache(cache_dir())
+    except Exception as e:  # e.g. faiss missing and numpy fallback failing: score without a cache
+        log.warning("ICT embedding cache unavailable (%s); prompts will be encoded each run", e)
+        return None
+
+
 # ------------------------------------------------------------------------------------ device and dtype
 def plan_device(choice: str):
     """(load_device, offload_device) as ComfyUI would place a CLIP-sized model, or None outside ComfyUI.

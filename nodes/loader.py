@@ -65,12 +65,13 @@ def load_model(ict_name: str, hp_name: str, precision: str, device: str) -> ICTM
         _cache.clear()  # drop the previous pair before loading another
         plan = comfy_host.plan_device(device)
         if plan is None:  # no ComfyUI: ict_core places the model itself
-            scorer = Scorer.load(ict_path, hp_path, device=device, precision=precision)
+            scorer = Scorer.load(ict_path, hp_path, device=device, precision=precision,
+                                 cache=comfy_host.open_cache())
             patcher = None
         else:  # weights wait on the offload device, in the precision of the device they run on
             load_device, offload_device = plan
             scorer = Scorer.load(ict_path, hp_path, device=offload_device, run_device=load_device,
-                                 precision=precision)
+                                 precision=precision, cache=comfy_host.open_cache())
             patcher = comfy_host.make_patcher(scorer.modules, load_device, offload_device)
         model = ICTModel(scorer, patcher, ict_name, None if hp_path is None else hp_name, precision)
         _cache[key] = model

@@ -89,6 +89,20 @@ class TinyModels:
         self.hp = convert(self.hp_src, root / "hp.safetensors").path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_dir(tmp_path_factory):
+    """Hosts open the embedding cache at its default place; in tests that is a temporary folder."""
+    import os
+
+    old = os.environ.get("ICT_CACHE_DIR")
+    os.environ["ICT_CACHE_DIR"] = str(tmp_path_factory.mktemp("ict-cache"))
+    yield
+    if old is None:
+        os.environ.pop("ICT_CACHE_DIR", None)
+    else:
+        os.environ["ICT_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> TinyModels:
     """Converted tiny ICT/HP files: .ict, .hp (safetensors paths), .ict_src/.hp_src (released layouts), .config."""

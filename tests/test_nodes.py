@@ -368,3 +368,16 @@ def test_prompt_weights_and_embeddings_are_not_scored():
     from nodes.adapters import split_prompts
 
     assert split_prompts("(red fox:1.2), embedding:EasyNegative, snow", 2, "ICTScore") == ["red fox, snow"] * 2
+
+
+def test_prompt_is_encoded_once_across_queue_runs(model, monkeypatch):
+    """Every queue run scores the same prompt again: after the first, it comes from the embedding cache."""
+    assert model.scorer.cache is not None
+    text_model = model.scorer.modules.ict.text_model
+    calls = []
+    original = text_model.forward
+    monkeypatch.setattr(text_model, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    prompt = "a prompt only this test uses"
+    first = ICTScore().score(model, batch(2), prompt)
+    second = ICTScore().score(model, batch(2), prompt)
+    assert len(calls) == 1 and first["result"][0] == second["result"][0]
