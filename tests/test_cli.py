@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ict_core.cli import main
 
@@ -137,3 +138,18 @@ def test_fetch_without_network_says_how_to_convert(capsys, tmp_path, monkeypatch
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)  # read at import time by huggingface_hub
     code, out, err = run(capsys, "fetch", "--dest", tmp_path)
     assert code == 1 and "ict convert" in err and len(err.strip().splitlines()) == 1
+
+
+def test_convert_command_writes_the_same_file_as_the_library(capsys, tiny_models, tmp_path):
+    """`ict convert` on the released layouts gives the files the parity tests score."""
+    from safetensors.torch import load_file
+
+    for src, ref, cfg in ((tiny_models.ict_src, tiny_models.ict, ["--config", tiny_models.config]),
+                          (tiny_models.hp_src, tiny_models.hp, [])):
+        out = tmp_path / (ref.name)
+        code, stdout, _ = run(capsys, "convert", src, "--out", out, *cfg)
+        assert code == 0 and str(out) in stdout
+        a, b = load_file(out), load_file(ref)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    code, _, err = run(capsys, "convert", tiny_models.ict_src, "--out", tmp_path / "x.safetensors")
+    assert code == 1 and "wrong shape" in err and len(err.strip().splitlines()) == 1
