@@ -8,7 +8,6 @@ same in the graph as the PNG it is saved as.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,18 +166,6 @@ def _is_pil(x: Any) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(x, Image.Image)
-
-
-def read_bytes_digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def decode_bytes(data: bytes) -> torch.Tensor:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return pil_to_uint8(im)
 
 
 # --------------------------------------------------------------------------------------------- the transform

@@ -1,6 +1,7 @@
 """Converting the released pickles to safetensors once, and loading safetensors (never a pickle) at run time."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -243,17 +244,9 @@ def _atomic_save(tensors: dict[str, torch.Tensor], out: Path, metadata: dict[str
             os.fsync(f.fileno())
         os.replace(tmp, out)
     except BaseException:
-        with _suppress():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], OSError)
 
 
 def convert(src: str | Path, out: str | Path, config_path: str | Path | None = None,
@@ -308,7 +301,7 @@ def fetch(kind: str, dest: Path, download_dir: Path | None = None) -> Path:
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:  # pragma: no cover - a dependency
-        raise ICTDependencyError("huggingface_hub is not installed; pip install huggingface_hub") from None
+        raise ModelFileError("huggingface_hub is not installed; pip install huggingface_hub") from None
     repo = REPOS[kind]
     out = dest / (f"{kind}.safetensors")
     local = download_dir or dest / f".download-{kind}"
@@ -326,6 +319,3 @@ def fetch(kind: str, dest: Path, download_dir: Path | None = None) -> Path:
                     repo, got.partition("=")[2], KNOWN_ICT_SHA256)
     return out
 
-
-class ICTDependencyError(ModelFileError):
-    """A package the operation needs is missing."""
