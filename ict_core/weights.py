@@ -313,6 +313,10 @@ def fetch(kind: str, dest: Path, download_dir: Path | None = None) -> Path:
             f"could not download {repo} ({type(e).__name__}); without network, copy the {repo} folder from "
             f"elsewhere and run `ict convert FOLDER --out {out}`") from None
     info = convert(local, out)
+    if download_dir is None:  # the pickles are not needed any more; a failed run keeps them for a resume
+        import shutil
+
+        shutil.rmtree(local, ignore_errors=True)
     got = info.metadata.get(META_SHA, "")
     if kind == "ict" and got != f"ict={KNOWN_ICT_SHA256}":
         log.warning("downloaded %s has sha256 %s, not the published %s; check the source",

@@ -153,3 +153,29 @@ def test_convert_command_writes_the_same_file_as_the_library(capsys, tiny_models
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     code, _, err = run(capsys, "convert", tiny_models.ict_src, "--out", tmp_path / "x.safetensors")
     assert code == 1 and "wrong shape" in err and len(err.strip().splitlines()) == 1
+
+
+def test_fetch_downloads_and_converts(capsys, tiny_models, tmp_path, monkeypatch, caplog):
+    """`ict fetch --hp` with the hub stubbed by a local copy of the released layouts: both files land in
+    the models folder, converted; a download that differs from the published sha256 is warned about."""
+    import huggingface_hub
+
+    import ict_core.config as arch_config
+    from ict_core.weights import read_info
+
+    def fake_download(repo, name, local_dir):
+        src = (tiny_models.ict_src if repo == "8y/ICT" else tiny_models.hp_src) / name
+        dst = Path(local_dir) / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dst)
+        return str(dst)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(arch_config, "VIT_H_14", json.loads(tiny_models.config.read_text()))
+    with caplog.at_level("WARNING", logger="ict_core.weights"):
+        code, out, err = run(capsys, "fetch", "--hp", "--dest", tmp_path / "models")
+    assert code == 0, err
+    assert read_info(tmp_path / "models" / "ict.safetensors").kind == "ict"
+    assert read_info(tmp_path / "models" / "hp.safetensors").kind == "hp"
+    assert any("not the published" in r.getMessage() for r in caplog.records)
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["hp.safetensors", "ict.safetensors"]
