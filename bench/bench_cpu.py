@@ -91,41 +91,40 @@ def child_ref(args) -> dict:
     return out
 
 
-def child_proj(args) -> dict:
-    import_s = _imports()
+def _proj_run(args, hp: bool, cache_dir: Path) -> dict:
+    """Load ict_core (ICT, + HP if asked) and pick the best of the 8 images once, timed."""
     from ict_core.cache import EmbeddingCache
     from ict_core.scorer import Scorer
 
-    paths = C.image_paths(args.work)
     t = time.perf_counter()
-    scorer = Scorer.load(args.work / "ict.safetensors", device="cpu", precision="fp32",
-                         cache=EmbeddingCache(args.cache_dir), config=_config_arg(args))
+    scorer = Scorer.load(args.work / "ict.safetensors", args.work / "hp.safetensors" if hp else None,
+                         device="cpu", precision="fp32", cache=EmbeddingCache(cache_dir),
+                         config=_config_arg(args))
     load_s = time.perf_counter() - t
     rss_load = C.maxrss_bytes()
     t = time.perf_counter()
-    results = scorer.score(paths, C.PROMPT)
+    results = scorer.score(C.image_paths(args.work), C.PROMPT)
     best = max(range(len(results)), key=lambda i: results[i].score)
     score_s = time.perf_counter() - t
-    rss_ict = C.maxrss_bytes()
-    out = dict(side="proj", import_s=import_s, load_s=load_s, score_s=score_s, best=best,
-               ict=[r.ict for r in results], rss_after_load_bytes=rss_load, rss_ict_bytes=rss_ict,
-               cache_stats=dict(scorer.last_cache_stats))
+    return dict(load_s=load_s, score_s=score_s, best=best, results=results, rss_load=rss_load,
+                rss_score=C.maxrss_bytes(), cache_stats=dict(scorer.last_cache_stats))
+
+
+def child_proj(args) -> dict:
+    import_s = _imports()
+    run = _proj_run(args, False, args.cache_dir)
+    out = dict(side="proj", import_s=import_s, load_s=run["load_s"], score_s=run["score_s"], best=run["best"],
+               ict=[r.ict for r in run["results"]], rss_after_load_bytes=run["rss_load"],
+               rss_ict_bytes=run["rss_score"], cache_stats=run["cache_stats"])
     if args.hp:
-        del scorer, results
+        del run
         gc.collect()
-        t = time.perf_counter()
-        scorer = Scorer.load(args.work / "ict.safetensors", args.work / "hp.safetensors", device="cpu",
-                             precision="fp32", cache=EmbeddingCache(Path(str(args.cache_dir) + "-hp")),
-                             config=_config_arg(args))
-        hp_load_s = time.perf_counter() - t
-        t = time.perf_counter()
-        results = scorer.score(paths, C.PROMPT)
-        best_hp = max(range(len(results)), key=lambda i: results[i].score)
-        hp_score_s = time.perf_counter() - t
-        out.update(hp_load_s=hp_load_s, hp_score_s=hp_score_s, hp_best=best_hp,
+        run = _proj_run(args, True, Path(str(args.cache_dir) + "-hp"))
+        results = run["results"]
+        out.update(hp_load_s=run["load_s"], hp_score_s=run["score_s"], hp_best=run["best"],
                    hp_ict=[r.ict for r in results], hp=[r.hp for r in results],
                    hp_raw=[r.hp_raw for r in results], combined=[r.score for r in results],
-                   hp_cache_stats=dict(scorer.last_cache_stats))
+                   hp_cache_stats=run["cache_stats"])
     return out
 
 
