@@ -5,29 +5,25 @@ gallery). Rows are slots: an evicted entry's slot is reused by the next new entr
 a full table costs O(d), not a copy of the whole table. Ids grow monotonically, so sorting by id
 is insertion order, which breaks score ties the same way the engine's ranking breaks them.
 
-Search runs through a faiss IndexIDMap2(IndexFlatIP) built lazily from the rows (exact inner
-product == ICT cosine for L2-normalised vectors); without faiss the same ranking is done with
-numpy.
+Search scores rows by their fp32 inner product (== ICT cosine for L2-normalised vectors). A top-k
+search by ict over a big table finds its candidates through faiss (8-bit codes with a certified
+error bound, see cache_search, or a flat GPU index) and rescores them in fp32; everything else,
+and every search without faiss, is one fp32 matrix-vector product in numpy. Both give the same
+rows and values.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import time
 
 import numpy as np
 
 from .cache_file import TableData
+from .cache_search import CODES_MIN_ROWS, GPU_MAX_K, CodeIndex, gpu_flat, search_threads
 
 log = logging.getLogger(__name__)
 
-#: Below this many rows a GPU copy of the index costs more than it saves.
-GPU_MIN_ROWS = 50_000
-#: faiss GPU k-selection handles at most this many results per query.
-GPU_MAX_K = 2048
-_gpu_resources = None
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -59,10 +55,8 @@ class Table:
         self.sig = None  # signature of the disk file this state was last synced with
         self.checked = float("-inf")  # monotonic time of the last look at the disk
         self.saved = time.monotonic()  # monotonic time of the last save or load
-        self._index = None
-        self._index_rows = 0
-        self._gpu_index = None
-        self._id_order = None
+        self._codes = None  # CodeIndex for search, built lazily
+        self._gpu = None  # flat GPU index for search: None = not tried, False = none
 
     # ---- lookups -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -148,7 +142,7 @@ class Table:
             self.next_id += 1
         if len(victims) > len(fresh):  # the table was over the cap (a smaller cap than before)
             self._remove_rows(victims[len(fresh):])
-        self._id_order = None
+        self._gpu = None  # a GPU copy is rebuilt; the code index takes appends as a new shard
         self.touched = True
         return len(items) - dropped
 
@@ -180,10 +174,9 @@ class Table:
         self._changed()
 
     def _changed(self) -> None:
-        """A row changed in place: the search index must be rebuilt."""
-        self._index = None
-        self._gpu_index = None
-        self._id_order = None
+        """A row changed in place: the search indexes must be rebuilt."""
+        self._codes = None
+        self._gpu = None
 
     # ---- disk exchange -------------------------------------------------------------------
     def to_data(self) -> TableData:
@@ -302,13 +295,13 @@ class Table:
         n = self.n
         if n == 0 or (top_k is not None and top_k <= 0):
             return np.empty(0, np.int64), np.empty(0, np.float32), np.empty(0, np.float64)
-        q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
-        if q.shape[1] != self.dim:
-            raise ValueError(f"query width {q.shape[1]} does not match stored width {self.dim}")
-        if faiss_mod is not None:
-            rows, ict = self._faiss_scores(faiss_mod, q, top_k if by == "ict" else None)
-        else:
-            rows, ict = np.arange(n), self._vec[:n] @ q[0]
+        q = np.ascontiguousarray(query, dtype=np.float32).reshape(-1)
+        if q.shape[0] != self.dim:
+            raise ValueError(f"query width {q.shape[0]} does not match stored width {self.dim}")
+        found = None
+        if faiss_mod is not None and top_k is not None and by == "ict" and np.isfinite(q).all():
+            found = self._faiss_top(faiss_mod, q, int(top_k))
+        rows, ict = found if found is not None else (np.arange(n), self._vec[:n] @ q)
         value = ict.astype(np.float64)
         if by == "ict*hp":
             value = value * sigmoid(self._hp[rows])
@@ -328,83 +321,32 @@ class Table:
         return (list(map(self._labels.__getitem__, order)), list(map(self._keys.__getitem__, order)),
                 self._hp[rows].tolist())
 
-    def _faiss_scores(self, faiss, q: np.ndarray, top_k):
-        """(rows, inner products) from faiss: the top k by heap, or every row by a range search
-        (no k-sized heap, which is what ranking everything would otherwise cost)."""
-        with _search_threads(faiss):
-            return self._faiss_scores_locked(faiss, q, top_k)
-
-    def _faiss_scores_locked(self, faiss, q, top_k):
+    def _faiss_top(self, faiss, q: np.ndarray, top_k: int):
+        """(rows, fp32 inner products) holding the exact top k by ict, through faiss: a flat GPU
+        index when there is one, else the certified 8-bit code scan; None means scan in fp32."""
         n = self.n
-        index = self._faiss_index(faiss)
-        if top_k is not None and top_k < n:
-            target = self._gpu_index if (self._gpu_index is not None and top_k <= GPU_MAX_K) else index
-            scores, found = target.search(q, int(top_k))
-            keep = found[0] >= 0
-            return self._rows_of(found[0][keep]), scores[0][keep]
-        _lims, scores, found = index.range_search(q, float(-np.finfo(np.float32).max))
-        if len(found) != n:  # only if some inner product is below -FLT_MAX (unnormalised input)
-            scores, found = index.search(q, n)
-            scores, found = scores[0], found[0]
-        return self._rows_of(found), scores
-
-    def _rows_of(self, ids: np.ndarray) -> np.ndarray:
-        if self._id_order is None:
-            self._id_order = np.argsort(self._ids[: self.n], kind="stable")
-        sorted_ids = self._ids[self._id_order]
-        return self._id_order[np.searchsorted(sorted_ids, ids)]
-
-    def _faiss_index(self, faiss):
-        """The CPU IndexIDMap2(IndexFlatIP); appends are added incrementally, other changes rebuild.
-        A GPU copy is kept beside it for top-k searches of big tables when faiss has a GPU."""
-        if self._index is not None and self._index_rows == self.n:
-            return self._index
-        if self._index is not None and self._index_rows < self.n and self._gpu_index is None:
-            start = self._index_rows  # only appends since the last build
-            self._index.add_with_ids(self._vec[start: self.n], self._ids[start: self.n])
-        else:
-            self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(int(self.dim)))
-            self._index.add_with_ids(np.ascontiguousarray(self._vec[: self.n]),
-                                     np.ascontiguousarray(self._ids[: self.n]))
-        self._index_rows = self.n
-        self._gpu_index = _maybe_gpu(faiss, self._index, self.n)
-        return self._index
-
-
-@contextlib.contextmanager
-def _search_threads(faiss):
-    """Threads for one single-query scan ($ICT_CACHE_FAISS_THREADS, else 1 on machines of <= 4 CPUs).
-
-    Why: a one-query flat scan is memory-bound; on a small or busy machine faiss's OpenMP threads
-    spin against each other (measured 3x slower with 2 threads than 1 on a loaded 2-core box).
-    """
-    want = os.environ.get("ICT_CACHE_FAISS_THREADS")
-    try:
-        threads = int(want) if want else (1 if (os.cpu_count() or 1) <= 4 else 0)
-    except ValueError:
-        threads = 0
-    if threads <= 0:
-        yield
-        return
-    old = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(threads)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(old)
-
-
-def _maybe_gpu(faiss, index, n: int):
-    """A GPU 0 copy of a big index when faiss was built with GPU support and one is present, else None."""
-    global _gpu_resources
-    if n < GPU_MIN_ROWS or os.environ.get("ICT_CACHE_GPU", "1") == "0":
-        return index
-    try:
-        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() <= 0:
+        if n < CODES_MIN_ROWS or top_k >= n:
             return None
-        if _gpu_resources is None:
-            _gpu_resources = faiss.StandardGpuResources()
-        return faiss.index_cpu_to_gpu(_gpu_resources, 0, index)
-    except Exception as exc:  # an optional speed-up: any failure means CPU search
-        log.debug("faiss GPU search unavailable (%s); using CPU", exc)
-        return None
+        gpu = self._gpu_index(faiss)
+        if gpu is not None and top_k <= GPU_MAX_K:
+            _scores, found = gpu.search(q.reshape(1, -1), top_k)
+            rows = found[0][found[0] >= 0]
+            return rows, self._vec[rows] @ q  # fp32 rescoring: the same values as the CPU paths
+        codes = self._code_index(faiss)
+        return codes.top_k(q, top_k, lambda rows: self._vec[rows] @ q)
+
+    def _code_index(self, faiss) -> CodeIndex:
+        """The 8-bit code index of all rows; appends since the last build get a shard of their own,
+        any other change rebuilds it (see _changed)."""
+        codes = self._codes
+        if codes is None or codes.rows > self.n or codes.shard_count > 2 * codes.threads:
+            codes = CodeIndex(faiss, int(self.dim), search_threads())
+        if codes.rows < self.n:
+            codes.add(self._vec[codes.rows: self.n])
+        self._codes = codes
+        return codes
+
+    def _gpu_index(self, faiss):
+        if self._gpu is None:
+            self._gpu = gpu_flat(faiss, self._vec[: self.n]) or False
+        return self._gpu or None

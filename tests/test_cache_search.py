@@ -1,0 +1,175 @@
+"""Top-k gallery search through faiss 8-bit codes (ict_core.cache_search): exact, or it steps aside.
+
+Every test compares with the plain fp32 scan (ICT_CACHE_NO_FAISS=1), which is the definition of
+the right answer: same rows in the same order, same values.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+faiss = pytest.importorskip("faiss")
+
+from ict_core import cache as cache_mod  # noqa: E402
+from ict_core import cache_search, cache_store  # noqa: E402
+from ict_core.cache import EmbeddingCache, gallery_key  # noqa: E402
+
+FP = "0123456789abcdef01234567"
+GAL = gallery_key(FP, "abcdef0123456789abcdef01")
+
+
+def unit(rng, n, d):
+    v = rng.standard_normal((n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def small_min_rows(monkeypatch):
+    """The code scan is used from 200 rows on, so the tests stay small and fast."""
+    monkeypatch.setattr(cache_store, "CODES_MIN_ROWS", 200)
+
+
+@pytest.fixture
+def code_calls(monkeypatch):
+    """Records what each CodeIndex.top_k call returned: certified (True) or stepped aside (False)."""
+    calls = []
+    real = cache_search.CodeIndex.top_k
+
+    def spy(self, q, k, exact):
+        out = real(self, q, k, exact)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(cache_search.CodeIndex, "top_k", spy)
+    return calls
+
+
+def fill(cache, vecs, hp=None):
+    hp = np.zeros(len(vecs), np.float32) if hp is None else hp
+    cache.put_images(GAL, {f"h{i:06d}": (v, float(h), f"img{i}.png") for i, (v, h) in enumerate(zip(vecs, hp))})
+
+
+def plain(cache, q, top_k, monkeypatch, by="ict"):
+    with monkeypatch.context() as m:
+        m.setenv(cache_mod.NO_FAISS_ENV, "1")
+        return cache.search(GAL, q, top_k=top_k, by=by)
+
+
+def same(a, b):
+    assert [h.hash for h in a] == [h.hash for h in b]
+    assert [h.ict for h in a] == [h.ict for h in b]  # fp32 rescoring: bit-identical values
+    assert [h.value for h in a] == [h.value for h in b]
+
+
+@pytest.mark.parametrize("top_k", [1, 10, 50])
+def test_code_scan_gives_the_fp32_answer(tmp_path, small_min_rows, code_calls, monkeypatch, top_k):
+    rng = np.random.default_rng(1)
+    c = EmbeddingCache(tmp_path)
+    fill(c, unit(rng, 3000, 64))
+    for q in unit(rng, 5, 64):
+        same(c.search(GAL, q, top_k=top_k), plain(c, q, top_k, monkeypatch))
+    assert code_calls and all(code_calls)  # random galleries are certified: the codes did the work
+
+
+def test_clustered_gallery_still_exact(tmp_path, small_min_rows, code_calls, monkeypatch):
+    """Near-duplicates (a real gallery: many takes of one prompt) sit closer than the code error."""
+    rng = np.random.default_rng(2)
+    base = unit(rng, 20, 64)
+    vecs = base[rng.integers(0, 20, 4000)] + rng.normal(0, 1e-3, (4000, 64)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    c = EmbeddingCache(tmp_path)
+    fill(c, vecs)
+    for q in list(unit(rng, 3, 64)) + [base[0]]:
+        same(c.search(GAL, q, top_k=10), plain(c, q, 10, monkeypatch))
+    assert code_calls  # whether certified or not, the answer above was the fp32 one
+
+
+def test_exact_ties_step_aside_and_break_by_insertion(tmp_path, small_min_rows, code_calls, monkeypatch):
+    """1,000 copies of the best vector: the k-th value ties rows the codes cannot tell apart, so
+    the search must fall back to the fp32 scan and keep the earliest stored first."""
+    rng = np.random.default_rng(3)
+    vecs = unit(rng, 3000, 64)
+    q = unit(rng, 1, 64)[0]
+    vecs[rng.choice(3000, 1000, replace=False)] = q
+    c = EmbeddingCache(tmp_path)
+    fill(c, vecs)
+    got = c.search(GAL, q, top_k=5)
+    same(got, plain(c, q, 5, monkeypatch))
+    assert code_calls == [False]
+    first = sorted(i for i in range(3000) if np.array_equal(vecs[i], q))[:5]
+    assert [h.hash for h in got] == [f"h{i:06d}" for i in first]
+
+
+def test_bound_holds_for_every_row():
+    """|code score - fp32 inner product| <= eps for all rows and queries, and eps is useful."""
+    rng = np.random.default_rng(4)
+    x = unit(rng, 2000, 128)
+    x[:10] *= 3.0  # rows of other norms and an outlier component
+    x[10, 0] = 5.0
+    idx = cache_search.CodeIndex(faiss, 128, threads=3)
+    idx.add(x[:1500])
+    idx.add(x[1500:])  # an append: its own shard
+    assert idx.rows == 2000 and idx.shard_count == 4
+    for q in list(unit(rng, 5, 128)) + [np.full(128, 0.5, np.float32)]:
+        rows, approx = idx.scan(q, 2000)
+        assert sorted(rows.tolist()) == list(range(2000))
+        exact = x[rows].astype(np.float64) @ q.astype(np.float64)
+        gap = np.abs(approx - exact).max()
+        eps = idx.eps(q)
+        assert gap <= eps
+        assert eps < 0.2 * np.linalg.norm(q) * 5  # bounded by the code error, not the scores
+
+
+def test_appends_and_changes_keep_the_index_right(tmp_path, small_min_rows, code_calls, monkeypatch):
+    rng = np.random.default_rng(5)
+    c = EmbeddingCache(tmp_path)
+    fill(c, unit(rng, 2000, 32))
+    q = unit(rng, 1, 32)[0]
+    c.search(GAL, q, top_k=3)
+    table = c._table("images", GAL)
+    shards = table._codes.shard_count
+    c.put_images(GAL, {"best": (q, 0.0, "best.png")})  # appended after the index was built
+    got = c.search(GAL, q, top_k=3)
+    assert got[0].hash == "best" and table._codes.shard_count == shards + 1
+    same(got, plain(c, q, 3, monkeypatch))
+    c.put_images(GAL, {"h000000": (q, 0.0, "moved.png")})  # an existing row changes: rebuilt
+    assert table._codes is None
+    got = c.search(GAL, q, top_k=3)
+    assert {h.hash for h in got[:2]} == {"best", "h000000"}
+    same(got, plain(c, q, 3, monkeypatch))
+
+
+def test_only_top_k_by_ict_uses_codes(tmp_path, small_min_rows, code_calls, monkeypatch):
+    """Full rankings and ict*hp need every fp32 score anyway: one matrix-vector product."""
+    rng = np.random.default_rng(6)
+    c = EmbeddingCache(tmp_path)
+    fill(c, unit(rng, 1000, 32), rng.normal(0, 2, 1000).astype(np.float32))
+    q = unit(rng, 1, 32)[0]
+    same(c.search(GAL, q), plain(c, q, None, monkeypatch))
+    same(c.search(GAL, q, top_k=7, by="ict*hp"), plain(c, q, 7, monkeypatch, by="ict*hp"))
+    assert code_calls == []
+
+
+def test_non_finite_query_uses_the_plain_scan(tmp_path, small_min_rows, code_calls, monkeypatch):
+    rng = np.random.default_rng(7)
+    c = EmbeddingCache(tmp_path)
+    fill(c, unit(rng, 1000, 32))
+    q = unit(rng, 1, 32)[0]
+    q[3] = np.nan
+    got = c.search(GAL, q, top_k=4)
+    assert len(got) == 4 and code_calls == []
+
+
+def test_rows_the_codes_cannot_tell_apart(tmp_path, small_min_rows, code_calls, monkeypatch):
+    """2,000 rows within 1e-5 of one vector share their codes, so the code scan returns an
+    arbitrary 300 of them; only the bound stops it from passing those off as the top 5."""
+    rng = np.random.default_rng(8)
+    v = unit(rng, 1, 64)[0]
+    near = v + rng.normal(0, 1e-5, (2000, 64)).astype(np.float32)
+    vecs = np.concatenate([unit(rng, 1000, 64), near])
+    c = EmbeddingCache(tmp_path)
+    fill(c, vecs)
+    queries = [v + rng.normal(0, 0.05, 64).astype(np.float32) for _ in range(8)]
+    for q in queries:
+        same(c.search(GAL, q, top_k=5), plain(c, q, 5, monkeypatch))
+    assert code_calls == [False] * len(queries)
