@@ -6,9 +6,9 @@ parallel threads they are scanned in about half the time of the fp32 scan on two
 
 The result stays exact. Every code's reconstruction error e_i = ||decode(code_i) - x_i|| is
 measured when the code is made, so a code's score is within
-    eps = ||q|| * (max e + 3 d u (max ||x|| + max e))      (u = 2^-24, d = width)
+    eps = ||q|| * (max e + 4 d u (max ||x|| + max e))      (u = 2^-24, d = width)
 of the row's fp32 inner product (Cauchy-Schwarz for the codes, the worst-case float summation
-bound for both sums). The best candidates of the code scan are rescored in fp32; the answer is
+bound for both sums, and one rounding of a row scaled before coding). The best candidates of the code scan are rescored in fp32; the answer is
 returned only when the lowest code score of the candidates plus eps is below the k-th rescored
 value, i.e. no row left out could reach or tie it. Otherwise the caller scans everything in fp32.
 """
@@ -106,7 +106,7 @@ class CodeIndex:
     def eps(self, q: np.ndarray) -> float:
         """Largest possible |code score - fp32 inner product| of any row for query q."""
         qn = float(np.linalg.norm(q.astype(np.float64)))
-        return qn * (self._emax + 3 * self.dim * _U * (self._xmax + self._emax)) * (1 + 1e-6) + 1e-30
+        return qn * (self._emax + 4 * self.dim * _U * (self._xmax + self._emax)) * (1 + 1e-6) + 1e-30
 
     def scan(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows, code scores) of the k best code scores, best first."""
@@ -120,9 +120,10 @@ class CodeIndex:
         keep = ids[0] >= 0
         return ids[0][keep], scores[0][keep]
 
-    def top_k(self, q: np.ndarray, k: int, exact) -> tuple[np.ndarray, np.ndarray] | None:
-        """Candidate rows holding the exact top k and their fp32 scores exact(rows), or None
-        when the bound cannot certify them (the caller then scans in fp32)."""
+    def top_k(self, q: np.ndarray, k: int, exact) -> np.ndarray | None:
+        """Candidate rows that hold the exact top k by exact(rows) (the coded vectors' fp32 inner
+        products; NaN = ranks last), or None when the bound cannot certify them (the caller then
+        scans in fp32)."""
         n = self.rows
         want = min(n, max(4 * k, k + 256))
         if want * 4 > n:
@@ -131,12 +132,15 @@ class CodeIndex:
         if len(rows) < want:
             return None
         score = exact(rows)
-        kth = np.partition(score, len(score) - k)[len(score) - k]
-        if not float(approx.min()) + self.eps(q) < float(kth):
-            log.debug("code scan could not certify the top %d (k-th %.6g, bound %.6g); fp32 scan",
-                      k, kth, float(approx.min()) + self.eps(q))
+        score = score[np.isfinite(score)]
+        if len(score) < k:
             return None
-        return rows, score
+        kth = float(np.partition(score, len(score) - k)[len(score) - k])
+        bound = float(approx.min()) + self.eps(q)
+        if not bound < kth:  # a row left out could reach the k-th value (or NaN: cannot tell)
+            log.debug("code scan could not certify the top %d (k-th %.6g, bound %.6g); fp32 scan", k, kth, bound)
+            return None
+        return rows
 
 
 @contextlib.contextmanager

@@ -6,10 +6,10 @@ a full table costs O(d), not a copy of the whole table. Ids grow monotonically, 
 is insertion order, which breaks score ties the same way the engine's ranking breaks them.
 
 Search scores rows by their fp32 inner product (== ICT cosine for L2-normalised vectors). A top-k
-search by ict over a big table finds its candidates through faiss (8-bit codes with a certified
-error bound, see cache_search, or a flat GPU index) and rescores them in fp32; everything else,
-and every search without faiss, is one fp32 matrix-vector product in numpy. Both give the same
-rows and values.
+search over a big table finds its candidates through faiss (8-bit codes with a certified error
+bound, see cache_search, or a flat GPU index) and rescores them in fp32; full rankings, and every
+search without faiss, are one fp32 matrix-vector product in numpy. Both give the same rows and
+values.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class Table:
         self.sig = None  # signature of the disk file this state was last synced with
         self.checked = float("-inf")  # monotonic time of the last look at the disk
         self.saved = time.monotonic()  # monotonic time of the last save or load
-        self._codes = None  # CodeIndex for search, built lazily
+        self._codes: dict = {}  # CodeIndex per ranking ("ict", "ict*hp"), built lazily for search
         self._gpu = None  # flat GPU index for search: None = not tried, False = none
 
     # ---- lookups -------------------------------------------------------------------------
@@ -175,7 +175,7 @@ class Table:
 
     def _changed(self) -> None:
         """A row changed in place: the search indexes must be rebuilt."""
-        self._codes = None
+        self._codes = {}
         self._gpu = None
 
     # ---- disk exchange -------------------------------------------------------------------
@@ -298,13 +298,14 @@ class Table:
         q = np.ascontiguousarray(query, dtype=np.float32).reshape(-1)
         if q.shape[0] != self.dim:
             raise ValueError(f"query width {q.shape[0]} does not match stored width {self.dim}")
-        found = None
-        if faiss_mod is not None and top_k is not None and by == "ict" and np.isfinite(q).all():
-            found = self._faiss_top(faiss_mod, q, int(top_k))
-        rows, ict = found if found is not None else (np.arange(n), self._vec[:n] @ q)
-        value = ict.astype(np.float64)
-        if by == "ict*hp":
-            value = value * sigmoid(self._hp[rows])
+        rows = None
+        if faiss_mod is not None and top_k is not None and np.isfinite(q).all():
+            rows = self._faiss_top(faiss_mod, q, int(top_k), by)
+        if rows is None:  # every row: one matrix-vector product over the table
+            rows = np.arange(n)
+            ict, value = self._values(slice(0, n), q, by)
+        else:
+            ict, value = self._values(rows, q, by)
         key = np.where(np.isfinite(value), -value, np.inf)
         cand = np.arange(len(rows))
         if top_k is not None and top_k < len(rows):  # keep every tie of the k-th value
@@ -321,29 +322,45 @@ class Table:
         return (list(map(self._labels.__getitem__, order)), list(map(self._keys.__getitem__, order)),
                 self._hp[rows].tolist())
 
-    def _faiss_top(self, faiss, q: np.ndarray, top_k: int):
-        """(rows, fp32 inner products) holding the exact top k by ict, through faiss: a flat GPU
-        index when there is one, else the certified 8-bit code scan; None means scan in fp32."""
+    def _faiss_top(self, faiss, q: np.ndarray, top_k: int, by: str):
+        """Candidate rows holding the exact top k, through faiss: a flat GPU index (by ict) when
+        there is one, else a certified 8-bit code scan; None means scan everything in fp32.
+
+        By ict*hp the codes are of sigmoid(hp_raw) * vector (zeros without hp_raw), whose inner
+        product is the ict*hp value: the same certified search."""
         n = self.n
         if n < CODES_MIN_ROWS or top_k >= n:
             return None
-        gpu = self._gpu_index(faiss)
-        if gpu is not None and top_k <= GPU_MAX_K:
-            _scores, found = gpu.search(q.reshape(1, -1), top_k)
-            rows = found[0][found[0] >= 0]
-            return rows, self._vec[rows] @ q  # fp32 rescoring: the same values as the CPU paths
-        codes = self._code_index(faiss)
-        return codes.top_k(q, top_k, lambda rows: self._vec[rows] @ q)
+        if by == "ict":
+            gpu = self._gpu_index(faiss)
+            if gpu is not None and top_k <= GPU_MAX_K:
+                _scores, found = gpu.search(q.reshape(1, -1), top_k)
+                return found[0][found[0] >= 0]
+        return self._code_index(faiss, by).top_k(q, top_k, lambda rows: self._values(rows, q, by)[1])
 
-    def _code_index(self, faiss) -> CodeIndex:
-        """The 8-bit code index of all rows; appends since the last build get a shard of their own,
-        any other change rebuilds it (see _changed)."""
-        codes = self._codes
+    def _values(self, rows: np.ndarray, q: np.ndarray, by: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ict, value) of rows: fp32 inner products, and the ranking value in float64."""
+        ict = self._vec[rows] @ q
+        value = ict.astype(np.float64)
+        if by == "ict*hp":
+            value = value * sigmoid(self._hp[rows])
+        return ict, value
+
+    def _coded_rows(self, start: int, stop: int, by: str) -> np.ndarray:
+        if by == "ict":
+            return self._vec[start:stop]
+        scale = np.nan_to_num(sigmoid(self._hp[start:stop]), nan=0.0)
+        return (self._vec[start:stop] * scale[:, None]).astype(np.float32)
+
+    def _code_index(self, faiss, by: str) -> CodeIndex:
+        """The 8-bit code index of all rows for `by`; appends since the last build get a shard of
+        their own, any other change rebuilds it (see _changed)."""
+        codes = self._codes.get(by)
         if codes is None or codes.rows > self.n or codes.shard_count > 2 * codes.threads:
             codes = CodeIndex(faiss, int(self.dim), search_threads())
         if codes.rows < self.n:
-            codes.add(self._vec[codes.rows: self.n])
-        self._codes = codes
+            codes.add(self._coded_rows(codes.rows, self.n, by))
+        self._codes[by] = codes
         return codes
 
     def _gpu_index(self, faiss):

@@ -57,8 +57,8 @@ def plain(cache, q, top_k, monkeypatch, by="ict"):
 
 def same(a, b):
     assert [h.hash for h in a] == [h.hash for h in b]
-    assert [h.ict for h in a] == [h.ict for h in b]  # fp32 rescoring: bit-identical values
-    assert [h.value for h in a] == [h.value for h in b]
+    for field in ("ict", "value"):  # fp32 rescoring: bit-identical values (NaN = no hp)
+        assert np.array_equal([getattr(h, field) for h in a], [getattr(h, field) for h in b], equal_nan=True)
 
 
 @pytest.mark.parametrize("top_k", [1, 10, 50])
@@ -127,27 +127,55 @@ def test_appends_and_changes_keep_the_index_right(tmp_path, small_min_rows, code
     q = unit(rng, 1, 32)[0]
     c.search(GAL, q, top_k=3)
     table = c._table("images", GAL)
-    shards = table._codes.shard_count
+    shards = table._codes["ict"].shard_count
     c.put_images(GAL, {"best": (q, 0.0, "best.png")})  # appended after the index was built
     got = c.search(GAL, q, top_k=3)
-    assert got[0].hash == "best" and table._codes.shard_count == shards + 1
+    assert got[0].hash == "best" and table._codes["ict"].shard_count == shards + 1
     same(got, plain(c, q, 3, monkeypatch))
     c.put_images(GAL, {"h000000": (q, 0.0, "moved.png")})  # an existing row changes: rebuilt
-    assert table._codes is None
+    assert table._codes == {}
     got = c.search(GAL, q, top_k=3)
     assert {h.hash for h in got[:2]} == {"best", "h000000"}
     same(got, plain(c, q, 3, monkeypatch))
 
 
-def test_only_top_k_by_ict_uses_codes(tmp_path, small_min_rows, code_calls, monkeypatch):
-    """Full rankings and ict*hp need every fp32 score anyway: one matrix-vector product."""
+def test_full_rankings_use_one_fp32_scan(tmp_path, small_min_rows, code_calls, monkeypatch):
+    """Ranking everything needs every fp32 score anyway: one matrix-vector product, no codes."""
     rng = np.random.default_rng(6)
     c = EmbeddingCache(tmp_path)
     fill(c, unit(rng, 1000, 32), rng.normal(0, 2, 1000).astype(np.float32))
     q = unit(rng, 1, 32)[0]
     same(c.search(GAL, q), plain(c, q, None, monkeypatch))
-    same(c.search(GAL, q, top_k=7, by="ict*hp"), plain(c, q, 7, monkeypatch, by="ict*hp"))
+    same(c.search(GAL, q, by="ict*hp"), plain(c, q, None, monkeypatch, by="ict*hp"))
     assert code_calls == []
+
+
+@pytest.mark.parametrize("top_k", [1, 10, 50])
+def test_top_k_by_ict_times_hp_through_scaled_codes(tmp_path, small_min_rows, code_calls, monkeypatch, top_k):
+    """ict*hp = <q, sigmoid(hp) x>: codes of the scaled rows give the same certified search. Rows
+    without hp (NaN) rank last either way."""
+    rng = np.random.default_rng(9)
+    hp = rng.normal(0, 2, 3000).astype(np.float32)
+    hp[rng.choice(3000, 300, replace=False)] = np.nan
+    c = EmbeddingCache(tmp_path)
+    fill(c, unit(rng, 3000, 64), hp)
+    for q in unit(rng, 5, 64):
+        same(c.search(GAL, q, top_k=top_k, by="ict*hp"), plain(c, q, top_k, monkeypatch, by="ict*hp"))
+    assert code_calls and all(code_calls)
+    assert set(c._table("images", GAL)._codes) == {"ict*hp"}
+
+
+def test_top_k_by_ict_times_hp_without_enough_hp(tmp_path, small_min_rows, code_calls, monkeypatch):
+    """Fewer rows with hp than k: NaN rows fill the tail, which only the fp32 scan orders."""
+    rng = np.random.default_rng(10)
+    hp = np.full(1200, np.nan, np.float32)
+    hp[:3] = 1.0
+    c = EmbeddingCache(tmp_path)
+    fill(c, unit(rng, 1200, 32), hp)
+    q = unit(rng, 1, 32)[0]
+    got = c.search(GAL, q, top_k=5, by="ict*hp")
+    same(got, plain(c, q, 5, monkeypatch, by="ict*hp"))
+    assert code_calls == [False] and {h.hash for h in got[:3]} == {"h000000", "h000001", "h000002"}
 
 
 def test_non_finite_query_uses_the_plain_scan(tmp_path, small_min_rows, code_calls, monkeypatch):
