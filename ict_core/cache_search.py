@@ -7,10 +7,11 @@ parallel threads they are scanned in about half the time of the fp32 scan on two
 The result stays exact. Every code's reconstruction error e_i = ||decode(code_i) - x_i|| is
 measured when the code is made, so a code's score is within
     eps = ||q|| * (max e + 4 d u (max ||x|| + max e))      (u = 2^-24, d = width)
-of the row's fp32 inner product (Cauchy-Schwarz for the codes, the worst-case float summation
-bound for both sums, and one rounding of a row scaled before coding). The best candidates of the code scan are rescored in fp32; the answer is
-returned only when the lowest code score of the candidates plus eps is below the k-th rescored
-value, i.e. no row left out could reach or tie it. Otherwise the caller scans everything in fp32.
+of the row's fp32 inner product (Cauchy-Schwarz for the codes; the worst-case float summation
+bound for both sums, with room for the two roundings of a row scaled by sigmoid(hp) before it
+is coded). The best candidates of the code scan are rescored in fp32; the answer is returned
+only when the lowest code score of the candidates plus eps is below the k-th rescored value,
+i.e. no row left out could reach or tie it. Otherwise the caller scans everything in fp32.
 """
 
 from __future__ import annotations
@@ -66,16 +67,17 @@ class CodeIndex:
         self._emax = 0.0  # largest reconstruction error of any code
         self._xmax = 0.0  # largest fp32 row norm
 
-    def add(self, vectors: np.ndarray) -> None:
-        """Code rows [rows, rows + len(vectors)), split into up to `threads` shards."""
-        count = len(vectors)
-        if count == 0:
+    def add(self, count: int, rows_of) -> None:
+        """Code rows [rows, rows + count), split into up to `threads` shards; rows_of(start, stop)
+        returns those rows as float32 (asked one shard at a time: no copy of the whole table)."""
+        if count <= 0:
             return
         per = -(-count // self.threads)
         if self._parts and count <= self.rows // self.threads:
             per = count  # an append no bigger than a shard: one shard
-        for start in range(0, count, per):
-            self._add_shard(np.ascontiguousarray(vectors[start: start + per], dtype=np.float32))
+        for start in range(self.rows, self.rows + count, per):
+            stop = min(start + per, self.rows + count)
+            self._add_shard(np.ascontiguousarray(rows_of(start, stop), dtype=np.float32))
         self.rows += count
 
     def _add_shard(self, x: np.ndarray) -> None:

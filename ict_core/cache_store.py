@@ -349,8 +349,8 @@ class Table:
     def _coded_rows(self, start: int, stop: int, by: str) -> np.ndarray:
         if by == "ict":
             return self._vec[start:stop]
-        scale = np.nan_to_num(sigmoid(self._hp[start:stop]), nan=0.0)
-        return (self._vec[start:stop] * scale[:, None]).astype(np.float32)
+        scale = np.nan_to_num(sigmoid(self._hp[start:stop]), nan=0.0).astype(np.float32)
+        return self._vec[start:stop] * scale[:, None]  # two roundings: within CodeIndex.eps
 
     def _code_index(self, faiss, by: str) -> CodeIndex:
         """The 8-bit code index of all rows for `by`; appends since the last build get a shard of
@@ -359,7 +359,7 @@ class Table:
         if codes is None or codes.rows > self.n or codes.shard_count > 2 * codes.threads:
             codes = CodeIndex(faiss, int(self.dim), search_threads())
         if codes.rows < self.n:
-            codes.add(self._coded_rows(codes.rows, self.n, by))
+            codes.add(self.n - codes.rows, lambda start, stop: self._coded_rows(start, stop, by))
         self._codes[by] = codes
         return codes
 
