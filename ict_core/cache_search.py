@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 #: Below this many rows an fp32 scan is cheap enough (a few ms) that codes do not pay.
 CODES_MIN_ROWS = 16_384
+#: A table is coded at its second top-k search: coding costs about 30 fp32 scans, which a single
+#: query (a fresh `ict search`) would never win back.
+CODES_AFTER_SEARCHES = 2
 #: Rows decoded at a time when measuring reconstruction errors (bounds the temporary memory).
 _DECODE_CHUNK = 8192
 #: float32 unit roundoff.

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from .cache_file import TableData
-from .cache_search import CODES_MIN_ROWS, GPU_MAX_K, CodeIndex, gpu_flat, search_threads
+from .cache_search import CODES_AFTER_SEARCHES, CODES_MIN_ROWS, GPU_MAX_K, CodeIndex, gpu_flat, search_threads
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class Table:
         self.checked = float("-inf")  # monotonic time of the last look at the disk
         self.saved = time.monotonic()  # monotonic time of the last save or load
         self._codes: dict = {}  # CodeIndex per ranking ("ict", "ict*hp"), built lazily for search
+        self._searches: dict = {}  # top-k searches per ranking, to build codes only when they pay
         self._gpu = None  # flat GPU index for search: None = not tried, False = none
 
     # ---- lookups -------------------------------------------------------------------------
@@ -331,6 +332,9 @@ class Table:
         n = self.n
         if n < CODES_MIN_ROWS or top_k >= n:
             return None
+        self._searches[by] = self._searches.get(by, 0) + 1
+        if by not in self._codes and self._searches[by] < CODES_AFTER_SEARCHES:
+            return None  # coding costs ~30 fp32 scans: a one-off query (`ict search`) just scans
         if by == "ict":
             gpu = self._gpu_index(faiss)
             if gpu is not None and top_k <= GPU_MAX_K:

@@ -25,8 +25,9 @@ def unit(rng, n, d):
 
 @pytest.fixture
 def small_min_rows(monkeypatch):
-    """The code scan is used from 200 rows on, so the tests stay small and fast."""
+    """The code scan is used from 200 rows on and from the first search, so the tests stay small."""
     monkeypatch.setattr(cache_store, "CODES_MIN_ROWS", 200)
+    monkeypatch.setattr(cache_store, "CODES_AFTER_SEARCHES", 1)
 
 
 @pytest.fixture
@@ -176,6 +177,21 @@ def test_top_k_by_ict_times_hp_without_enough_hp(tmp_path, small_min_rows, code_
     got = c.search(GAL, q, top_k=5, by="ict*hp")
     same(got, plain(c, q, 5, monkeypatch, by="ict*hp"))
     assert code_calls == [False] and {h.hash for h in got[:3]} == {"h000000", "h000001", "h000002"}
+
+
+def test_one_off_query_scans_without_coding(tmp_path, monkeypatch, code_calls):
+    """A fresh `ict search` asks once: coding the table would cost more than it saves."""
+    monkeypatch.setattr(cache_store, "CODES_MIN_ROWS", 200)
+    rng = np.random.default_rng(11)
+    c = EmbeddingCache(tmp_path)
+    fill(c, unit(rng, 3000, 32))
+    q1, q2 = unit(rng, 2, 32)
+    first = c.search(GAL, q1, top_k=5)
+    assert code_calls == [] and c._table("images", GAL)._codes == {}
+    second = c.search(GAL, q2, top_k=5)
+    assert code_calls == [True]
+    same(first, plain(c, q1, 5, monkeypatch))
+    same(second, plain(c, q2, 5, monkeypatch))
 
 
 def test_non_finite_query_uses_the_plain_scan(tmp_path, small_min_rows, code_calls, monkeypatch):
