@@ -121,13 +121,15 @@ def main(argv=None) -> int:
         dt, count = timed(lambda: g2.image_count(gkey))
         assert count == n
         row(f"load {n:,}-image gallery (checksum + parse)", dt * 1e3)
-        queries = unit_rows(rng, args.searches + 1, d)
+        queries = unit_rows(rng, args.searches + 2, d)
         faiss_on = cache_mod._faiss() is not None
-        dt, _ = timed(lambda: g2.search(gkey, queries[-1], top_k=10))
-        row("first top-10 search (codes the gallery for faiss)" if faiss_on else "first search (numpy)", dt * 1e3)
-        if faiss_on:
-            dt, _ = timed(lambda: g2.search(gkey, queries[-1], top_k=10, by="ict*hp"))
-            row("first top-10 search by ict*hp (codes the hp-scaled rows)", dt * 1e3)
+        for by in ("ict", "ict*hp"):  # a fresh table scans in fp32 once, codes itself at the second search
+            dt, _ = timed(lambda: g2.search(gkey, queries[-1], top_k=10, by=by))
+            row(f"first top-10 search by {by} in a new process (fp32 scan)", dt * 1e3)
+            if faiss_on:
+                dt, _ = timed(lambda: g2.search(gkey, queries[-2], top_k=10, by=by))
+                row(f"second top-10 search by {by} (codes the {'rows' if by == 'ict' else 'hp-scaled rows'})",
+                    dt * 1e3)
         for label, kw in (("search top 10, by ict", dict(top_k=10)),
                           ("search top 10, by ict*hp", dict(top_k=10, by="ict*hp")),
                           ("search all, by ict", dict()),
