@@ -40,7 +40,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("ict_reward_device", "auto", "Device for the reward models", DEVICE_CHOICES,
            info="auto: the GPU when there is one"),
     Option("ict_reward_precision", "auto", "Precision of the reward models", PRECISION_CHOICES,
-           info="auto: fp32; fp16 / bf16 halve the memory on a GPU (the CPU always uses fp32)"),
+           info="auto: fp32; fp16 / bf16 halve the memory on a GPU (a CPU uses fp32, or bf16 where it runs it natively)"),
     Option("ict_reward_after", AFTER_KEEP, "After a generation, the reward models are", AFTER_CHOICES,
            info="keep loaded: fastest; move to CPU: frees GPU memory, keeps RAM; unload: frees both"),
 )

@@ -103,7 +103,7 @@ class ICTModelLoader:
                                          "tooltip": "optional HP model; needed for score_by hp, ict*hp, group"}),
             "precision": (list(PRECISIONS), {"default": "auto",
                                              "tooltip": "auto = fp32, the official scores; fp16/bf16 are faster on a GPU "
-                                                        "and differ slightly"}),
+                                                        "(bf16 also on a CPU with native bf16) and differ slightly"}),
             "device": (list(DEVICES), {"default": "auto",
                                        "tooltip": "auto: ComfyUI's device (respects --cpu, --lowvram, --highvram)"}),
         }}

@@ -218,3 +218,20 @@ def test_out_of_memory_chunk_is_split_and_retried(tiny_models, images, monkeypat
     got = scorer.score(images[:6], "a fox")
     assert [r.ict for r in got] == pytest.approx([r.ict for r in want], abs=1e-6)
     assert sizes[0] == 6 and max(sizes[1:]) <= 3 and scorer.chunk_size <= 2
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_only_when_it_runs_natively(tiny_models, images, monkeypatch, caplog, native):
+    """bf16 is opt-in lower precision; on a CPU it is honoured only with native bf16 (AVX512-BF16/AMX),
+    where it is 2-3x faster; elsewhere emulated bf16 would be slower than fp32, so fp32 it is."""
+    import ict_core.scorer as scorer_mod
+
+    monkeypatch.setattr(scorer_mod, "cpu_runs_bf16", lambda: native)
+    fp32 = [r.ict for r in Scorer.load(tiny_models.ict, tiny_models.hp).score(images[:4], "a fox")]
+    with caplog.at_level("WARNING", logger="ict_core.scorer"):
+        scorer = Scorer.load(tiny_models.ict, tiny_models.hp, precision="bf16")
+    assert scorer.dtype == (torch.bfloat16 if native else torch.float32)
+    assert bool(caplog.records) is not native and all("\n" not in r.getMessage() for r in caplog.records)
+    got = [r.ict for r in scorer.score(images[:4], "a fox")]
+    assert got == pytest.approx(fp32, abs=1e-2)  # cosines in [-1, 1]; bf16 keeps ~3 digits
+    assert (got != fp32) is native  # bf16 really ran (and fp32 gives the fp32 scores exactly)
