@@ -57,20 +57,14 @@ SearchHit.__doc__ = """One ranked gallery image: value is ict, or ict*sigmoid(hp
 
 
 def resolve_cache_dir(explicit=None) -> Path:
-    """Cache folder: explicit > $ICT_CACHE_DIR > $XDG_CACHE_HOME/ict-reward > ~/.cache/ict-reward.
-
-    The default comes from ict_core.paths.default_cache_dir (one source of truth for the CLI's
-    help text and the nodes). Nothing is created here: folders are made on the first save.
+    """Cache folder: explicit, else ict_core.paths.default_cache_dir ($ICT_CACHE_DIR, the XDG or
+    Windows default; one source of truth for the CLI's help text and the nodes). Nothing is
+    created here: folders are made on the first save.
     """
     if explicit not in (None, ""):
         return Path(os.path.expanduser(os.fspath(explicit)))
-    try:
-        from .paths import default_cache_dir
-    except ImportError:  # keep the cache usable on its own
-        env = os.environ.get(CACHE_DIR_ENV)
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        base = Path(env) if env else (Path(xdg) if xdg else Path.home() / ".cache") / "ict-reward"
-        return Path(os.path.expanduser(str(base)))
+    from .paths import default_cache_dir
+
     return Path(os.path.expanduser(str(default_cache_dir())))
 
 

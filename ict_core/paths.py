@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 MODELS_ENV = "ICT_MODELS_DIR"
@@ -10,21 +11,33 @@ ICT_FILE = "ict.safetensors"
 HP_FILE = "hp.safetensors"
 
 
-def _xdg(var: str, fallback: str) -> Path:
-    base = os.environ.get(var)
-    return Path(base) if base else Path.home() / fallback
+def _windows() -> bool:
+    return sys.platform == "win32"
+
+
+def _base(xdg_var: str, fallback: str, windows_sub: str) -> Path:
+    """$XDG_* when set; else %LOCALAPPDATA%\\ict-reward\\<windows_sub> on Windows (where per-user data
+    and caches belong there), else ~/<fallback>/ict-reward."""
+    base = os.environ.get(xdg_var)
+    if base:
+        return Path(base) / "ict-reward"
+    if _windows() and os.environ.get("LOCALAPPDATA"):
+        return Path(os.environ["LOCALAPPDATA"]) / "ict-reward" / windows_sub
+    return Path.home() / fallback / "ict-reward"
 
 
 def default_models_dir() -> Path:
-    """$ICT_MODELS_DIR, else $XDG_DATA_HOME/ict-reward/models (~/.local/share/ict-reward/models)."""
+    """$ICT_MODELS_DIR, else $XDG_DATA_HOME/ict-reward/models (~/.local/share/ict-reward/models;
+    %LOCALAPPDATA%\\ict-reward\\models on Windows)."""
     env = os.environ.get(MODELS_ENV)
-    return Path(env) if env else _xdg("XDG_DATA_HOME", ".local/share") / "ict-reward" / "models"
+    return Path(env) if env else _base("XDG_DATA_HOME", ".local/share", "") / "models"
 
 
 def default_cache_dir() -> Path:
-    """$ICT_CACHE_DIR, else $XDG_CACHE_HOME/ict-reward (~/.cache/ict-reward)."""
+    """$ICT_CACHE_DIR, else $XDG_CACHE_HOME/ict-reward (~/.cache/ict-reward; %LOCALAPPDATA%\\ict-reward\\cache
+    on Windows)."""
     env = os.environ.get(CACHE_ENV)
-    return Path(env) if env else _xdg("XDG_CACHE_HOME", ".cache") / "ict-reward"
+    return Path(env) if env else _base("XDG_CACHE_HOME", ".cache", "cache")
 
 
 def default_model(kind: str) -> Path:

@@ -469,6 +469,19 @@ def test_resolve_cache_dir(monkeypatch, tmp_path):
     assert resolve_cache_dir() == tmp_path / "home" / ".cache" / "ict-reward"
 
 
+def test_windows_defaults_are_under_localappdata(monkeypatch, tmp_path):
+    from ict_core import paths
+
+    for var in ("ICT_CACHE_DIR", "ICT_MODELS_DIR", "XDG_CACHE_HOME", "XDG_DATA_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(paths, "_windows", lambda: True)
+    monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "AppData" / "Local"))
+    assert resolve_cache_dir() == tmp_path / "AppData" / "Local" / "ict-reward" / "cache"
+    assert paths.default_models_dir() == tmp_path / "AppData" / "Local" / "ict-reward" / "models"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # an explicit XDG folder still wins
+    assert resolve_cache_dir() == tmp_path / "xdg" / "ict-reward"
+
+
 def test_no_directory_created_until_a_save(tmp_path):
     c = EmbeddingCache(tmp_path / "c")
     c.get_prompts(FP, ["x"])
