@@ -5,11 +5,11 @@ gallery). Rows are slots: an evicted entry's slot is reused by the next new entr
 a full table costs O(d), not a copy of the whole table. Ids grow monotonically, so sorting by id
 is insertion order, which breaks score ties the same way the engine's ranking breaks them.
 
-Search scores rows by their fp32 inner product (== ICT cosine for L2-normalised vectors). A top-k
-search over a big table finds its candidates through faiss (8-bit codes with a certified error
-bound, see cache_search, or a flat GPU index) and rescores them in fp32; full rankings, and every
-search without faiss, are one fp32 matrix-vector product in numpy. Both give the same rows and
-values.
+Search scores rows by their fp32 inner product (== ICT cosine for L2-normalised vectors), always
+computed by cache_search.exact_scores. A top-k search over a big table finds its candidates
+through faiss (8-bit codes or a flat GPU index, certified by an error bound, see cache_search) and
+scores only them; full rankings, uncertified searches and every search without faiss score every
+row. All give the same rows and values, bit for bit.
 """
 
 from __future__ import annotations
@@ -20,18 +20,19 @@ import time
 import numpy as np
 
 from .cache_file import TableData
-from .cache_search import CODES_AFTER_SEARCHES, CODES_MIN_ROWS, GPU_MAX_K, CodeIndex, gpu_flat, search_threads
+from .cache_search import (CODES_AFTER_SEARCHES, CODES_MIN_ROWS, CodeIndex, candidate_count, exact_scores, gpu_flat,
+                           search_threads)
 
 log = logging.getLogger(__name__)
 
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    """Numerically safe logistic function in float64."""
+    """Logistic function in float64, accurate for large |x| of either sign (no 1 - p cancellation)."""
     x = np.asarray(x, dtype=np.float64)
     with np.errstate(over="ignore", invalid="ignore"):
-        pos = 1.0 / (1.0 + np.exp(-np.abs(x)))
-    return np.where(x >= 0, pos, 1.0 - pos)
+        z = np.exp(-np.abs(x))
+        return np.where(x >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
 
 
 class Table:
@@ -302,7 +303,7 @@ class Table:
         rows = None
         if faiss_mod is not None and top_k is not None and np.isfinite(q).all():
             rows = self._faiss_top(faiss_mod, q, int(top_k), by)
-        if rows is None:  # every row: one matrix-vector product over the table
+        if rows is None:  # score every row
             rows = np.arange(n)
             ict, value = self._values(slice(0, n), q, by)
         else:
@@ -325,26 +326,29 @@ class Table:
 
     def _faiss_top(self, faiss, q: np.ndarray, top_k: int, by: str):
         """Candidate rows holding the exact top k, through faiss: a flat GPU index (by ict) when
-        there is one, else a certified 8-bit code scan; None means scan everything in fp32.
+        there is one, else the 8-bit code scan, both certified (cache_search); None means score
+        every row.
 
         By ict*hp the codes are of sigmoid(hp_raw) * vector (zeros without hp_raw), whose inner
         product is the ict*hp value: the same certified search."""
         n = self.n
-        if n < CODES_MIN_ROWS or top_k >= n:
+        if n < CODES_MIN_ROWS or candidate_count(n, top_k) is None:
             return None
         self._searches[by] = self._searches.get(by, 0) + 1
         if by not in self._codes and self._searches[by] < CODES_AFTER_SEARCHES:
-            return None  # coding costs ~30 fp32 scans: a one-off query (`ict search`) just scans
+            return None  # coding costs ~30 full scans: a one-off query (`ict search`) just scans
+        exact = lambda rows: self._values(rows, q, by)[1]  # noqa: E731
         if by == "ict":
             gpu = self._gpu_index(faiss)
-            if gpu is not None and top_k <= GPU_MAX_K:
-                _scores, found = gpu.search(q.reshape(1, -1), top_k)
-                return found[0][found[0] >= 0]
-        return self._code_index(faiss, by).top_k(q, top_k, lambda rows: self._values(rows, q, by)[1])
+            if gpu is not None:
+                found = gpu.top_k(q, top_k, exact)
+                if found is not None:
+                    return found
+        return self._code_index(faiss, by).top_k(q, top_k, exact)
 
-    def _values(self, rows: np.ndarray, q: np.ndarray, by: str) -> tuple[np.ndarray, np.ndarray]:
-        """(ict, value) of rows: fp32 inner products, and the ranking value in float64."""
-        ict = self._vec[rows] @ q
+    def _values(self, rows, q: np.ndarray, by: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ict, value) of rows: the canonical fp32 scores, and the ranking value in float64."""
+        ict = exact_scores(self._vec[rows], q)
         value = ict.astype(np.float64)
         if by == "ict*hp":
             value = value * sigmoid(self._hp[rows])

@@ -217,3 +217,96 @@ def test_rows_the_codes_cannot_tell_apart(tmp_path, small_min_rows, code_calls, 
     for q in queries:
         same(c.search(GAL, q, top_k=5), plain(c, q, 5, monkeypatch))
     assert code_calls == [False] * len(queries)
+
+
+@pytest.mark.parametrize("m", [1, 5, 257, 266, 1001])
+def test_a_rows_score_does_not_depend_on_its_batch(m):
+    """BLAS sgemv gives the last n % 4 rows another kernel; exact_scores must not, or a rescored
+    subset and a full ranking would disagree in the last bit (and order near-ties differently)."""
+    rng = np.random.default_rng(12)
+    x = unit(rng, 40_000, 1024)  # above the threading threshold too
+    q = unit(rng, 1, 1024)[0]
+    full = cache_search.exact_scores(x, q)
+    rows = rng.choice(len(x), m, replace=False)
+    assert np.array_equal(cache_search.exact_scores(x[rows], q), full[rows])
+    assert np.allclose(full, x.astype(np.float64) @ q.astype(np.float64), atol=1e-6)
+
+
+def test_near_tie_at_the_end_orders_like_the_full_ranking(tmp_path, small_min_rows, code_calls, monkeypatch):
+    """The best row stored last, a copy of it 1 ulp away stored earlier: a top-k search and the full
+    ranking must agree on which is first."""
+    rng = np.random.default_rng(13)
+    vecs = unit(rng, 3001, 64)
+    q = unit(rng, 1, 64)[0]
+    vecs[-1] = q
+    vecs[100] = np.nextafter(q, np.float32(2))
+    c = EmbeddingCache(tmp_path)
+    fill(c, vecs)
+    full = plain(c, q, None, monkeypatch)
+    for k in (1, 2, 5):
+        got = c.search(GAL, q, top_k=k)
+        same(got, full[:k])
+        same(got, plain(c, q, k, monkeypatch))
+
+
+def test_vanishing_vectors_are_not_certified_wrongly(tmp_path, small_min_rows, code_calls, monkeypatch):
+    """Components around 1e-24: their squares underflow float32. The bound must allow for that (and
+    then certify nothing) instead of collapsing to zero."""
+    rng = np.random.default_rng(14)
+    vecs = unit(rng, 3000, 64)
+    q = unit(rng, 1, 64)[0]
+    vecs[2000] = q  # the best row
+    c = EmbeddingCache(tmp_path)
+    fill(c, vecs * np.float32(1e-24))
+    for qq in (q, unit(rng, 1, 64)[0]):
+        got = c.search(GAL, qq, top_k=10)
+        same(got, plain(c, qq, 10, monkeypatch))
+    assert got is not None and not any(code_calls)
+
+
+def test_gpu_candidates_are_certified_too(tmp_path, small_min_rows, monkeypatch):
+    """A GPU flat index sums in another order, maybe on TF32 units: its top k is only a candidate
+    set. Simulated with a CPU flat index whose scores carry TF32-sized noise."""
+    rng = np.random.default_rng(15)
+    vecs = unit(rng, 4000, 64)
+    base = unit(rng, 1, 64)[0]
+    vecs[:500] = base + rng.normal(0, 1e-5, (500, 64)).astype(np.float32)  # near-duplicates: not certifiable
+
+    class NoisyFlat:
+        def __init__(self, x):
+            self.inner = faiss.IndexFlatIP(x.shape[1])
+            self.inner.add(x)
+            self.rng = np.random.default_rng(0)
+
+        def search(self, q, k):
+            d, i = self.inner.search(q, k)
+            return d + self.rng.uniform(-1, 1, d.shape).astype(np.float32) * 2.0 ** -11, i
+
+    calls = []
+
+    def fake_gpu_flat(faiss_mod, x):
+        flat = cache_search.GpuFlat(NoisyFlat(np.ascontiguousarray(x)), x.shape[1], len(x),
+                                    float(np.linalg.norm(x, axis=1).max()) * 1.001)
+        real = flat.top_k
+
+        def spy(q, k, exact):
+            out = real(q, k, exact)
+            calls.append(out is not None)
+            return out
+        flat.top_k = spy
+        return flat
+
+    monkeypatch.setattr(cache_store, "gpu_flat", fake_gpu_flat)
+    c = EmbeddingCache(tmp_path)
+    fill(c, vecs)
+    for q in list(unit(rng, 4, 64)) + [base, base]:
+        same(c.search(GAL, q, top_k=5), plain(c, q, 5, monkeypatch))
+    assert calls[:4] == [True] * 4 and calls[4:] == [False, False]
+
+
+def test_sigmoid_is_accurate_for_very_negative_hp():
+    import math
+
+    x = np.array([-800.0, -60.0, -30.0, -1.0, 0.0, 1.0, 30.0, 800.0])
+    want = [math.exp(v) / (1 + math.exp(v)) if v < 0 else 1 / (1 + math.exp(-v)) for v in x]
+    assert np.allclose(cache_store.sigmoid(x), want, rtol=1e-14, atol=0)
