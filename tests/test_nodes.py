@@ -357,6 +357,20 @@ def test_precision_is_resolved_for_the_run_device(fake_comfy, monkeypatch, tiny_
     loader.clear_cache()
 
 
+def test_bf16_on_comfyuis_cpu_where_the_cpu_runs_it(fake_comfy, monkeypatch, tiny_models):
+    """ComfyUI --cpu with precision bf16: honoured on a CPU with native bf16, and the nodes score."""
+    import ict_core.scorer as scorer_mod
+
+    shutil.copy(tiny_models.ict, fake_comfy.extra / "ict.safetensors")
+    monkeypatch.setattr(scorer_mod, "cpu_runs_bf16", lambda: True)
+    loader.clear_cache()
+    model = loader.ICTModelLoader().load("ict.safetensors", "none", "bf16", "auto")[0]
+    assert model.scorer.dtype == torch.bfloat16 and model.scorer.device.type == "cpu"
+    images, _lat, _mask, order, scores, _report = ICTRerank().rerank([model], [batch(3)], [PROMPT], ["ict"])["result"]
+    assert images.shape == batch(3).shape and len(scores) == 3 and scores == sorted(scores, reverse=True)
+    loader.clear_cache()
+
+
 def test_errors_are_ict_errors_with_one_line(model):
     with pytest.raises(ICTError) as e:
         ICTSelectBest().select([model], [batch()], [PROMPT], [1], ["best"], [0.0])
