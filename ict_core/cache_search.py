@@ -49,7 +49,7 @@ GPU_MAX_K = 2048
 #: Relative error of one product on TF32 matrix units (10-bit mantissas), which a GPU may use.
 _TF32 = 2.0 ** -10
 _gpu_resources = None
-_pool: ThreadPoolExecutor | None = None
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool)
 #: Rows per thread below which exact_scores stays on one thread.
 _THREAD_ROWS = 16_384
 
@@ -75,14 +75,14 @@ def exact_scores(vectors: np.ndarray, q: np.ndarray) -> np.ndarray:
     threads = min(search_threads(), n // _THREAD_ROWS)
     if threads <= 1:
         return np.einsum("ij,j->i", vectors, q, out=out)
-    if _pool is None:
-        _pool = ThreadPoolExecutor(search_threads(), thread_name_prefix="ict-search")
+    if _pool is None or _pool[0] != os.getpid():  # a forked child inherits the pool but not its threads
+        _pool = (os.getpid(), ThreadPoolExecutor(search_threads(), thread_name_prefix="ict-search"))
     bounds = np.linspace(0, n, threads + 1).astype(int)
 
     def part(i: int) -> None:
         np.einsum("ij,j->i", vectors[bounds[i]: bounds[i + 1]], q, out=out[bounds[i]: bounds[i + 1]])
 
-    list(_pool.map(part, range(threads)))
+    list(_pool[1].map(part, range(threads)))
     return out
 
 

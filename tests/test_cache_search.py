@@ -5,6 +5,9 @@ the right answer: same rows in the same order, same values.
 """
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 import pytest
 
@@ -310,3 +313,29 @@ def test_sigmoid_is_accurate_for_very_negative_hp():
     x = np.array([-800.0, -60.0, -30.0, -1.0, 0.0, 1.0, 30.0, 800.0])
     want = [math.exp(v) / (1 + math.exp(v)) if v < 0 else 1 / (1 + math.exp(-v)) for v in x]
     assert np.allclose(cache_store.sigmoid(x), want, rtol=1e-14, atol=0)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_threaded_scores_work_in_a_forked_child():
+    """A child forked after the thread pool was made must not wait forever on the parent's threads."""
+    rng = np.random.default_rng(16)
+    x = unit(rng, 40_000, 64)
+    q = unit(rng, 1, 64)[0]
+    want = cache_search.exact_scores(x, q)  # makes the pool in this process
+    pid = os.fork()
+    if pid == 0:  # child: exit 0 only if the scores come back equal
+        try:
+            os._exit(0 if np.array_equal(cache_search.exact_scores(x, q), want) else 1)
+        finally:
+            os._exit(2)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("exact_scores hung in a forked child")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0
