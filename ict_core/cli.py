@@ -89,7 +89,7 @@ class Progress:
 
 def _score(args, need_hp: bool = False):
     images = expand_images(args.images)
-    scorer = load_scorer(args, need_hp)
+    scorer = load_scorer(args, need_hp or args.prompt is None)  # no prompt: HP alone
     bar = Progress(args.quiet, "scoring")
     try:
         results = scorer.score(images, args.prompt, progress=bar, labels=images)
@@ -123,13 +123,17 @@ def cmd_score(args) -> int:
             if r.error:
                 print(f"{r.label}\terror: {r.error}")
             else:
+                ict = f"\tict={r.ict:.4f}" if r.ict is not None else ""
                 hp = f"\thp={r.hp:.4f}" if r.hp is not None else ""
-                print(f"{r.label}\tict={r.ict:.4f}{hp}\tscore={r.score:.4f}")
+                print(f"{r.label}{ict}{hp}\tscore={r.score:.4f}")
     return 0
 
 
 def cmd_rank(args) -> int:
-    by = args.by or "ict"
+    by = args.by or ("ict" if args.prompt is not None else "hp")
+    if args.prompt is None and by != "hp":
+        raise InputError(f"--by {by} needs --prompt (ICT compares each image with its prompt); without a prompt "
+                         f"only --by hp works")
     scorer, results = _score(args, need_hp=by != "ict")
     k = args.top_k if args.top_k is not None else len(results)
     sel = ranking.select(results, by, k=k, min_score=args.min_score)
@@ -195,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="score images for a prompt")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders")
-    p.add_argument("--prompt", "-p", required=True)
+    p.add_argument("--prompt", "-p", help="the prompt the images were generated from; without it, images are "
+                                          "scored by the HP model alone (HP needs no prompt)")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="one JSON object on stdout")
     fmt.add_argument("--csv", action="store_true", help="CSV on stdout")
@@ -204,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("rank", help="rank images for a prompt, keep the best")
     p.add_argument("images", nargs="*", metavar="IMAGE")
-    p.add_argument("--prompt", "-p", required=True)
-    p.add_argument("--by", choices=ranking.BY, help="ranking rule (default ict)")
+    p.add_argument("--prompt", "-p", help="the prompt the images were generated from; without it, images are "
+                                          "scored by the HP model alone (HP needs no prompt)")
+    p.add_argument("--by", choices=ranking.BY, help="ranking rule (default ict; hp without --prompt)")
     p.add_argument("--top-k", type=int, help="keep only the K best")
     p.add_argument("--min-score", type=float, help="keep only images reaching this value")
     p.add_argument("--copy-to", help="copy the kept images here, prefixed by their rank")

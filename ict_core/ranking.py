@@ -15,6 +15,8 @@ def _check_by(by: str, results: Sequence) -> None:
         raise InputError(f"unknown ranking {by!r}; use one of {', '.join(BY)}")
     if by != "ict" and any(r.error is None and r.hp_raw is None for r in results):
         raise InputError(f"ranking by {by!r} needs an HP model; load one (--hp-model / hp_model) or rank by 'ict'")
+    if by != "hp" and any(r.error is None and r.ict is None for r in results):
+        raise InputError(f"ranking by {by!r} needs ICT scores, and ICT needs the prompt; give it, or rank by 'hp'")
 
 
 def values(results: Sequence, by: str) -> list[float | None]:
@@ -100,7 +102,8 @@ def report(results: Sequence, by: str, selection: Selection | None = None) -> st
             continue
         hp = f" {r.hp:7.4f}" if has_hp else ""
         value = f" {vals[i]:8.4f}" if extra else ""
-        lines.append(f"{pos:>4}{mark}{i:>3} {r.ict:7.4f}{hp}{value}  {r.label or ''}".rstrip())
+        ict = f"{r.ict:7.4f}" if r.ict is not None else f"{'-':>7}"  # HP alone: no prompt, no ICT
+        lines.append(f"{pos:>4}{mark}{i:>3} {ict}{hp}{value}  {r.label or ''}".rstrip())
     if selection:
         lines.extend(f"note: {n}" for n in selection.notes)
     return "\n".join(lines)

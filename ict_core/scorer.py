@@ -191,17 +191,22 @@ class Scorer:
 
     # ----------------------------------------------------------------------------------------------- images
     @torch.inference_mode()
-    def _forward_images(self, batch: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _forward_images(self, batch: list[torch.Tensor], with_ict: bool = True
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
         pixels = preprocess.pixel_values_for(batch, self.device, self.dtype)
         ict = self.modules.ict
-        feats = _normalise(ict.visual_projection(ict.vision_model(pixel_values=pixels).pooler_output)).cpu()
+        if with_ict:
+            feats = _normalise(ict.visual_projection(ict.vision_model(pixel_values=pixels).pooler_output)).cpu()
+        else:  # HP alone: the ICT image tower is not run
+            feats = torch.full((len(batch), ict.visual_projection.out_features), math.nan)
         hp_raw = self.modules.hp(pixels).cpu() if self.modules.hp is not None else None
         return feats, hp_raw
 
-    def _forward_split(self, batch: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _forward_split(self, batch: list[torch.Tensor], with_ict: bool = True
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward a chunk; on CUDA out-of-memory, halve it (and later chunks) and retry."""
         try:
-            return self._forward_images(batch)
+            return self._forward_images(batch, with_ict)
         except torch.OutOfMemoryError:
             if len(batch) == 1:
                 raise ICTError("out of GPU memory for a single image; free memory or use device cpu") from None
@@ -209,13 +214,14 @@ class Scorer:
             half = len(batch) // 2
             self.chunk_size = max(1, half)
             log.warning("out of GPU memory with %d images per chunk; retrying with %d", len(batch), half)
-            a, b = self._forward_split(batch[:half]), self._forward_split(batch[half:])
+            a, b = self._forward_split(batch[:half], with_ict), self._forward_split(batch[half:], with_ict)
             return torch.cat([a[0], b[0]]), (torch.cat([a[1], b[1]]) if a[1] is not None else None)
 
     def encode_images(self, images: Any, *, progress: Callable[[int, int], None] | None = None,
                       should_stop: Callable[[], bool] | None = None, labels=None,
-                      refs: list[preprocess.ImageRef] | None = None) -> ImageFeatures:
-        """Image features in chunks that fit memory. A bad image gets an error entry; the rest go on."""
+                      refs: list[preprocess.ImageRef] | None = None, with_ict: bool = True) -> ImageFeatures:
+        """Image features in chunks that fit memory. A bad image gets an error entry; the rest go on.
+        with_ict=False runs only the HP model (ict rows stay NaN unless the gallery had them)."""
         refs = refs if refs is not None else preprocess.as_refs(images, labels)
         n = len(refs)
         dim = self.modules.ict.visual_projection.out_features
@@ -243,7 +249,7 @@ class Scorer:
                     errors[j] = str(e)
                     log.warning("image %s skipped: %s", refs[j].label or j, e)
             if loaded:
-                feats, hp_raw = self._forward_split(loaded)
+                feats, hp_raw = self._forward_split(loaded, with_ict)
                 out[ok] = feats
                 if hp_out is not None:
                     hp_out[ok] = hp_raw
@@ -278,13 +284,18 @@ class Scorer:
         return todo
 
     # -------------------------------------------------------------------------------------------------- score
-    def score(self, images: Any, prompts: str | Sequence[str], *, progress=None, should_stop=None,
+    def score(self, images: Any, prompts: str | Sequence[str] | None, *, progress=None, should_stop=None,
               labels: Sequence[str | None] | None = None) -> list[ScoreResult]:
-        """ICT (cosine), HP (sigmoid of the head) and the combined score of each image, in input order."""
+        """ICT (cosine), HP (sigmoid of the head) and the combined score of each image, in input order.
+
+        prompts=None scores by HP alone (HP needs no prompt): ict is None and score is hp; the ICT
+        image tower is not run."""
         self.last_cache_stats = _zero_stats()
         refs = preprocess.as_refs(images, labels)
         if not refs:
             raise InputError("no images to score; give at least one image")
+        if prompts is None:
+            return self._score_hp(refs, progress, should_stop)
         if isinstance(prompts, str):
             per_image = [text.check_prompt(prompts)] * len(refs)
         else:
@@ -310,6 +321,22 @@ class Scorer:
             self.cache.flush()
         return results
 
+
+    def _score_hp(self, refs, progress, should_stop) -> list[ScoreResult]:
+        if not self.has_hp:
+            raise InputError("no prompt: ICT scores an image against its prompt; give the prompt, or load an HP "
+                             "model to score by HP alone")
+        feats = self.encode_images(None, progress=progress, should_stop=should_stop, refs=refs, with_ict=False)
+        results = []
+        for i, ref in enumerate(refs):
+            r = ScoreResult(i, ref.label, "", error=feats.errors[i])
+            if r.error is None:
+                r.hp_raw = float(feats.hp_raw[i])
+                r.hp = r.score = float(torch.sigmoid(feats.hp_raw[i]))
+            results.append(r)
+        if self.cache is not None:
+            self.cache.flush()
+        return results
 
 def _zero_stats() -> dict[str, int]:
     return {"prompt_hits": 0, "prompt_misses": 0, "image_hits": 0, "image_misses": 0}

@@ -77,8 +77,8 @@ def gather_images(images, node: str) -> Images:
 
 
 # ------------------------------------------------------------------------------------------ prompts
-def split_prompts(prompt, n_images: int, node: str) -> list[str]:
-    """One prompt per image.
+def split_prompts(prompt, n_images: int, node: str, optional: bool = False) -> list[str] | None:
+    """One prompt per image (None for an empty prompt when optional: HP alone needs none).
 
     A prompt text may hold several prompts separated by a line `---`; a list of STRING values
     counts the same.  One prompt covers every image; P prompts for a batch of N (N divisible by P)
@@ -91,8 +91,11 @@ def split_prompts(prompt, n_images: int, node: str) -> list[str]:
             raise InputError(f"{node}: prompt must be text, got {type(t).__name__}")
         parts.extend(clean_prompt(p) for p in PROMPT_SEPARATOR.split(t))
     parts = [p for p in parts if p]
+    if not parts and optional:
+        return None
     if not parts:
-        raise InputError(f"{node}: the prompt is empty; type the prompt the images were generated from")
+        raise InputError(f"{node}: the prompt is empty; type the prompt the images were generated from (only "
+                         f"score_by hp works without one)")
     if len(parts) == 1:
         return parts * n_images
     if n_images % len(parts):

@@ -13,7 +13,8 @@ CATEGORY = "ICT reward"
 BY = ("ict", "hp", "ict*hp", "group")
 
 _PROMPT_TIP = ("the prompt the images were made from; several prompts for one batch: separate them by a line "
-               "'---' (one per image, or each covering that many consecutive images)")
+               "'---' (one per image, or each covering that many consecutive images). Empty: the images are "
+               "scored by the HP model alone (score_by hp), which needs no prompt")
 
 
 def _model(model, node: str):
@@ -29,7 +30,7 @@ def _fmt(v) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 6)
 
 
-def run_scorer(model, images: adapters.Images, prompts: list[str]):
+def run_scorer(model, images: adapters.Images, prompts: list[str] | None):
     """Score with ComfyUI's progress bar and Cancel; weights moved to the run device first."""
     progress = comfy_host.Progress(len(images))
     progress.should_stop()
@@ -84,9 +85,9 @@ class ICTScore:
         node = "ICTScore"
         m = _model(model, node)
         imgs = adapters.gather_images(images, node)
-        prompts = adapters.split_prompts(prompt, len(imgs), node)
-        results = run_scorer(m, imgs, prompts)
-        by = "ict*hp" if m.scorer.has_hp else "ict"
+        prompts = adapters.split_prompts(prompt, len(imgs), node, optional=m.scorer.has_hp)
+        results = run_scorer(m, imgs, prompts)  # no prompt: HP alone
+        by = ("ict*hp" if m.scorer.has_hp else "ict") if prompts is not None else "hp"
         vals = [r.score for r in results]
         report = ranking.report(results, by)
         tab = table(results, by, list(range(len(results))), vals)
@@ -127,7 +128,7 @@ class _Picker:
         by = one(score_by, "ict")
         imgs = adapters.gather_images(images, node)
         n = len(imgs)
-        prompts = adapters.split_prompts(prompt, n, node)
+        prompts = adapters.split_prompts(prompt, n, node, optional=by == "hp")  # HP alone needs no prompt
         lat = adapters.gather_latent(latent, n, node)
         msk = adapters.gather_mask(mask, n, node)
         if by not in BY:

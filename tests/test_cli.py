@@ -58,6 +58,23 @@ def test_unreadable_image_is_reported_and_the_rest_scored(capsys, images, base, 
     assert "broken.png" in err and "missing.jpg" in err
 
 
+def test_without_a_prompt_images_are_ranked_by_hp_alone(capsys, tiny_models, images, base):
+    """HP needs no prompt: `ict rank` without --prompt ranks by hp, with the HP values of a prompted run."""
+    code, out, _ = run(capsys, "rank", *images, "--prompt", "a fox", "--hp-model", tiny_models.hp, *base,
+                       "--by", "hp", "--json")
+    with_prompt = json.loads(out)["results"]
+    code, out, _ = run(capsys, "rank", *images, "--hp-model", tiny_models.hp, *base, "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["by"] == "hp"
+    alone = data["results"]
+    assert [r["image"] for r in alone] == [r["image"] for r in with_prompt]
+    assert [r["hp"] for r in alone] == pytest.approx([r["hp"] for r in with_prompt], abs=1e-6)
+    assert all(r["ict"] is None and r["score"] == r["hp"] and r["prompt"] == "" for r in alone)
+    code, out, _ = run(capsys, "rank", *images[:3], "--hp-model", tiny_models.hp, *base)
+    assert code == 0 and "hp" in out.splitlines()[0] and "-" in out.splitlines()[1]
+
+
 def test_rank_top_k_min_score_copy(capsys, tiny_models, images, base, tmp_path):
     code, out, _ = run(capsys, "rank", *images, "--prompt", "a fox", "--hp-model", tiny_models.hp, *base,
                        "--by", "ict*hp", "--json")
@@ -91,7 +108,7 @@ def test_models_default_to_the_models_folder(capsys, tiny_models, images, tmp_pa
 
 
 @pytest.mark.parametrize("case", ["missing", "wrong_kind", "truncated", "pickle", "empty_prompt", "no_images",
-                                  "hp_rule_without_hp", "no_default_model"])
+                                  "hp_rule_without_hp", "no_default_model", "no_prompt_no_hp", "no_prompt_by_ict"])
 def test_errors_are_one_line(capsys, tiny_models, images, tmp_path, monkeypatch, case):
     monkeypatch.setenv("ICT_MODELS_DIR", str(tmp_path / "empty"))
     trunc = tmp_path / "t.safetensors"
@@ -105,6 +122,8 @@ def test_errors_are_one_line(capsys, tiny_models, images, tmp_path, monkeypatch,
         "no_images": ["score", "--prompt", "x", "--model", tiny_models.ict],
         "hp_rule_without_hp": ["rank", images[0], "--prompt", "x", "--model", tiny_models.ict, "--by", "group"],
         "no_default_model": ["score", images[0], "--prompt", "x"],
+        "no_prompt_no_hp": ["score", images[0], "--model", tiny_models.ict],
+        "no_prompt_by_ict": ["rank", images[0], "--model", tiny_models.ict, "--hp-model", tiny_models.hp, "--by", "ict"],
     }[case]
     code, out, err = run(capsys, *argv, "--quiet")
     assert code != 0

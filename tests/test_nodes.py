@@ -198,7 +198,9 @@ def test_rerank_orders_everything_best_first(model):
 def test_bad_inputs_give_one_clear_message(model, model_ict_only):
     imgs = batch()
     with pytest.raises(InputError, match="prompt is empty"):
-        ICTScore().score([model], [imgs], ["  \n"])
+        ICTScore().score([model_ict_only], [imgs], ["  \n"])
+    with pytest.raises(InputError, match="prompt is empty.*score_by hp"):
+        ICTSelectBest().select([model], [imgs], [""], [1], ["ict*hp"], [0.0])
     with pytest.raises(InputError, match="latent holds 3 samples but 4 images"):
         ICTSelectBest().select([model], [imgs], [PROMPT], [1], ["ict"], [0.0], latent=[latent(3)])
     with pytest.raises(InputError, match="mask holds 3 masks but 4 images"):
@@ -209,6 +211,23 @@ def test_bad_inputs_give_one_clear_message(model, model_ict_only):
         ICTScore().score([None], [imgs], [PROMPT])
     with pytest.raises(InputError, match="3 prompts"):
         ICTScore().score([model], [imgs], ["a\n---\nb\n---\nc"])
+
+
+def test_empty_prompt_scores_by_hp_alone(model, monkeypatch):
+    """HP needs no prompt: with score_by hp (or ICT Score and an HP model) an empty prompt is fine, and the
+    ICT image tower is not run."""
+    imgs = batch(5)
+    with_prompt = [r.hp for r in model.scorer.score(list(imgs.permute(0, 3, 1, 2)), PROMPT)]
+    calls = []
+    vision = model.scorer.modules.ict.vision_model
+    monkeypatch.setattr(vision, "forward", lambda *a, **k: calls.append(1))
+    images, _lat, _mask, order, scores, report = ICTSelectBest().select([model], [imgs], [""], [2], ["hp"],
+                                                                        [0.0])["result"]
+    idx = [int(i) for i in order.split(",")]
+    assert idx == sorted(range(5), key=lambda i: -with_prompt[i])[:2]
+    assert scores == pytest.approx([with_prompt[i] for i in idx], abs=1e-5) and torch.equal(images, imgs[idx])
+    scores, report = ICTScore().score([model], [imgs], [""])["result"]
+    assert scores == pytest.approx(with_prompt, abs=1e-5) and calls == []
 
 
 def test_images_of_different_sizes_in_a_list(model):

@@ -65,6 +65,24 @@ class Row:
         self.ict, self.hp, self.hp_raw, self.prompt, self.error = ict, hp, hp_raw, prompt, None
 
 
+def test_hp_alone_equals_the_hp_of_a_prompted_run(tiny_models, images, reference):
+    """score(images, None): HP needs no prompt; its values are the same bits as with a prompt, and equal the
+    reference loop's HP; without an HP model it is a one-line error."""
+    from ict_core.errors import InputError
+
+    imgs = _comparable(images)
+    scorer = Scorer.load(tiny_models.ict, tiny_models.hp)
+    alone = scorer.score(imgs, None)
+    prompted = scorer.score(imgs, "a red fox in the snow")
+    assert [r.hp_raw for r in alone] == [r.hp_raw for r in prompted]
+    assert all(r.ict is None and r.score == r.hp for r in alone)
+    ref = reference([open_rgb(p) for p in imgs], ["a red fox in the snow"] * len(imgs))
+    assert [r.hp for r in alone] == pytest.approx([hp for _, hp, _ in ref], abs=TOL)
+    with pytest.raises(InputError, match="no prompt") as e:
+        Scorer.load(tiny_models.ict).score(imgs, None)
+    assert "\n" not in str(e.value)
+
+
 def test_scores_are_spread(cli_results):
     """Guards the parity test itself: random weights must give distinct, non-trivial scores."""
     icts = [r["ict"] for r in cli_results["results"]]

@@ -66,3 +66,14 @@ def test_report_lists_best_first_and_notes():
     text = ranking.report(rs, "ict*hp", sel)
     lines = text.splitlines()
     assert lines[1].split()[1] == "1" and "error: cannot read" in text and text.endswith(sel.notes[0])
+
+
+def test_hp_alone_ranks_by_hp_only():
+    """Results scored without a prompt (HP alone) have no ict: only 'hp' can rank them."""
+    rs = [R(0, None, -1.0, ""), R(1, None, 2.0, ""), R(2, None, 0.5, "")]
+    assert ranking.rank(rs, "hp") == [1, 2, 0]
+    for by in ("ict", "ict*hp", "group"):
+        with pytest.raises(InputError, match="needs ICT scores.*rank by 'hp'"):
+            ranking.values(rs, by)
+    lines = ranking.report(rs, "hp").splitlines()
+    assert len(lines) == 4 and lines[1].split()[:3] == ["1", "1", "-"]

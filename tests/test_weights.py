@@ -207,11 +207,11 @@ def test_out_of_memory_chunk_is_split_and_retried(tiny_models, images, monkeypat
     real = scorer._forward_images
     sizes = []
 
-    def flaky(batch):
+    def flaky(batch, *args):
         sizes.append(len(batch))
         if len(batch) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(batch)
+        return real(batch, *args)
 
     monkeypatch.setattr(scorer, "_forward_images", flaky)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
