@@ -192,18 +192,30 @@ class WebuiReward:
             self.notify(p, state, state.disabled + " Images are left unscored.")
             return None, None
 
-        todo = [i for i in range(n) if prompts[i]]
-        if len(todo) < n:
-            self.notify(p, state, "ICT reward: ICT needs a prompt; images with an empty prompt are left unscored.")
+        by = args.by
+        if by in NEEDS_HP and not getattr(scorer, "has_hp", False):
+            by = "ict"
+        # ICT needs the prompt; HP does not, so when ranking by hp an empty prompt is scored by HP alone
+        groups = [([i for i in range(n) if prompts[i]], True)]
+        blank = [i for i in range(n) if not prompts[i]]
+        if blank and by == "hp":
+            groups.append((blank, False))
+        elif blank:
+            self.notify(p, state, "ICT reward: ICT needs a prompt; images with an empty prompt are left unscored "
+                                  "(ranking by hp scores them by HP alone).")
         results: list[Any] = [None] * n
-        if todo:
-            def stop() -> bool:
-                if should_stop is not None and should_stop():
-                    raise _Cancelled()
-                return False
+
+        def stop() -> bool:
+            if should_stop is not None and should_stop():
+                raise _Cancelled()
+            return False
+
+        for todo, with_prompt in groups:
+            if not todo:
+                continue
             try:
-                got = scorer.score([to_scorable(images[i]) for i in todo], [prompts[i] for i in todo],
-                                   should_stop=stop)
+                got = scorer.score([to_scorable(images[i]) for i in todo],
+                                   [prompts[i] for i in todo] if with_prompt else None, should_stop=stop)
             except (_Cancelled, InterruptedError):
                 self.notify(p, state, "ICT reward: scoring cancelled; images left unscored.", logging.INFO)
                 return None, None
@@ -219,10 +231,6 @@ class WebuiReward:
                 self.notify(p, state, f"ICT reward: image {i + 1} of batch {batch_number + 1} could not be "
                                       f"scored ({results[i].error}); it is kept unscored, after the scored ones.")
         scores = [(r.ict, r.hp) for r in results]
-
-        by = args.by
-        if by in NEEDS_HP and not getattr(scorer, "has_hp", False):
-            by = "ict"
         if all(r.error for r in results):
             return None, scores
         if why is not None and args.mode != MODE_ANNOTATE:

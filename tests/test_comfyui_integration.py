@@ -238,3 +238,14 @@ def test_bad_input_shows_one_clear_message(server):
         "ict_model": "hp.safetensors", "hp_model": "none", "precision": "auto", "device": "auto"}}}))
     err = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"][0]
     assert err["node_type"] == "ICTModelLoader" and "swap the two files" in err["exception_message"]
+
+
+def test_empty_prompt_ranks_by_hp_alone(server, tiny_models):
+    """HP needs no prompt: the rerank example with an empty prompt and score_by hp runs, in HP order."""
+    from ict_core import Scorer, rank
+
+    expected = rank(Scorer.load(tiny_models.ict, tiny_models.hp, device="cpu").score(server.images, None), "hp")
+    h = server.wait(server.post_prompt(rerank_api(prompt="", score_by="hp", hp="hp.safetensors")))
+    assert h["status"]["status_str"] == "success", h["status"]
+    rows = h["outputs"]["7"]["ict_table"][0]["rows"]
+    assert [r["index"] for r in rows] == expected and all(r["ict"] is None for r in rows)

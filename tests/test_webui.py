@@ -467,6 +467,21 @@ def test_group_and_hp_rules(installed, reference_scorer):
     assert res.all_seeds == [1000 + max(range(4), key=lambda i: vals[i])]
 
 
+def test_empty_prompts_are_scored_by_hp_alone_when_ranking_by_hp(installed, reference_scorer):
+    """HP needs no prompt: ranking by hp scores every image; ranking by ict leaves the blank ones unscored."""
+    prompts = ["", "a red cube", "", "a fox"]
+    p, res = run(installed, mode="rerank", by="hp", prompts=prompts)
+    hp = [r.hp for r in reference_scorer.score([seed_image(1000 + i) for i in range(4)], None)]
+    assert res.all_seeds == [1000 + i for i in sorted(range(4), key=lambda i: -hp[i])]
+    images, infos = image_outputs(res)
+    for seed, info in zip(res.all_seeds, infos):
+        assert "HP score" in info and ("ICT score" in info) == bool(prompts[seed - 1000])
+    installed.webui.saved.clear()
+    p, res = run(installed, mode="rerank", by="ict", prompts=prompts)
+    assert sorted(res.all_seeds[2:]) == [1000, 1002]  # unscored: kept, after the scored ones
+    assert any("HP alone" in c for c in p.comments)
+
+
 def test_no_weights_message_and_generation_still_succeeds(host):
     p, res = run(host, mode="keep best K", k=1, n_iter=2)
     images, infos = image_outputs(res)
