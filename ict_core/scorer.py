@@ -321,7 +321,6 @@ class Scorer:
             self.cache.flush()
         return results
 
-
     def _score_hp(self, refs, progress, should_stop) -> list[ScoreResult]:
         if not self.has_hp:
             raise InputError("no prompt: ICT scores an image against its prompt; give the prompt, or load an HP "
