@@ -50,10 +50,11 @@ CACHE_DIR_ENV = "ICT_CACHE_DIR"
 #: Set to 1 to search with numpy even when faiss is installed.
 NO_FAISS_ENV = "ICT_CACHE_NO_FAISS"
 KINDS = ("prompts", "images")
-BY = ("ict", "ict*hp")
+BY = ("ict", "hp", "ict*hp")
 
 SearchHit = namedtuple("SearchHit", "label hash ict hp_raw value")
-SearchHit.__doc__ = """One ranked gallery image: value is ict, or ict*sigmoid(hp_raw) for by='ict*hp'."""
+SearchHit.__doc__ = """One ranked gallery image: value is ict, sigmoid(hp_raw) for by='hp', or
+ict*sigmoid(hp_raw) for by='ict*hp'; ict is NaN when by='hp' was asked without a query."""
 
 
 def resolve_cache_dir(explicit=None) -> Path:
@@ -291,16 +292,20 @@ class EmbeddingCache:
     def search(self, gallery: str, query_vec, top_k=None, by: str = "ict") -> list:
         """Rank every stored image of a gallery for one text feature, best first.
 
-        ict is the inner product (== ICT cosine of normalised features), computed by faiss;
-        by='ict*hp' multiplies by sigmoid(hp_raw), the order the engine's ranking uses; ties go
-        to the image stored first; images without hp_raw rank last under 'ict*hp'.
+        ict is the fp32 inner product (== ICT cosine of normalised features), see cache_store;
+        by='ict*hp' multiplies by sigmoid(hp_raw), the order the engine's ranking uses; by='hp'
+        ranks by sigmoid(hp_raw) alone and needs no query (query_vec None: ict is NaN); ties go
+        to the image stored first; images without hp_raw rank last under 'hp' and 'ict*hp'.
         Returns [SearchHit(label, hash, ict, hp_raw, value)]. Raises ValueError on bad arguments.
         """
         if by not in BY:
             raise ValueError(f"by must be one of {BY}, not {by!r}")
         with self._lock:
             table = self._table("images", gallery)
-            rows, ict, value = table.search(np.asarray(query_vec, dtype=np.float32), top_k, by, _faiss())
+            query = None if query_vec is None else np.asarray(query_vec, dtype=np.float32)
+            if query is None and by != "hp":
+                raise ValueError(f"by={by!r} needs a query vector; only by='hp' ranks without one")
+            rows, ict, value = table.search(query, top_k, by, _faiss())
             labels, keys, hp_raw = table.columns(rows)
             return _bulk_hits(zip(labels, keys, ict.tolist(), hp_raw, value.tolist()), len(labels))
 

@@ -28,10 +28,11 @@ def add_subcommands(subparsers, model_args=None) -> None:
     p.set_defaults(func=cmd_index)
 
     p = subparsers.add_parser("search", help="rank every indexed image for a prompt, without encoding images")
-    p.add_argument("prompt", help="the text to search for")
+    p.add_argument("prompt", nargs="?", help="the text to search for (not needed with --by hp)")
     p.add_argument("--top-k", type=int, help="show only the K best (default all)")
-    p.add_argument("--by", choices=("ict", "ict*hp"), default="ict",
-                   help="ict: text-image match; ict*hp: weighted by HP preference (needs the HP model)")
+    p.add_argument("--by", choices=("ict", "hp", "ict*hp"),
+                   help="ict: text-image match (the default with a prompt); hp: HP preference alone (the "
+                        "default without one); ict*hp: weighted by HP preference. hp and ict*hp need the HP model")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     model_args(p)
     p.set_defaults(func=cmd_search)
@@ -191,32 +192,38 @@ def cmd_search(args) -> int:
     """Rank the gallery of this (ICT, HP) pair for a prompt; no image is encoded."""
     if args.top_k is not None and args.top_k < 1:
         raise InputError(f"--top-k must be at least 1, got {args.top_k}")
+    by = args.by or ("ict" if args.prompt is not None else "hp")
+    if args.prompt is None and by != "hp":
+        raise InputError(f"--by {by} needs a prompt to search for; without one only --by hp ranks the gallery")
     cache = _open_cache(args)
-    ict_path, hp_path = _models(args, need_hp=args.by != "ict")
-    if args.by != "ict" and hp_path is None:
-        raise InputError("--by ict*hp needs the HP model; pass --hp-model (and index with it)")
+    ict_path, hp_path = _models(args, need_hp=by != "ict")
+    if by != "ict" and hp_path is None:
+        raise InputError(f"--by {by} needs the HP model; pass --hp-model (and index with it)")
     gallery = _gallery_key(ict_path, hp_path, args)
     if cache.image_count(gallery) == 0:
         raise InputError(_empty_gallery_hint(cache, gallery, hp_path))
-    query = query_vector(cache, ict_path, args.prompt, args)
-    hits = cache.search(gallery, query, top_k=args.top_k, by=args.by)
+    query = query_vector(cache, ict_path, args.prompt, args) if args.prompt is not None else None
+    hits = cache.search(gallery, query, top_k=args.top_k, by=by)
     cache.flush()
     rows = []
     for pos, h in enumerate(hits, 1):
         hp = _sigmoid(h.hp_raw)
-        rows.append({"rank": pos, "image": h.label, "hash": h.hash, "ict": h.ict, "hp": hp,
+        ict = None if math.isnan(h.ict) else h.ict  # by hp without a prompt: no ICT
+        rows.append({"rank": pos, "image": h.label, "hash": h.hash, "ict": ict, "hp": hp,
                      "hp_raw": None if hp is None else h.hp_raw,
-                     "score": h.ict * hp if hp is not None else h.ict, "value": h.value})
+                     "score": (ict * hp if hp is not None else ict) if ict is not None else hp,
+                     "value": None if math.isnan(h.value) else h.value})
     if args.json:
-        json.dump({"prompt": args.prompt, "by": args.by, "gallery": gallery, "count": cache.image_count(gallery),
+        json.dump({"prompt": args.prompt, "by": by, "gallery": gallery, "count": cache.image_count(gallery),
                    "results": rows, "cache": cache.counters}, sys.stdout, indent=2)
         print()
         return 0
     has_hp = any(r["hp"] is not None for r in rows)
-    print(f"{'rank':>4} {'ict':>7}" + (f" {'hp':>7}" if has_hp else "") + f" {args.by:>8}  image")
+    print(f"{'rank':>4} {'ict':>7}" + (f" {'hp':>7}" if has_hp else "") + f" {by:>8}  image")
     for r in rows:
         hp = (f" {r['hp']:7.4f}" if r["hp"] is not None else f" {'-':>7}") if has_hp else ""
-        print(f"{r['rank']:>4} {r['ict']:7.4f}{hp} {r['value']:8.4f}  {r['image']}")
+        ict = f"{r['ict']:7.4f}" if r["ict"] is not None else f"{'-':>7}"
+        print(f"{r['rank']:>4} {ict}{hp} {r['value']:8.4f}  {r['image']}")
     return 0
 
 

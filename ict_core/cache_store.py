@@ -293,17 +293,24 @@ class Table:
 
     # ---- search --------------------------------------------------------------------------
     def search(self, query: np.ndarray, top_k, by: str, faiss_mod) -> list:
-        """Rank rows for a query vector: arrays (rows, ict, value), best first, ties by id, NaN last."""
+        """Rank rows for a query vector (None for by='hp'): arrays (rows, ict, value), best first,
+        ties by id, NaN last."""
         n = self.n
         if n == 0 or (top_k is not None and top_k <= 0):
             return np.empty(0, np.int64), np.empty(0, np.float32), np.empty(0, np.float64)
-        q = np.ascontiguousarray(query, dtype=np.float32).reshape(-1)
-        if q.shape[0] != self.dim:
-            raise ValueError(f"query width {q.shape[0]} does not match stored width {self.dim}")
+        q = None
+        if query is not None:
+            q = np.ascontiguousarray(query, dtype=np.float32).reshape(-1)
+            if q.shape[0] != self.dim:
+                raise ValueError(f"query width {q.shape[0]} does not match stored width {self.dim}")
         rows = None
-        if faiss_mod is not None and top_k is not None and np.isfinite(q).all():
+        if by != "hp" and faiss_mod is not None and top_k is not None and np.isfinite(q).all():
             rows = self._faiss_top(faiss_mod, q, int(top_k), by)
-        if rows is None:  # score every row
+        if by == "hp":  # the stored preference: no query needed (ict shown when one is given)
+            rows = np.arange(n)
+            ict = exact_scores(self._vec[:n], q) if q is not None else np.full(n, np.nan, np.float32)
+            value = sigmoid(self._hp[:n])
+        elif rows is None:  # score every row
             rows = np.arange(n)
             ict, value = self._values(slice(0, n), q, by)
         else:

@@ -85,6 +85,28 @@ def test_index_then_search_ranks_like_rank(gallery, capsys, forwards, by):
     assert out.splitlines()[1].endswith(found["results"][0]["image"])
 
 
+def test_search_without_a_prompt_ranks_the_gallery_by_hp(gallery, capsys, forwards, monkeypatch):
+    """HP needs no prompt: `ict search` alone ranks by the stored HP, like `ict rank` without a prompt,
+    and loads no model at all."""
+    folder, opts = gallery
+    assert run(capsys, "index", str(folder), *opts)[0] == 0
+    monkeypatch.setattr(Scorer, "load", lambda *a, **k: pytest.fail("no model is needed to rank by hp"))
+    code, out, err = run(capsys, "search", "--json", *opts)
+    assert code == 0, err
+    found = json.loads(out)
+    assert found["by"] == "hp" and found["prompt"] is None
+    assert all(r["ict"] is None and r["score"] == r["hp"] == pytest.approx(r["value"]) for r in found["results"])
+    monkeypatch.undo()
+    code, out, err = run(capsys, "rank", str(folder), "--json", "--no-cache", *opts)
+    ranked = json.loads(out)
+    assert ranked["by"] == "hp" and labels(found["results"]) == labels(ranked["results"])
+    assert [r["hp"] for r in found["results"]] == pytest.approx([r["hp"] for r in ranked["results"]], abs=1e-5)
+    code, out, err = run(capsys, "search", "--top-k", "2", *opts)
+    assert code == 0 and len(out.strip().splitlines()) == 3 and out.splitlines()[1].split()[1] == "-"
+    code, out, err = run(capsys, "search", "--by", "ict", *opts)
+    assert code == 1 and "needs a prompt" in err and len(err.strip().splitlines()) == 1
+
+
 def test_index_skips_stored_images_and_search_skips_model_load(gallery, capsys, forwards, images, monkeypatch):
     folder, opts = gallery
     assert run(capsys, "index", str(folder), *opts)[0] == 0

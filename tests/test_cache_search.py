@@ -339,3 +339,20 @@ def test_threaded_scores_work_in_a_forked_child():
             pytest.fail("exact_scores hung in a forked child")
         time.sleep(0.05)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_by_hp_needs_no_query(tmp_path):
+    """by='hp' ranks the stored preference: no query, NaN hp last, ties by insertion; other rules need one."""
+    rng = np.random.default_rng(17)
+    hp = np.array([0.5, np.nan, 2.0, 0.5, -1.0], np.float32)
+    c = EmbeddingCache(tmp_path)
+    fill(c, unit(rng, 5, 16), hp)
+    got = c.search(GAL, None, by="hp")
+    assert [h.hash for h in got] == ["h000002", "h000000", "h000003", "h000004", "h000001"]
+    assert all(np.isnan(h.ict) for h in got) and got[0].value == pytest.approx(1 / (1 + np.exp(-2.0)))
+    assert [h.hash for h in c.search(GAL, None, top_k=2, by="hp")] == ["h000002", "h000000"]
+    q = unit(rng, 1, 16)[0]
+    with_q = c.search(GAL, q, by="hp")
+    assert [h.hash for h in with_q] == [h.hash for h in got] and not np.isnan(with_q[0].ict)
+    with pytest.raises(ValueError, match="needs a query"):
+        c.search(GAL, None, by="ict")
