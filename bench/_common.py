@@ -35,17 +35,9 @@ PROMPT = "a red fox standing in fresh snow at sunrise, photograph"
 GFLOPS_PER_IMAGE = 334.6   # ViT-H-14 image tower at 224 px (FACTS.md)
 
 # ViT-H-14 (laion2B) as in FACTS.md: the package's own record; the tiny config is only for smoke tests.
+from ict_core.config import TINY  # noqa: E402
 from ict_core.config import VIT_H_14 as VIT_H  # noqa: E402
 
-TINY = {
-    "projection_dim": 16,
-    "text_config": {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 2, "num_hidden_layers": 2,
-                    "vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "gelu",
-                    "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1},
-    "vision_config": {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 2, "num_hidden_layers": 2,
-                      "patch_size": 32, "image_size": 224, "num_channels": 3, "hidden_act": "gelu",
-                      "layer_norm_eps": 1e-5},
-}
 HP_WIDTHS = (1024, 128, 64, 16)
 N_IMAGES = 8
 IMAGE_SPECS = [  # (name, height, width): mixed sizes and aspect ratios, 512-1024 px

@@ -14,15 +14,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # Small but complete: the real vocabulary (open_clip ids reach 49407), 77 positions, 224 px input.
-TINY = {
-    "projection_dim": 16,
-    "text_config": {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 2, "num_hidden_layers": 2,
-                    "vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "gelu",
-                    "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1},
-    "vision_config": {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 2, "num_hidden_layers": 2,
-                      "patch_size": 32, "image_size": 224, "num_channels": 3, "hidden_act": "gelu",
-                      "layer_norm_eps": 1e-5},
-}
+from ict_core.config import TINY  # noqa: E402, F401  (re-exported to the tests)
 
 
 def tiny_clip(seed: int):
