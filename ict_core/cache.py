@@ -230,17 +230,7 @@ class EmbeddingCache:
         """Cached L2-normalised text features of the given prompts (hits only), bit-identical to
         what was put. Each distinct prompt counts as one hit or one miss."""
         with self._lock:
-            table = self._table("prompts", fingerprint)
-            out, now = {}, time.time()
-            for prompt in dict.fromkeys(prompts):
-                row = table.row(prompt)
-                if row is None:
-                    self._counters["prompt_misses"] += 1
-                else:
-                    out[prompt] = table.vector(row)
-                    table.touch(row, now)
-                    self._counters["prompt_hits"] += 1
-            return out
+            return self._lookup(self._table("prompts", fingerprint), prompts, "prompt", Table.vector)
 
     @_guard(None)
     def put_prompts(self, fingerprint: str, features: dict) -> None:
@@ -259,17 +249,22 @@ class EmbeddingCache:
     def get_images(self, gallery: str, hashes) -> dict:
         """{hash: (float32 vector, hp_raw or NaN)} for the stored hashes among `hashes`."""
         with self._lock:
-            table = self._table("images", gallery)
-            out, now = {}, time.time()
-            for digest in dict.fromkeys(hashes):
-                row = table.row(digest)
-                if row is None:
-                    self._counters["image_misses"] += 1
-                else:
-                    out[digest] = (table.vector(row), table.hp_raw(row))
-                    table.touch(row, now)
-                    self._counters["image_hits"] += 1
-            return out
+            return self._lookup(self._table("images", gallery), hashes, "image",
+                                lambda table, row: (table.vector(row), table.hp_raw(row)))
+
+    def _lookup(self, table, keys, counter: str, value) -> dict:
+        """{key: value(table, row)} for the stored keys among `keys` (each distinct key one hit or
+        miss in the `counter` counters); hits are marked used now."""
+        out, now = {}, time.time()
+        for key in dict.fromkeys(keys):
+            row = table.row(key)
+            if row is None:
+                self._counters[f"{counter}_misses"] += 1
+            else:
+                out[key] = value(table, row)
+                table.touch(row, now)
+                self._counters[f"{counter}_hits"] += 1
+        return out
 
     @_guard(None)
     def put_images(self, gallery: str, entries: dict) -> None:
