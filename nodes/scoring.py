@@ -119,6 +119,10 @@ class _Picker:
     """Shared body of ICTSelectBest and ICTRerank: score, order, and pick images/latent/mask alike."""
 
     NODE = ""
+    CATEGORY = CATEGORY
+    INPUT_IS_LIST = True
+    RETURN_TYPES = ("IMAGE", "LATENT", "MASK", "STRING", "FLOAT", "STRING")
+    OUTPUT_IS_LIST = (False, False, False, False, True, False)
 
     def _pick(self, model, images, prompt, score_by, latent, mask, choose):
         from ict_core import ranking
@@ -167,11 +171,7 @@ class ICTSelectBest(_Picker):
     """Keeps the k best images of a batch (best first), with their latents and masks."""
 
     NODE = "ICTSelectBest"
-    CATEGORY = CATEGORY
-    INPUT_IS_LIST = True
-    RETURN_TYPES = ("IMAGE", "LATENT", "MASK", "STRING", "FLOAT", "STRING")
     RETURN_NAMES = ("images", "latent", "mask", "indices", "scores", "report")
-    OUTPUT_IS_LIST = (False, False, False, False, True, False)
     FUNCTION = "select"
     DESCRIPTION = ("Best-of-N: the k best images by ICT/HP, best first; latent and mask are picked alike so a "
                    "second sampling pass can start from the winners. indices: e.g. '3,0'.")
@@ -196,11 +196,7 @@ class ICTRerank(_Picker):
     """Sorts the whole batch best first, with latents, masks and scores reordered alike."""
 
     NODE = "ICTRerank"
-    CATEGORY = CATEGORY
-    INPUT_IS_LIST = True
-    RETURN_TYPES = ("IMAGE", "LATENT", "MASK", "STRING", "FLOAT", "STRING")
     RETURN_NAMES = ("images", "latent", "mask", "order", "scores", "report")
-    OUTPUT_IS_LIST = (False, False, False, False, True, False)
     FUNCTION = "rerank"
     DESCRIPTION = "The whole batch sorted best first by ICT/HP. order: the input indices in output order, e.g. '2,0,1'."
 
