@@ -85,17 +85,23 @@ def split_prompts(prompt, n_images: int, node: str, optional: bool = False) -> l
     cover N/P consecutive images each, the order batches are concatenated in.
     """
     texts = [t for t in many(prompt)]
-    parts: list[str] = []
+    blocks: list[tuple[str, str]] = []          # (as typed, without prompt syntax)
     for t in texts:
         if not isinstance(t, str):
             raise InputError(f"{node}: prompt must be text, got {type(t).__name__}")
-        parts.extend(clean_prompt(p) for p in PROMPT_SEPARATOR.split(t))
-    parts = [p for p in parts if p]
-    if not parts and optional:
-        return None
-    if not parts:
+        blocks.extend((p, clean_prompt(p)) for p in PROMPT_SEPARATOR.split(t))
+    parts = [c for _, c in blocks]
+    if not any(parts):
+        if optional:
+            return None
         raise InputError(f"{node}: the prompt is empty; type the prompt the images were generated from (only "
                          f"score_by hp works without one)")
+    if len(parts) > 1 and not all(parts):  # dropping a block would hand the images of one batch another's prompt
+        i = parts.index("")
+        raw = " ".join(blocks[i][0].split())[:60]
+        said = f" ('{raw}' is only prompt syntax: embeddings, weights, LoRA tags)" if raw else ""
+        raise InputError(f"{node}: prompt block {i + 1} of {len(parts)} (separated by '---' lines) is empty{said}; "
+                         f"give every block the text of its images' prompt, or remove the block and its '---'")
     if len(parts) == 1:
         return parts * n_images
     if n_images % len(parts):
@@ -122,14 +128,14 @@ def gather_latent(latent, n_images: int, node: str) -> dict | None:
         except RuntimeError:
             raise InputError(f"{node}: the latents in the list have different sizes and cannot be batched") from None
         out = {"samples": samples}
-        if all("batch_index" in d for d in dicts):
-            out["batch_index"] = [i for d in dicts for i in d["batch_index"]]
+        # as LatentBatch: each latent's batch_index, or 0..n-1 for one without
+        out["batch_index"] = [i for d in dicts for i in _batch_index(d, d["samples"].shape[0])]
         masks = [d.get("noise_mask") for d in dicts]
         if any(m is not None for m in masks):
             if any(m is None for m in masks):
                 raise InputError(f"{node}: only some latents in the list have a noise mask; give all or none")
-            out["noise_mask"] = torch.cat([m.expand(d["samples"].shape[0], *m.shape[1:]) if m.shape[0] == 1 else m
-                                           for m, d in zip(masks, dicts)])
+            out["noise_mask"] = torch.cat([m.expand(d["samples"].shape[0], *m.shape[1:]) if m.shape[0] == 1
+                                           else _to_batch(m, d["samples"].shape[0]) for m, d in zip(masks, dicts)])
     b = out["samples"].shape[0]
     if b != n_images:
         raise InputError(f"{node}: the latent holds {b} samples but {n_images} images were given; connect the latent "
@@ -137,16 +143,30 @@ def gather_latent(latent, n_images: int, node: str) -> dict | None:
     return out
 
 
+def _to_batch(mask: torch.Tensor, b: int) -> torch.Tensor:
+    """A noise_mask of batch 1 or b as it is; one of another batch repeated (cyclically) to b, as
+    ComfyUI's LatentFromBatch and its samplers do."""
+    if mask.ndim == 0 or mask.shape[0] in (1, b):
+        return mask
+    reps = -(-b // mask.shape[0])
+    return mask.repeat(reps, *([1] * (mask.ndim - 1)))[:b]
+
+
+def _batch_index(latent: dict, b: int) -> list:
+    bi = latent.get("batch_index")
+    return list(bi) if isinstance(bi, (list, tuple)) and len(bi) == b else list(range(b))
+
+
 def take_latent(latent: dict, idx: list[int]) -> dict:
-    """The picked samples, with batch_index and a per-sample noise_mask reordered alike."""
+    """The picked samples, with batch_index (0..B-1 when missing) and the noise_mask picked alike
+    (a single mask is kept for all; a mask batch that is neither 1 nor B is repeated to B first)."""
     b = latent["samples"].shape[0]
     out = dict(latent)
     out["samples"] = latent["samples"][idx]
-    if isinstance(latent.get("batch_index"), (list, tuple)) and len(latent["batch_index"]) == b:
-        out["batch_index"] = [latent["batch_index"][i] for i in idx]
+    out["batch_index"] = [_batch_index(latent, b)[i] for i in idx]
     nm = latent.get("noise_mask")
-    if isinstance(nm, torch.Tensor) and nm.ndim >= 1 and nm.shape[0] == b and b > 1:
-        out["noise_mask"] = nm[idx]
+    if isinstance(nm, torch.Tensor) and nm.ndim >= 1 and nm.shape[0] != 1:
+        out["noise_mask"] = _to_batch(nm, b)[idx]
     return out
 
 

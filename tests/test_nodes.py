@@ -257,6 +257,43 @@ def test_rgba_and_grayscale_images_are_scored(model):
     assert scores == pytest.approx(rgb)
 
 
+def test_noise_mask_of_another_batch_size_is_repeated_like_latent_from_batch():
+    """A noise_mask batch that is neither 1 nor B is repeated to B before picking (LatentFromBatch's rule):
+    the picked latent carries the picked sample's mask, not the one at the same position of a shorter batch."""
+    lat = latent(4)
+    lat["noise_mask"] = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1).expand(2, 1, 8, 6).clone()  # 2 masks, B=4
+    out = adapters.take_latent(lat, [3, 0])
+    assert out["noise_mask"][:, 0, 0, 0].tolist() == [1.0, 0.0]  # sample 3 has mask 3 % 2 = 1
+    three = dict(lat, noise_mask=torch.tensor([5.0, 6.0, 7.0]).view(3, 1, 1))  # [B,H,W] masks, 3 for B=4
+    assert adapters.take_latent(three, [3, 2])["noise_mask"][:, 0, 0].tolist() == [5.0, 7.0]
+    single = dict(lat, noise_mask=torch.ones(1, 1, 8, 6))
+    assert adapters.take_latent(single, [2])["noise_mask"].shape[0] == 1  # one mask for all: kept
+
+
+def test_batch_index_is_defaulted_and_follows_the_picks():
+    lat = {"samples": torch.zeros(4, 4, 8, 6)}
+    assert adapters.take_latent(lat, [2, 0])["batch_index"] == [2, 0]
+    assert adapters.take_latent(latent(4), [3, 1])["batch_index"] == [13, 11]
+    first = {k: v for k, v in latent(2).items() if k != "noise_mask"}
+    both = adapters.gather_latent([first, {"samples": torch.zeros(2, 4, 8, 6)}], 4, "n")
+    assert both["batch_index"] == [10, 11, 0, 1]  # as LatentBatch joins them
+    masks = adapters.gather_latent([latent(2), dict(latent(3), noise_mask=torch.zeros(2, 1, 8, 6))], 5, "n")
+    assert masks["noise_mask"].shape[0] == 5
+
+
+def test_an_empty_prompt_block_is_an_error_not_a_redivision(model):
+    """'embedding:x' alone is empty once prompt syntax is removed: the batch is not re-divided among the
+    other blocks (which would score images against another batch's prompt)."""
+    with pytest.raises(InputError, match=r"prompt block 2 of 3 .*is empty.*embedding:EasyNegative"):
+        adapters.split_prompts("a fox\n---\nembedding:EasyNegative\n---\na cat", 6, "ICTScore")
+    with pytest.raises(InputError, match="block 3 of 3"):
+        adapters.split_prompts("a fox\n---\na cat\n---\n", 4, "ICTScore")
+    with pytest.raises(InputError, match="block 2 of 2"):
+        ICTScore().score([model], [batch(4)], ["a fox", "(:1.2)"])
+    assert adapters.split_prompts("a fox\n---\na cat", 4, "n") == ["a fox"] * 2 + ["a cat"] * 2
+    assert adapters.split_prompts("embedding:x\n---\n ", 2, "n", optional=True) is None
+
+
 # --------------------------------------------------------------------------------- host glue (fake ComfyUI)
 class _Interrupted(Exception):
     pass
