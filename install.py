@@ -10,9 +10,9 @@ torch, torchvision and torchaudio are never installed, upgraded or downgraded: t
 skipped, and while the rest installs pip gets a constraints file pinning the versions present, so no dependency
 can pull a different torch in.
 
-Under the webui, the packages its ``requirements_versions.txt`` pins (Pillow, numpy, transformers,
-open-clip-torch, safetensors, ...) are the webui's too: the webui re-installs its pins at every start, so changing
-them would flip-flop on each launch. They are left as they are (pinned like torch) and a warning says when one is
+Under the webui, the packages it pins (Pillow, numpy, transformers, open-clip-torch, safetensors, ...; A1111 and
+Forge main pin in ``requirements_versions.txt``, Forge Classic and Neo in ``requirements.txt``) are the webui's
+too: the webui re-installs its pins at every start, so changing them would flip-flop on each launch. They are left as they are (pinned like torch) and a warning says when one is
 older than this project asks for. Model weights are not downloaded here (see the hint printed at the end).
 """
 from __future__ import annotations
@@ -156,7 +156,7 @@ def constraints_text(version_of: Callable[[str], str | None] = installed_version
 
 
 def read_pins(path: str) -> dict[str, str]:
-    """``{canonical name: version}`` of the ``name==version`` lines of a webui requirements_versions.txt."""
+    """``{canonical name: version}`` of the ``name==version`` lines of a webui requirements file."""
     pins: dict[str, str] = {}
     try:
         with open(path, encoding="utf-8") as f:
@@ -170,14 +170,23 @@ def read_pins(path: str) -> dict[str, str]:
     return pins
 
 
+# Where the webuis pin their packages: A1111 and Forge main in requirements_versions.txt (their requirements.txt is
+# unpinned), Forge Classic and Neo in requirements.txt. REQS_FILE (the webuis' own override) is read first.
+PIN_FILES = ("requirements_versions.txt", "requirements.txt")
+
+
 def webui_pins() -> dict[str, str]:
-    """The webui's pinned versions (its launch.py sits beside requirements_versions.txt; REQS_FILE overrides)."""
+    """The webui's pinned versions (its launch.py sits beside the requirements files)."""
     launch = sys.modules.get("launch")
     root = os.path.dirname(os.path.abspath(getattr(launch, "__file__", "") or ""))
     if not root:
         return {}
-    name = os.environ.get("REQS_FILE", "requirements_versions.txt")
-    return read_pins(name if os.path.isabs(name) else os.path.join(root, name))
+    names = [os.environ["REQS_FILE"]] if os.environ.get("REQS_FILE") else []
+    pins: dict[str, str] = {}
+    for name in names + [n for n in PIN_FILES if n not in names]:
+        for k, v in read_pins(name if os.path.isabs(name) else os.path.join(root, name)).items():
+            pins.setdefault(k, v)
+    return pins
 
 
 def webui_run_pip() -> Callable[..., object] | None:

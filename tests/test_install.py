@@ -199,3 +199,35 @@ def test_read_pins(inst, tmp_path):
     f.write_text("# c\nGitPython==3.1.32\nPillow == 9.5.0  # x\naccelerate\ntorch\nfoo[bar]==1.0 ; python_version>'3'\n")
     assert inst.read_pins(str(f)) == {"gitpython": "3.1.32", "pillow": "9.5.0", "foo": "1.0"}
     assert inst.read_pins(str(tmp_path / "missing.txt")) == {}
+
+
+@pytest.mark.parametrize("layout", ["a1111", "forge-classic", "reqs-file"])
+def test_webui_pins_are_found_in_every_webui_layout(inst, tmp_path, monkeypatch, layout):
+    """A1111 / Forge main pin in requirements_versions.txt (requirements.txt unpinned); Forge Classic and Neo pin in
+    requirements.txt; REQS_FILE overrides both. Each layout must protect transformers==4.30.2 the same way."""
+    webui = tmp_path / "webui"
+    webui.mkdir()
+    monkeypatch.delenv("REQS_FILE", raising=False)
+    if layout == "a1111":
+        (webui / "requirements_versions.txt").write_text("transformers==4.30.2\nPillow==9.5.0\n")
+        (webui / "requirements.txt").write_text("transformers\nPillow\n")
+    elif layout == "forge-classic":
+        (webui / "requirements.txt").write_text("GitPython==3.1.32\ntransformers==4.30.2\nPillow==9.5.0\ntorch\n")
+    else:
+        (webui / "requirements.txt").write_text("transformers==9.9\n")
+        (webui / "mine.txt").write_text("transformers==4.30.2\nPillow==9.5.0\n")
+        monkeypatch.setenv("REQS_FILE", "mine.txt")
+    launch = types.ModuleType("launch")
+    launch.__file__ = str(webui / "launch.py")
+    seen = []
+    launch.run_pip = lambda command, desc=None, live=False: seen.append(
+        (command, Path(command.split(' -c "')[1].rstrip('"')).read_text()))
+    launch.is_installed = lambda name: True
+    monkeypatch.setitem(sys.modules, "launch", launch)
+    assert inst.webui_pins()["transformers"] == "4.30.2" and inst.webui_pins()["pillow"] == "9.5.0"
+    versions = dict(VERSIONS, transformers="4.30.2", pillow="9.5.0")
+    reqs = write_reqs(tmp_path, "transformers>=4.40\nPillow>=10\nfaiss-cpu>=1.7.4\n")
+    assert inst.main([], root=str(reqs), version_of=versions.get) == 0
+    command, constraints = seen[0]
+    assert command.startswith('install "faiss-cpu>=1.7.4" -c ') and "transformers" not in command
+    assert "transformers==4.30.2" in constraints.splitlines() and "pillow==9.5.0" in constraints.splitlines()
