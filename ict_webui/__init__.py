@@ -4,17 +4,17 @@ Nothing here imports ``modules.*`` (the webui) and nothing loads a model at impo
 is the thin webui Script that translates the webui's hooks into calls on :class:`WebuiReward`.
 """
 from .align import apply_order, compact
-from .infotext import (HP_INFOTEXT_KEY, HP_PNG_KEY, ICT_INFOTEXT_KEY, ICT_PNG_KEY, png_keys_from_infotext,
-                       scores_from_infotext)
+from .infotext import (HP_INFOTEXT_KEY, HP_PNG_KEY, ICT_INFOTEXT_KEY, ICT_PNG_KEY, RECORD_PNG_KEY,
+                       png_keys_from_infotext, scores_from_infotext)
 from .options import (AFTER_CHOICES, DEVICE_CHOICES, OPTIONS, PRECISION_CHOICES, RunArgs, Settings, BY_CHOICES,
                       MODE_CHOICES)
-from .holder import ScorerHolder, find_models
+from .holder import ScorerHolder, find_models, search_models
 from ict_core.prompt_syntax import clean_prompt
 from .reward import WebuiReward
 
 __all__ = [
-    "apply_order", "compact", "HP_INFOTEXT_KEY", "HP_PNG_KEY", "ICT_INFOTEXT_KEY", "ICT_PNG_KEY",
+    "apply_order", "compact", "HP_INFOTEXT_KEY", "HP_PNG_KEY", "ICT_INFOTEXT_KEY", "ICT_PNG_KEY", "RECORD_PNG_KEY",
     "png_keys_from_infotext", "scores_from_infotext", "AFTER_CHOICES", "DEVICE_CHOICES", "OPTIONS",
-    "PRECISION_CHOICES", "RunArgs", "Settings", "BY_CHOICES", "MODE_CHOICES", "ScorerHolder", "find_models",
+    "PRECISION_CHOICES", "RunArgs", "Settings", "BY_CHOICES", "MODE_CHOICES", "ScorerHolder", "find_models", "search_models",
     "clean_prompt", "WebuiReward",
 ]

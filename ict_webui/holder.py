@@ -1,31 +1,46 @@
 """Finding the model files and holding one loaded :class:`ict_core.Scorer` between generations.
 
 Nothing is loaded at import or when the extension is merely installed: the first generation with the accordion
-enabled loads the models (through ``ict_core.Scorer.load``); the Settings decide whether they then stay on their
-device, move to the CPU, or are dropped."""
+enabled loads the models (through ``ict_core.Scorer.load``); where they wait between scorings follows the host
+(:mod:`.placement`) and the Settings."""
 from __future__ import annotations
 
 import gc
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .options import AFTER_CPU, AFTER_KEEP, AFTER_UNLOAD
+from .options import AFTER_UNLOAD
+from .placement import TorchPlacement
 
 log = logging.getLogger(__name__)
 
 ICT_FILE, HP_FILE = "ict.safetensors", "hp.safetensors"     # the names `ict fetch` writes (ict_core.paths)
 
 
-def _read_kind(path: Path) -> str | None:
+PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt")        # never loaded; named so the user learns to convert them
+
+
+def _read_kind(path: Path) -> tuple[str | None, str | None]:
+    """``(kind, None)`` for a converted model file, else ``(None, the engine's one-line reason)``."""
     try:
         from ict_core import weights
-        return weights.read_kind(path)
-    except Exception as e:      # not ours, truncated, a pickle ...: not a candidate
+        return weights.read_kind(path), None
+    except Exception as e:      # not ours, truncated, a pickle ...
         log.debug("ICT reward: %s is not a model file (%s)", path, e)
-        return None
+        return None, str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+@dataclass
+class Found:
+    """What the model folders hold: the files to load, and why a file that looked meant for us cannot be used."""
+    ict: Path | None = None
+    hp: Path | None = None
+    ict_problem: str | None = None      # the engine's message about ict.safetensors (or a pickle) when no ICT loads
+    hp_problem: str | None = None
 
 
 def search_dirs(models_dir: str | os.PathLike) -> list[Path]:
@@ -43,34 +58,57 @@ def search_dirs(models_dir: str | os.PathLike) -> list[Path]:
     return uniq
 
 
-def find_models(dirs: Iterable[str | os.PathLike]) -> tuple[Path | None, Path | None]:
-    """``(ict_path, hp_path)``: ict.safetensors / hp.safetensors first, else any .safetensors whose header says
-    it is that kind; the first folder that has an ICT model wins (an HP model is looked for in it first)."""
-    found: dict[str, Path] = {}
+def search_models(dirs: Iterable[str | os.PathLike]) -> Found:
+    """ict.safetensors / hp.safetensors first, else any .safetensors whose header says it is that kind; the first
+    folder that has an ICT model wins (an HP model is looked for in it first). A file named ict.safetensors /
+    hp.safetensors that the engine refuses (truncated, not converted, a pickle, the other kind), or a pickle
+    checkpoint lying in the folder, is remembered with the engine's message, shown when no usable file is found."""
+    out = Found()
     for d in dirs:
         d = Path(d)
         if not d.is_dir():
             continue
         local: dict[str, Path] = {}
         for kind, name in (("ict", ICT_FILE), ("hp", HP_FILE)):
-            if (d / name).is_file() and _read_kind(d / name) == kind:
+            if not (d / name).is_file():
+                continue
+            got, problem = _read_kind(d / name)
+            if got == kind:
                 local[kind] = d / name
+            else:
+                problem = problem or (f"{d / name} is an {str(got).upper()} model, not the {kind.upper()} model; "
+                                      f"rename it")
+                if getattr(out, f"{kind}_problem") is None:
+                    setattr(out, f"{kind}_problem", problem)
         if len(local) < 2:
             for f in sorted(d.glob("*.safetensors")):
                 if f.name in (ICT_FILE, HP_FILE):
                     continue
-                kind = _read_kind(f)
+                kind, _ = _read_kind(f)
                 if kind in ("ict", "hp") and kind not in local:
                     local[kind] = f
-        if "ict" in local and "ict" not in found:
-            found["ict"] = local["ict"]
+        if out.ict_problem is None and "ict" not in local:
+            for pattern in PICKLES:
+                for f in sorted(d.glob(pattern)):
+                    _, out.ict_problem = _read_kind(f)
+                    break
+                if out.ict_problem:
+                    break
+        if "ict" in local and out.ict is None:
+            out.ict = local["ict"]
             if "hp" in local:
-                found["hp"] = local["hp"]
-        if "hp" in local and "hp" not in found:
-            found.setdefault("hp", local["hp"])
-        if "ict" in found and "hp" in found:
+                out.hp = local["hp"]
+        if "hp" in local and out.hp is None:
+            out.hp = local["hp"]
+        if out.ict is not None and out.hp is not None:
             break
-    return found.get("ict"), found.get("hp")
+    return out
+
+
+def find_models(dirs: Iterable[str | os.PathLike]) -> tuple[Path | None, Path | None]:
+    """``(ict_path, hp_path)`` of :func:`search_models`."""
+    found = search_models(dirs)
+    return found.ict, found.hp
 
 
 def missing_message(dirs: list[Path], kind: str = "ict") -> str:
@@ -82,10 +120,11 @@ def missing_message(dirs: list[Path], kind: str = "ict") -> str:
             f"webui's Python), or set the folder in Settings > ICT reward.")
 
 
-def _default_loader(ict_path: Path, hp_path: Path | None, device: str, precision: str):
+def _default_loader(ict_path: Path, hp_path: Path | None, device: Any, precision: str, run_device: Any = None):
     from ict_core import Scorer
 
-    return Scorer.load(ict_path, hp_path, device=device, precision=precision, cache=_open_cache())
+    return Scorer.load(ict_path, hp_path, device=device, precision=precision, cache=_open_cache(),
+                       run_device=run_device)
 
 
 def _open_cache():
@@ -100,13 +139,17 @@ def _open_cache():
 
 
 class ScorerHolder:
-    """One loaded scorer, reused while the files, device and precision stay the same."""
+    """One loaded scorer, reused while the files, device and precision stay the same. Where it lives between
+    scorings is the host's business (:mod:`.placement`): the weights are loaded where they wait (RAM, or Forge's
+    offload device) and go to the scoring device through :meth:`use`."""
 
-    def __init__(self, loader: Callable[[Path, Path | None, str, str], Any] | None = None):
+    def __init__(self, loader: Callable[..., Any] | None = None, placement: Any = None):
         self._loader = loader or _default_loader
+        self.placement = placement if placement is not None else TorchPlacement()
         self._scorer: Any = None
+        self._handle: Any = None        # the host's wrapper (Forge's ModelPatcher), None in A1111
+        self._run: Any = None           # the device it scores on
         self._key: tuple | None = None
-        self._home: Any = None          # the device it was loaded on
         self.lock = threading.RLock()
         self.loads = 0                  # how many times a model was loaded (tests, logs)
 
@@ -115,42 +158,48 @@ class ScorerHolder:
         return self._scorer is not None
 
     def get(self, ict_path: Path, hp_path: Path | None, device: str, precision: str):
+        """The scorer, on its scoring device; raises ICTError (bad file, no such device) with a one-line message."""
         key = (str(ict_path), str(hp_path) if hp_path else None, device, precision)
         with self.lock:
             if self._scorer is not None and self._key != key:
                 self.unload()
             if self._scorer is None:
-                log.info("ICT reward: loading %s%s (device %s, precision %s)", ict_path,
-                         f" + {hp_path}" if hp_path else "", device, precision)
-                self._scorer = self._loader(ict_path, hp_path, device, precision)
-                self._key = key
-                self._home = getattr(self._scorer, "device", None)
+                wait, run = self.placement.devices(device)
+                log.info("ICT reward: loading %s%s (scoring on %s, waiting on %s, precision %s)", ict_path,
+                         f" + {hp_path}" if hp_path else "", run, wait, precision)
+                scorer = self._loader(ict_path, hp_path, wait, precision, run)
+                self._handle = self.placement.adopt(scorer, run, wait)
+                self._scorer, self._run, self._key = scorer, run, key
                 self.loads += 1
-            elif self._home is not None and getattr(self._scorer, "device", self._home) != self._home:
-                log.info("ICT reward: moving the reward models back to %s", self._home)
-                self._scorer.modules.to(self._home)
+            self.placement.to_run(self._scorer, self._handle, self._run)
             return self._scorer
 
-    def release(self, policy: str) -> None:
-        """What to do once a generation is over (the Settings' "after a generation")."""
+    def done_scoring(self, policy: str) -> None:
+        """After each scoring: A1111 gives the GPU back unless the Settings say "keep loaded"; Forge's manager
+        decides itself."""
         with self.lock:
-            if self._scorer is None or policy == AFTER_KEEP:
+            if self._scorer is not None:
+                self.placement.after_scoring(self._scorer, self._handle, policy)
+
+    def release(self, policy: str) -> None:
+        """Once a generation is over: "unload" drops the weights from RAM too."""
+        with self.lock:
+            if self._scorer is None:
                 return
-            if policy == AFTER_CPU:
-                if str(getattr(self._scorer, "device", "cpu")) != "cpu":
-                    log.info("ICT reward: moving the reward models to the CPU")
-                    self._scorer.modules.to("cpu")
-                    _empty_cuda_cache()
-            elif policy == AFTER_UNLOAD:
+            if policy == AFTER_UNLOAD:
                 self.unload()
+            else:
+                self.placement.after_scoring(self._scorer, self._handle, policy)
 
     def unload(self) -> None:
         with self.lock:
             if self._scorer is not None:
                 log.info("ICT reward: unloading the reward models")
-            self._scorer = None
-            self._key = None
-            self._home = None
+                try:
+                    self.placement.forget(self._scorer, self._handle)
+                except Exception as e:      # pragma: no cover - a host's manager refusing
+                    log.debug("ICT reward: the host's manager could not forget the models (%s)", e)
+            self._scorer = self._handle = self._run = self._key = None
             gc.collect()
             _empty_cuda_cache()
 

@@ -1,24 +1,30 @@
-"""Where the scores appear: the infotext ("parameters" text) and the PNG text chunks of each saved image.
+"""Where the scores appear: the infotext ("parameters" text), the API's info, and the PNG text chunks of each image.
 
 Infotext keys (the webui's "Key: value" style): ``ICT score`` and ``HP score``.
-PNG info keys (documented in docs/webui.md): ``ict_score`` and ``hp_score``; they are derived from the infotext
-that the webui is about to write, so every saved copy of an image (before/after face restoration, mask, ...)
-carries the score of the image it was computed for.
+PNG keys (the names of :mod:`ict_core.metadata`, shared with the ComfyUI nodes): ``ict_reward`` (one JSON record,
+the image's own) and the flat ``ict_score`` / ``hp_score``; the flat keys are derived from the infotext that the
+webui is about to write, so every saved copy of an image (before/after face restoration, mask, ...) carries the
+score of the image it was computed for.
 
 The webui builds the infotext of image ``i`` of batch ``n`` by calling ``create_infotext(p, p.prompts, p.seeds,
 p.subseeds, index=i, ...)`` right after ``postprocess_batch_list``; a callable value in
 ``p.extra_generation_params`` is called there as ``value(**locals())`` (A1111 >= 1.8, all Forge versions).
-:class:`ScoreField` is such a callable: it reads the scores of the current batch from the run state on ``p``.
+:class:`ScoreField` is such a callable. Everything in ``extra_generation_params`` is also serialised by
+``Processed.js()`` (the API's ``info``); Forge Classic calls ``json.dumps`` there without a fallback, so the field
+is a ``str`` (JSON-safe as it is), and once the generation is over it is replaced by the plain list of scores, one
+per image kept (the webui's documented list form).
 """
 from __future__ import annotations
 
 import re
 from typing import Any
 
+from ict_core.metadata import HP_TEXT_KEY as HP_PNG_KEY
+from ict_core.metadata import ICT_TEXT_KEY as ICT_PNG_KEY
+from ict_core.metadata import KEY as RECORD_PNG_KEY
+
 ICT_INFOTEXT_KEY = "ICT score"
 HP_INFOTEXT_KEY = "HP score"
-ICT_PNG_KEY = "ict_score"
-HP_PNG_KEY = "hp_score"
 STATE_ATTR = "_ict_reward_state"
 
 _FIELDS = {ICT_INFOTEXT_KEY: ICT_PNG_KEY, HP_INFOTEXT_KEY: HP_PNG_KEY}
@@ -28,15 +34,18 @@ def fmt(value: float | None) -> str | None:
     return None if value is None else f"{value:.4f}"
 
 
-class ScoreField:
+class ScoreField(str):
     """Value of ``p.extra_generation_params["ICT score"]`` (or "HP score"): one score per image.
 
-    During the batch loop, ``index`` is the position in the current batch (after selection); once the
-    generation is finished (``postprocess``), ``index`` is the position among all images kept. The grid's
-    infotext (``use_main_prompt=True``) and calls made before the batch was scored get ``None`` (left out)."""
+    A ``str`` (empty) so that any JSON encoder takes it as it is; callable so that ``create_infotext`` asks it for
+    the score of image ``index``. During the batch loop, ``index`` is the position in the current batch (after
+    selection). The grid's infotext (``use_main_prompt=True``) and calls made before the batch was scored get
+    ``None`` (left out)."""
 
-    def __init__(self, which: str):
-        self.which = which          # "ict" or "hp"
+    def __new__(cls, which: str) -> "ScoreField":
+        obj = super().__new__(cls, "")
+        obj.which = which          # "ict" or "hp"
+        return obj
 
     def __call__(self, p: Any = None, index: Any = None, use_main_prompt: bool = False, **_: Any) -> str | None:
         state = getattr(p, STATE_ATTR, None)
@@ -46,6 +55,9 @@ class ScoreField:
 
     def __repr__(self) -> str:      # shows in debug dumps of extra_generation_params
         return f"ScoreField({self.which!r})"
+
+    def __reduce__(self):           # copy / deepcopy / pickle (e.g. another extension copying p)
+        return (ScoreField, (self.which,))
 
 
 _NUM = r"(-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)"

@@ -41,8 +41,13 @@ OPTIONS: tuple[Option, ...] = (
            info="auto: the GPU when there is one"),
     Option("ict_reward_precision", "auto", "Precision of the reward models", PRECISION_CHOICES,
            info="auto: fp32; fp16 / bf16 halve the memory on a GPU (a CPU uses fp32, or bf16 where it runs it natively)"),
-    Option("ict_reward_after", AFTER_KEEP, "After a generation, the reward models are", AFTER_CHOICES,
-           info="keep loaded: fastest; move to CPU: frees GPU memory, keeps RAM; unload: frees both"),
+    Option("ict_reward_after", AFTER_CPU, "Between scorings, the reward models", AFTER_CHOICES,
+           info="A1111: 'move to CPU' gives the GPU back after each scoring (the weights wait in RAM, ~6.4 GB for an "
+                "fp32 ICT+HP pair, 3.2 GB in fp16; each scoring first copies them to the GPU); 'keep loaded' leaves "
+                "them on the GPU (fastest, but that VRAM is gone for the generation: only for large cards); "
+                "'unload' also drops them from RAM after each generation (the next one reads them from disk again). "
+                "Forge: its memory manager moves them in and out of the GPU as it does its own models, whatever is "
+                "chosen here; only 'unload' changes something (RAM)"),
 )
 
 
@@ -72,7 +77,7 @@ class Settings:
         return cls(models_dir=folder,
                    device=pick("ict_reward_device", DEVICE_CHOICES, "auto"),
                    precision=pick("ict_reward_precision", PRECISION_CHOICES, "auto"),
-                   after=pick("ict_reward_after", AFTER_CHOICES, AFTER_KEEP))
+                   after=pick("ict_reward_after", AFTER_CHOICES, AFTER_CPU))
 
 
 @dataclass(frozen=True)

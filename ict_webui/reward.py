@@ -2,15 +2,17 @@
 
 The Script (scripts/ict_reward.py) calls, for one generation ``p``:
 
-- :meth:`WebuiReward.process` once, before sampling (A1111 ``Script.process``): checks the settings and the model
-  files (cheap, nothing is loaded), installs the infotext fields;
+- :meth:`WebuiReward.process` once, before sampling (A1111 ``Script.process``): checks the settings, the model
+  files (cheap, nothing is loaded) and the selected script, installs the infotext fields;
 - :meth:`WebuiReward.postprocess_batch_list` once per batch (``Script.postprocess_batch_list``), before anything of
-  the batch is saved: scores the images (loading the models the first time), keeps / reorders them and keeps
-  ``p.prompts``, ``p.seeds`` ... aligned (:mod:`.align`);
+  the batch is saved: scores the images (:mod:`.judge`), keeps / reorders them and keeps ``p.prompts``,
+  ``p.seeds`` ... aligned (:mod:`.align`);
 - :meth:`WebuiReward.postprocess_image` per image (``Script.postprocess_image``): copies the scores into
   ``image.info`` (what the API and the gallery get);
+- :meth:`WebuiReward.add_png_info` per saved file (``on_before_image_saved``): the PNG keys;
 - :meth:`WebuiReward.postprocess` at the end (``Script.postprocess``): removes the dropped images' entries from
-  ``p.all_*`` / ``processed.all_*`` and offloads the models as the Settings say.
+  ``p.all_*`` / ``processed.all_*``, turns the infotext fields into plain lists of scores (the API's
+  ``extra_generation_params``), and releases the models as the Settings say.
 
 Failures never fail the generation: the images are then kept as they are, unscored, and a one-line message goes to
 the UI (``p.comment``, shown under the images), to the log, and to ``ui_notify`` (the Script passes
@@ -19,16 +21,19 @@ the UI (``p.comment``, shown under the images), to the log, and to ``ui_notify``
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from . import align
-from .holder import ScorerHolder, find_models, missing_message, search_dirs
-from .infotext import (HP_INFOTEXT_KEY, HP_PNG_KEY, ICT_INFOTEXT_KEY, ICT_PNG_KEY, STATE_ATTR, ScoreField, fmt)
-from .options import MODE_ANNOTATE, MODE_KEEP, MODE_RERANK, NEEDS_HP, RunArgs, Settings
-from ict_core.prompt_syntax import clean_prompt
+from . import align, other_scripts
+from .holder import ScorerHolder, missing_message, search_dirs, search_models
+from .infotext import (HP_INFOTEXT_KEY, HP_PNG_KEY, ICT_INFOTEXT_KEY, ICT_PNG_KEY, RECORD_PNG_KEY, STATE_ATTR,
+                       ScoreField, add_png_keys, fmt, scores_from_infotext)
+from .judge import Verdict, judge
+from .options import MODE_ANNOTATE, NEEDS_HP, RunArgs, Settings
+from ict_core import metadata
 
 log = logging.getLogger(__name__)
+_FIELDS = ((ICT_INFOTEXT_KEY, "ict"), (HP_INFOTEXT_KEY, "hp"))
 
 
 @dataclass
@@ -40,51 +45,42 @@ class RunState:
     hp_path: Any = None
     disabled: str | None = None                  # why nothing is scored in this run
     align: align.AlignState = field(default_factory=align.AlignState)
-    iteration: int | None = None                 # the batch whose scores are in `current`
-    current: list[tuple[float | None, float | None]] = field(default_factory=list)
-    all_scores: list[tuple[float | None, float | None]] = field(default_factory=list)
+    iteration: int | None = None                 # the batch whose records are in `current`
+    current: list[dict | None] = field(default_factory=list)      # metadata records of the kept images
+    all_records: list[dict | None] = field(default_factory=list)
     finished: bool = False
     messages: list[str] = field(default_factory=list)
     reports: list[str] = field(default_factory=list)
 
-    def score_text(self, which: str, index: int, iteration: Any) -> str | None:
+    def record(self, index: Any, iteration: Any = None) -> dict | None:
         if self.finished:
-            table = self.all_scores
-        elif iteration is not None and iteration == self.iteration:
+            table = self.all_records
+        elif iteration is None or iteration == self.iteration:
             table = self.current
         else:
             return None
-        if index >= len(table):
+        return table[index] if isinstance(index, int) and 0 <= index < len(table) else None
+
+    def score_text(self, which: str, index: int, iteration: Any) -> str | None:
+        if not self.finished and iteration is None:
             return None
-        return fmt(table[index][0 if which == "ict" else 1])
+        rec = self.record(index, iteration)
+        return fmt(rec.get(which)) if rec else None
 
 
-class _Cancelled(Exception):
-    pass
-
-
-def _empty_result(index: int, prompt: str, error: str):
-    from ict_core import ScoreResult
-    return ScoreResult(index=index, label=None, prompt=prompt, error=error)
-
-
-def to_scorable(x: Any) -> Any:
-    """The webui's batch images are CHW float tensors in 0..1 on the CPU (A1111 >= 1.6, Forge); other
-    extensions may have put numpy HWC arrays or PIL images there. Anything else goes to the engine as it is and
-    comes back as a per-image error."""
-    try:
-        import numpy as np
-        import torch
-    except ImportError:          # pragma: no cover
-        return x
-    if isinstance(x, torch.Tensor):
-        return x.detach().float().cpu() if x.is_floating_point() else x.detach().cpu()
-    if isinstance(x, np.ndarray):
-        t = torch.from_numpy(np.ascontiguousarray(x))
-        if t.ndim == 3 and t.shape[-1] in (1, 3, 4) and t.shape[0] not in (1, 3, 4):
-            t = t.permute(2, 0, 1)
-        return t.float() if t.is_floating_point() else t
-    return x
+def make_records(state: RunState, v: Verdict, n: int) -> list[dict | None]:
+    """The :mod:`ict_core.metadata` record of each input image (None: not scored)."""
+    if v.results is None:
+        return [None] * n
+    rank: dict[int, int] = {}
+    if v.ranked and v.order:
+        for pos, i in enumerate(i for i in v.order if v.results[i].error is None):
+            rank[i] = pos + 1
+    model = getattr(state.ict_path, "name", None)
+    hp_model = getattr(state.hp_path, "name", None) if v.has_hp else None
+    return [None if r.error else metadata.record(r, by=v.by, value=v.values[i], rank=rank.get(i), model=model,
+                                                 hp_model=hp_model, precision=state.settings.precision)
+            for i, r in enumerate(v.results)]
 
 
 class WebuiReward:
@@ -119,27 +115,34 @@ class WebuiReward:
             return None
         state = RunState(args=args, settings=settings)
         setattr(p, STATE_ATTR, state)
+        blocker = other_scripts.positional_script(p)
+        if blocker is not None and args.mode != MODE_ANNOTATE:
+            state.args = replace(args, mode=MODE_ANNOTATE)
+            self.notify(p, state, f"ICT reward: the {blocker} script needs every image in its place, so '{args.mode}'"
+                                  f" is not applied; the scores are written (annotate).")
         egp = getattr(p, "extra_generation_params", None)
         if isinstance(egp, dict):
             egp[ICT_INFOTEXT_KEY] = ScoreField("ict")
             egp[HP_INFOTEXT_KEY] = ScoreField("hp")
         dirs = search_dirs(settings.models_dir)
-        ict_path, hp_path = find_models(dirs)
-        if ict_path is None:
-            state.disabled = missing_message(dirs, "ict")
+        found = search_models(dirs)
+        if found.ict is None:
+            state.disabled = (f"ICT reward: {found.ict_problem}; images are left unscored." if found.ict_problem
+                              else missing_message(dirs, "ict"))
             self.notify(p, state, state.disabled)
             return state
-        state.ict_path = ict_path
+        if found.ict_problem:
+            self.notify(p, state, f"ICT reward: {found.ict_problem}; using {found.ict} instead.")
+        state.ict_path = found.ict
         if args.needs_hp:
-            if hp_path is None:
+            if found.hp is None:
+                why = found.hp_problem or f"no HP model found in {dirs[0]}"
                 if args.by in NEEDS_HP:
-                    self.notify(p, state, f"ICT reward: no HP model found in {dirs[0]}, so ranking by 'ict' "
-                                          f"instead of '{args.by}'; `ict fetch --hp --dest \"{dirs[0]}\"` "
-                                          f"installs it.")
+                    self.notify(p, state, f"ICT reward: {why}, so ranking by 'ict' instead of '{args.by}'; "
+                                          f"`ict fetch --hp --dest \"{dirs[0]}\"` installs it.")
                 else:
-                    self.notify(p, state, f"ICT reward: no HP model found in {dirs[0]}; only ICT scores are "
-                                          f"written.")
-            state.hp_path = hp_path
+                    self.notify(p, state, f"ICT reward: {why}; only ICT scores are written.")
+            state.hp_path = found.hp
         return state
 
     def postprocess_batch_list(self, p: Any, pp: Any, batch_number: int = 0,
@@ -152,109 +155,26 @@ class WebuiReward:
         state.iteration, state.current = batch_number, []
         if n == 0:
             return
+
+        def notify(msg: str, level: int = logging.WARNING) -> None:
+            self.notify(p, state, msg, level)
+
         try:
-            order, scores = self._judge(p, state, images, batch_number, should_stop)
+            verdict = judge(self.holder, p, state, images, batch_number, notify, should_stop)
         except Exception as e:       # never lose a generation to the reward model
             log.exception("ICT reward: scoring batch %d failed", batch_number + 1)
-            self.notify(p, state, f"ICT reward: scoring failed ({type(e).__name__}: {e}); images left unscored.")
-            order, scores = None, None
+            notify(f"ICT reward: scoring failed ({type(e).__name__}: {e}); images left unscored.")
+            verdict = Verdict()
+        records = make_records(state, verdict, n)
+        order = verdict.order
         if order is None or order == list(range(n)):
             align.record_untouched(p, n, batch_number, state.align)
-            kept_scores = scores if scores is not None else [(None, None)] * n
+            kept = records
         else:
             pp.images = align.apply_order(p, images, order, batch_number, state.align)
-            kept_scores = [scores[i] for i in order]
-        state.current = list(kept_scores)
-        state.all_scores.extend(state.current)
-
-    def _judge(self, p: Any, state: RunState, images: list, batch_number: int,
-               should_stop: Callable[[], bool] | None):
-        """``(order, scores)``: indices to keep best first (None: leave the batch as it is), and
-        ``(ict, hp)`` per input image."""
-        from ict_core import ICTError, ranking
-
-        args, n = state.args, len(images)
-        if state.disabled:
-            return None, None
-        why = align.can_align(p, n)
-        raw_prompts = list(getattr(p, "prompts", None) or [])
-        if len(raw_prompts) != n:       # e.g. video frames (Forge Neo), or another extension changed the batch
-            self.notify(p, state, f"ICT reward: batch {batch_number + 1} has {n} images for {len(raw_prompts)} "
-                                  f"prompts; it is left unscored.")
-            return None, None
-        prompts = [clean_prompt(t) for t in raw_prompts]
-
-        try:
-            scorer = self.holder.get(state.ict_path, state.hp_path, state.settings.device,
-                                     state.settings.precision)
-        except ICTError as e:
-            state.disabled = f"ICT reward: {e}"
-            self.notify(p, state, state.disabled + " Images are left unscored.")
-            return None, None
-
-        by = args.by
-        if by in NEEDS_HP and not getattr(scorer, "has_hp", False):
-            by = "ict"
-        # ICT needs the prompt; HP does not, so when ranking by hp an empty prompt is scored by HP alone
-        groups = [([i for i in range(n) if prompts[i]], True)]
-        blank = [i for i in range(n) if not prompts[i]]
-        if blank and by == "hp":
-            groups.append((blank, False))
-        elif blank:
-            self.notify(p, state, "ICT reward: ICT needs a prompt; images with an empty prompt are left unscored "
-                                  "(ranking by hp scores them by HP alone).")
-        results: list[Any] = [None] * n
-
-        def stop() -> bool:
-            if should_stop is not None and should_stop():
-                raise _Cancelled()
-            return False
-
-        for todo, with_prompt in groups:
-            if not todo:
-                continue
-            try:
-                got = scorer.score([to_scorable(images[i]) for i in todo],
-                                   [prompts[i] for i in todo] if with_prompt else None, should_stop=stop)
-            except (_Cancelled, InterruptedError):
-                self.notify(p, state, "ICT reward: scoring cancelled; images left unscored.", logging.INFO)
-                return None, None
-            except ICTError as e:
-                self.notify(p, state, f"ICT reward: {e}; images left unscored.")
-                return None, None
-            for i, r in zip(todo, got):
-                results[i] = r
-        for i in range(n):
-            if results[i] is None:
-                results[i] = _empty_result(i, prompts[i], "empty prompt")
-            elif results[i].error:
-                self.notify(p, state, f"ICT reward: image {i + 1} of batch {batch_number + 1} could not be "
-                                      f"scored ({results[i].error}); it is kept unscored, after the scored ones.")
-        scores = [(r.ict, r.hp) for r in results]
-        if all(r.error for r in results):
-            return None, scores
-        if why is not None and args.mode != MODE_ANNOTATE:
-            self.notify(p, state, f"ICT reward: cannot reorder this batch ({why}, changed by another "
-                                  f"extension); scores only.")
-            return None, scores
-
-        selection = None
-        if args.mode == MODE_ANNOTATE:
-            order = list(range(n))
-        elif args.mode == MODE_RERANK:
-            order = ranking.rank(results, by)
-        else:
-            if args.mode == MODE_KEEP:
-                selection = ranking.select(results, by, k=args.k)
-            else:   # MODE_MIN
-                selection = ranking.select(results, by, k=n, min_score=args.min_score)
-            order = list(selection.indices)
-            for note in selection.notes:
-                self.notify(p, state, f"ICT reward: {note}.", logging.INFO)
-        report = ranking.report(results, by, selection)
-        state.reports.append(report)
-        log.info("ICT reward, batch %d (%s by %s):\n%s", batch_number + 1, args.mode, by, report)
-        return order, scores
+            kept = [records[i] for i in order]
+        state.current = list(kept)
+        state.all_records.extend(state.current)
 
     def postprocess_image(self, p: Any, image: Any, index: int | None = None) -> None:
         """``index``: position in the current batch (``p.batch_index`` in the webui's loop)."""
@@ -263,16 +183,25 @@ class WebuiReward:
             return
         if index is None:
             index = getattr(p, "batch_index", None)
-        if not isinstance(index, int) or not 0 <= index < len(state.current):
-            return
+        rec = state.record(index)
         info = getattr(image, "info", None)
-        if not isinstance(info, dict):
+        if rec is None or not isinstance(info, dict):
             return
-        ict, hp = state.current[index]
-        if ict is not None:
-            info[ICT_PNG_KEY] = fmt(ict)
-        if hp is not None:
-            info[HP_PNG_KEY] = fmt(hp)
+        info.update(_png_values(rec))
+
+    def add_png_info(self, p: Any, pnginfo: Any) -> None:
+        """``on_before_image_saved``: the flat keys from the infotext being written, and the image's own record
+        when that infotext carries its scores (never on the grid, whose infotext has none)."""
+        if not isinstance(pnginfo, dict):
+            return
+        add_png_keys(pnginfo)
+        state: RunState | None = getattr(p, STATE_ATTR, None)
+        if state is None or state.finished:
+            return
+        rec = state.record(getattr(p, "batch_index", None))
+        if rec is not None and _png_values(rec, flat_only=True) == \
+                {k: fmt(v) for k, v in scores_from_infotext(pnginfo.get("parameters")).items()}:
+            pnginfo[RECORD_PNG_KEY] = metadata.dumps([rec])
 
     def postprocess(self, p: Any, processed: Any = None) -> None:
         state: RunState | None = getattr(p, STATE_ATTR, None)
@@ -282,7 +211,35 @@ class WebuiReward:
             align.compact(p, state.align, processed)
         finally:
             state.finished = True
+            finish_params(state, p, processed)
             try:
                 self.holder.release(state.settings.after)
             except Exception:      # pragma: no cover
-                log.exception("ICT reward: could not offload the reward models")
+                log.exception("ICT reward: could not release the reward models")
+
+
+def _png_values(rec: dict, flat_only: bool = False) -> dict[str, str]:
+    out = {}
+    if rec.get("ict") is not None:
+        out[ICT_PNG_KEY] = fmt(rec["ict"])
+    if rec.get("hp") is not None:
+        out[HP_PNG_KEY] = fmt(rec["hp"])
+    if not flat_only:
+        out[RECORD_PNG_KEY] = metadata.dumps([rec])
+    return out
+
+
+def finish_params(state: RunState, p: Any, processed: Any = None) -> None:
+    """Replace the :class:`ScoreField` values by plain JSON: the list of scores of the images kept, in order (the
+    webui indexes such a list by image), or nothing when no image was scored. Forge Classic's ``Processed.js()``
+    has no JSON fallback; A1111's would write null."""
+    dicts = [d for d in (getattr(p, "extra_generation_params", None),
+                         getattr(processed, "extra_generation_params", None)) if isinstance(d, dict)]
+    for key, which in _FIELDS:
+        values = [fmt(r.get(which)) if r else None for r in state.all_records]
+        for d in dicts:
+            if isinstance(d.get(key), ScoreField):
+                if any(v is not None for v in values):
+                    d[key] = list(values)
+                else:
+                    d.pop(key, None)

@@ -4,7 +4,8 @@ Only the webui loads this file (its `scripts/` folder). It is kept thin: everyth
 webui lives in the `ict_webui` package at the root of this repository. Hooks used, as in A1111 1.8-1.10 and Forge
 (classic and Neo) `modules/scripts.py`: `process`, `postprocess_batch_list(p, pp, *args, **kwargs)` (before
 saving), `postprocess_image` / `postprocess_image_after_composite` and `postprocess`; callbacks `on_ui_settings` and
-`on_before_image_saved`. No model is loaded at import: the first enabled generation loads it.
+`on_before_image_saved`. No model is loaded at import: the first enabled generation loads it, and where it
+waits between scorings follows the host (ict_webui/placement.py: Forge's memory manager, or A1111's device).
 """
 import logging
 import os
@@ -18,9 +19,9 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:       # ict_core and ict_webui live beside scripts/; appended so nothing is shadowed
     sys.path.append(_ROOT)
 
-from ict_webui import (BY_CHOICES, MODE_CHOICES, OPTIONS, RunArgs, Settings, WebuiReward)  # noqa: E402
-from ict_webui.infotext import add_png_keys  # noqa: E402
+from ict_webui import (BY_CHOICES, MODE_CHOICES, OPTIONS, RunArgs, ScorerHolder, Settings, WebuiReward)  # noqa: E402
 from ict_webui.options import MODE_ANNOTATE, SECTION  # noqa: E402
+from ict_webui.placement import host_placement  # noqa: E402
 
 log = logging.getLogger("ict_reward")
 
@@ -31,7 +32,13 @@ def _ui_warning(msg: str) -> None:
         warn(msg)
 
 
-REWARD = WebuiReward(ui_notify=_ui_warning)
+def _webui_device():
+    """A1111's device for this task: the GPU, or the CPU under --use-cpu all / ict_reward."""
+    from modules import devices
+    return devices.get_device_for("ict_reward")
+
+
+REWARD = WebuiReward(ScorerHolder(placement=host_placement(_webui_device)), ui_notify=_ui_warning)
 
 
 def _settings() -> Settings:
@@ -107,7 +114,7 @@ def _on_ui_settings():
 
 
 def _on_before_image_saved(params):
-    add_png_keys(getattr(params, "pnginfo", None))
+    REWARD.add_png_info(getattr(params, "p", None), getattr(params, "pnginfo", None))
 
 
 script_callbacks.on_ui_settings(_on_ui_settings)

@@ -6,6 +6,7 @@ tiny ICT/HP models of conftest.py do the scoring."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import sys
 import types
@@ -102,11 +103,22 @@ class Script:
 ALWAYS_VISIBLE = object()
 
 
+class SelectableScript:
+    """A script of the Script dropdown (only its title and file name matter here)."""
+
+    def __init__(self, title, filename="scripts/other.py"):
+        self._title, self.filename = title, filename
+
+    def title(self):
+        return self._title
+
+
 class Runner:
     """ScriptRunner: always-on scripts get their slice of p.script_args; errors are reported, not raised."""
 
-    def __init__(self, script, args):
+    def __init__(self, script, args, selectable=()):
         self.script, self.args, self.errors = script, list(args), []
+        self.selectable_scripts = list(selectable)
 
     def _call(self, name, p, *a, **kw):
         fn = getattr(self.script, name, None)
@@ -158,6 +170,12 @@ class Processed:
         self.all_prompts, self.all_negative_prompts = p.all_prompts, p.all_negative_prompts
         self.all_seeds, self.all_subseeds = p.all_seeds, p.all_subseeds
         self.comments = "".join(f"{c}\n" for c in p.comments)
+        self.extra_generation_params = p.extra_generation_params
+
+    def js(self):
+        """Forge Classic's Processed.js(): json.dumps without a fallback (A1111 passes default=lambda o: None)."""
+        return json.dumps({"all_seeds": self.all_seeds, "infotexts": self.infotexts,
+                           "extra_generation_params": self.extra_generation_params})
 
 
 def create_infotext(p, all_prompts, all_seeds, all_subseeds, comments=None, iteration=0,
@@ -346,12 +364,15 @@ PROMPTS = ["a red cube on a table", "a (blue:1.2) sphere <lora:shiny:0.7>", "a g
 
 
 def run(host, *, mode="keep best K", k=2, by="ict*hp", use_hp=True, min_score=0.0, batch_size=4, n_iter=1,
-        enabled=True, prompts=None, **extra):
+        enabled=True, prompts=None, selected=None, **extra):
+    """`selected`: a script chosen in the Script dropdown (p.script_args[0] is its index + 1, as in the webui)."""
     total = batch_size * n_iter
     prompts = prompts if prompts is not None else (PROMPTS * 4)[:total]
     p = P(list(prompts), batch_size, n_iter, host.out, **extra)
     args = [enabled, mode, k, min_score, by, use_hp]
-    p.scripts = Runner(host.script, args)
+    others = [SelectableScript("Prompts from file or textbox")] + ([selected] if selected is not None else [])
+    p.scripts = Runner(host.script, args, others)
+    p.script_args = (len(others) if selected is not None else 0, *args)
     res = host.webui.process_images(p)
     assert p.scripts.errors == []
     return p, res
@@ -631,7 +652,7 @@ def test_run_args_are_tolerant():
 def test_settings_defaults(tmp_path):
     s = Settings.from_opts(lambda k, d: d, str(tmp_path / "models"))
     assert s.models_dir == str(tmp_path / "models" / "ict") and (s.device, s.precision, s.after) == (
-        "auto", "auto", AFTER_KEEP)
+        "auto", "auto", AFTER_CPU)      # A1111: the GPU is given back after scoring unless asked otherwise
     s = Settings.from_opts(lambda k, d: {"ict_reward_device": "tpu", "ict_reward_models_dir": "~/m"}.get(k, d), None)
     assert s.device == "auto" and not s.models_dir.startswith("~")
 
@@ -649,9 +670,9 @@ def test_find_models_by_name_and_header(tmp_path, tiny_models):
 def test_holder_offload_policies(tiny_models):
     loads = []
 
-    def loader(ict, hp, device, precision):
+    def loader(ict, hp, device, precision, run_device=None):
         loads.append((ict, hp))
-        return Scorer.load(ict, hp, device=device, precision=precision)
+        return Scorer.load(ict, hp, device=device, precision=precision, run_device=run_device)
 
     h = ScorerHolder(loader)
     s = h.get(tiny_models.ict, None, "cpu", "fp32")
@@ -705,3 +726,198 @@ def test_batch_with_more_images_than_prompts_is_left_alone(installed):
     res = installed.webui.process_images(p)
     assert p.scripts.errors == [] and res.all_seeds == [1000, 1001, 1002, 1003]
     assert any("6 images for 4 prompts" in c for c in p.comments)
+
+
+# =============================================================================================== issue 11
+def test_api_info_is_plain_json_with_the_scores(installed):
+    """Forge Classic's Processed.js() has no JSON fallback: everything in extra_generation_params must be JSON, and
+    the API's info carries the scores (one per image kept, as the infotexts say), not nulls."""
+    p, res = run(installed, mode="keep best K", k=2, n_iter=2)
+    egp = json.loads(res.js())["extra_generation_params"]
+    images, infos = image_outputs(res)
+    assert len(infos) == 4
+    assert egp["ICT score"] == [params_line(t)["ICT score"] for t in infos]
+    assert egp["HP score"] == [params_line(t)["HP score"] for t in infos]
+
+
+def test_infotext_fields_are_json_while_the_run_is_on(installed):
+    """A run that stops before postprocess (interrupted, another script's error) must not break the API either."""
+    p = P(PROMPTS[:4], 4, 1, installed.out)
+    args = [True, "keep best K", 1, 0.0, "ict*hp", True]
+    p.scripts = Runner(installed.script, args)
+    installed.script.process(p, *args)
+    field = p.extra_generation_params["ICT score"]
+    assert callable(field) and json.loads(json.dumps(p.extra_generation_params)) == {"ICT score": "", "HP score": ""}
+    import copy
+    assert isinstance(copy.deepcopy(field), ScoreField) and copy.copy(field).which == "ict"
+
+
+def test_no_scores_leave_no_infotext_field(host):
+    p, res = run(host, mode="keep best K", k=1)
+    assert "ICT score" not in json.loads(res.js())["extra_generation_params"]
+
+
+@pytest.mark.parametrize("bad", ["truncated", "unconverted", "pickle", "pickle beside"])
+def test_an_invalid_model_file_shows_the_engines_message(host, tiny_models, bad):
+    from safetensors.torch import save_file
+    host.models.mkdir(parents=True)
+    f = host.models / "ict.safetensors"
+    data = Path(tiny_models.ict).read_bytes()
+    if bad == "truncated":
+        f.write_bytes(data[:len(data) // 2])
+        expect = "is truncated"
+    elif bad == "unconverted":
+        save_file({"vision_model.post_layernorm.weight": torch.ones(4)}, str(f))
+        expect = "was not written by `ict convert`"
+    elif bad == "pickle":
+        torch.save({"w": torch.zeros(2)}, f)
+        expect = "is a PyTorch pickle"
+    else:
+        torch.save({"w": torch.zeros(2)}, host.models / "pytorch_model.bin")
+        expect = "is a PyTorch pickle"
+    p, res = run(host, mode="keep best K", k=1)
+    msg = next(iter(p.comments))
+    assert expect in msg and "no ICT model found" not in msg and "\n" not in msg and msg.startswith("ICT reward: ")
+    assert host.gr.warnings == [msg] and len(image_outputs(res)[0]) == 4
+
+
+def test_an_invalid_hp_file_is_named_too(host, tiny_models):
+    host.models.mkdir(parents=True)
+    shutil.copy(tiny_models.ict, host.models / "ict.safetensors")
+    (host.models / "hp.safetensors").write_bytes(Path(tiny_models.hp).read_bytes()[:100])
+    p, res = run(host, mode="keep best K", k=1, by="ict*hp")
+    assert any("hp.safetensors is truncated" in c and "ranking by 'ict'" in c for c in p.comments)
+
+
+@pytest.mark.parametrize("title,filename", [("Prompt matrix", "scripts/prompt_matrix.py"),
+                                            ("Prompt Matrix", "scripts/pm.py"),          # Forge Classic's title
+                                            ("X/Y/Z plot", "scripts/xyz_grid.py"),
+                                            ("SD upscale", "scripts/sd_upscale.py"),
+                                            ("Grid of mine", "extensions/x/scripts/xyz_grid.py")])
+@pytest.mark.parametrize("mode", ["keep best K", "rerank", "min score"])
+def test_scripts_that_need_every_image_in_place_fall_back_to_annotate(installed, reference_scorer, title, filename,
+                                                                      mode):
+    p, res = run(installed, mode=mode, k=1, by="ict", min_score=0.99, selected=SelectableScript(title, filename))
+    images, infos = image_outputs(res)
+    assert res.all_seeds == [1000, 1001, 1002, 1003] and len(images) == 4     # every image, in its place
+    check_alignment(res, p, installed, reference_scorer, dict(zip(range(1000, 1004), PROMPTS)))
+    assert any(title in c and "annotate" in c and mode in c for c in p.comments)
+
+
+def test_other_selected_scripts_still_select(installed):
+    p, res = run(installed, mode="keep best K", k=1, selected=SelectableScript("Prompts from file or textbox",
+                                                                              "scripts/prompts_from_file.py"))
+    assert len(image_outputs(res)[0]) == 1 and not any("annotate" in c for c in p.comments)
+
+
+def test_saved_files_and_returned_images_carry_their_own_record(installed):
+    """Item 5: the ict_reward key of ict_core.metadata, one record per file, the image's own."""
+    from ict_core import metadata
+    p, res = run(installed, mode="keep best K", k=2, by="ict*hp")
+    images, infos = image_outputs(res)
+    for rank, (img, info, path) in enumerate(zip(images, infos, installed.webui.saved), 1):
+        params = params_line(info)
+        rec = metadata.own_scores(path)
+        assert rec is not None and f"{rec['ict']:.4f}" == params["ICT score"] and f"{rec['hp']:.4f}" == params["HP score"]
+        assert (rec["by"], rec["rank"], rec["model"], rec["hp_model"]) == ("ict*hp", rank, "ict.safetensors",
+                                                                           "hp.safetensors")
+        assert rec["value"] == pytest.approx(rec["ict"] * rec["hp"]) and rec["index"] == int(params["Seed"]) - 1000
+        assert rec["prompt"] == clean_prompt(info.splitlines()[0])
+        assert metadata.loads(img.info["ict_reward"]) == [rec]
+    assert "ict_reward" not in res.images[0].info            # the grid
+    installed.webui.saved.clear()
+    p, res = run(installed, mode="annotate")
+    assert [metadata.own_scores(f)["rank"] for f in installed.webui.saved] == [None] * 4
+
+
+def test_cuda_setting_without_a_gpu_names_the_setting_not_a_cli_flag(installed, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    installed.opts.data["ict_reward_device"] = "cuda"
+    p, res = run(installed, mode="keep best K", k=1)
+    msgs = [c for c in p.comments if "cuda" in c]
+    assert msgs and "--device" not in msgs[0] and "Settings > ICT reward > Device" in msgs[0]
+    assert res.all_seeds == [1000, 1001, 1002, 1003]
+
+
+class _FakeModules:
+    def __init__(self, scorer, moves):
+        self.scorer, self.moves = scorer, moves
+
+    def to(self, device):
+        self.moves.append(str(device))
+        self.scorer.device = torch.device(device)
+
+
+def test_a1111_gives_the_gpu_back_after_scoring_unless_keep_loaded(monkeypatch):
+    """A1111 has no memory manager: weights wait in RAM, go to the webui's device to score, and come back after
+    (default); 'keep loaded' leaves them there."""
+    from ict_webui.placement import TorchPlacement
+    moves, loads = [], []
+    sc = types.SimpleNamespace(device=torch.device("cpu"))
+    sc.modules = _FakeModules(sc, moves)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: moves.append("empty"))
+    h = ScorerHolder(lambda *a: loads.append(a) or sc, placement=TorchPlacement(lambda: "cuda"))
+    assert h.get("ict", None, "auto", "auto") is sc and moves == ["cuda"]
+    assert loads[0][2:] == (torch.device("cpu"), "auto", torch.device("cuda"))      # loaded in RAM, scored on cuda
+    h.done_scoring(AFTER_CPU)
+    assert moves == ["cuda", "cpu", "empty"] and sc.device.type == "cpu"
+    h.get("ict", None, "auto", "auto")
+    h.done_scoring(AFTER_KEEP)
+    h.release(AFTER_KEEP)
+    assert moves[-1] == "cuda" and sc.device.type == "cuda" and len(loads) == 1
+    h.release(AFTER_CPU)
+    assert sc.device.type == "cpu"
+    assert TorchPlacement(lambda: "cpu").devices("auto") == (torch.device("cpu"), torch.device("cpu"))  # --use-cpu
+
+
+def _fake_forge(monkeypatch, layout):
+    calls = []
+    mm = types.ModuleType("mm")
+    mm.text_encoder_device = lambda: torch.device("cpu")
+    mm.text_encoder_offload_device = lambda: torch.device("cpu")
+    mm.get_torch_device = lambda: torch.device("cpu")
+    mm.load_models_gpu = lambda models, memory_required=0: calls.append(("load", list(models), memory_required))
+    mm.unload_model_clones = lambda model: calls.append(("unload", model))
+    mm.soft_empty_cache = lambda force=False: calls.append(("empty",))
+
+    class ModelPatcher:
+        def __init__(self, model, load_device, offload_device, size=0, current_device=None, **kw):
+            self.model, self.load_device, self.offload_device = model, load_device, offload_device
+
+    if layout == "forge":
+        names = {"backend": None, "backend.memory_management": mm, "backend.patcher": None,
+                 "backend.patcher.base": None}
+    else:
+        names = {"ldm_patched": None, "ldm_patched.modules": None, "ldm_patched.modules.model_management": mm,
+                 "ldm_patched.modules.model_patcher": None}
+    for name in names:
+        mod = names[name] or types.ModuleType(name)
+        names[name] = mod
+        monkeypatch.setitem(sys.modules, name, mod)
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(names[parent], child, mod)
+    list(names.values())[-1].ModelPatcher = ModelPatcher
+    return calls
+
+
+@pytest.mark.parametrize("layout", ["forge", "classic"])
+def test_forge_places_the_models_through_its_memory_manager(request, monkeypatch, layout):
+    """Forge main/Neo (backend.*) and Classic (ldm_patched.*): the models are wrapped in the host's ModelPatcher
+    with its auxiliary-encoder devices and loaded with load_models_gpu(memory_required=...) before each scoring,
+    as its own BLIP / DeepDanbooru / CLIP vision; 'unload' hands them back to the manager."""
+    calls = _fake_forge(monkeypatch, layout)
+    host = request.getfixturevalue("installed")
+    holder = host.module.REWARD.holder
+    assert type(holder.placement).__name__ == "ManagedPlacement"
+    p, res = run(host, mode="keep best K", k=1, n_iter=2)
+    loads = [c for c in calls if c[0] == "load"]
+    assert len(loads) == 2 and len(image_outputs(res)[0]) == 2
+    patcher = loads[0][1][0]
+    assert patcher.model is holder._scorer.modules and loads[1][1][0] is patcher and loads[0][2] > 0
+    assert patcher.load_device == torch.device("cpu") and not [c for c in calls if c[0] == "unload"]
+    host.opts.data["ict_reward_after"] = AFTER_UNLOAD
+    run(host, mode="annotate")
+    assert [c[0] for c in calls][-4:] == ["load", "load", "unload", "empty"] and not holder.loaded
+    assert calls[-2] == ("unload", patcher)          # the same model, reused by the third run, now handed back
