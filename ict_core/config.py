@@ -41,18 +41,57 @@ TINY = {
 }
 
 
+# Activations transformers' CLIP accepts under these names in every supported version.
+ACTIVATIONS = ("gelu", "quick_gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu", "silu", "swish")
+_POSITIVE = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
+             "max_position_embeddings", "patch_size", "image_size", "num_channels")
+
+
 def architecture(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Reduce a CLIPConfig dict (possibly a full config.json) to the canonical fields that define the weights."""
-    try:
-        text, vision = cfg.get("text_config") or {}, cfg.get("vision_config") or {}
-        base_t, base_v = VIT_H_14["text_config"], VIT_H_14["vision_config"]
-        return {
-            "projection_dim": int(cfg.get("projection_dim", VIT_H_14["projection_dim"])),
-            "text_config": {k: text.get(k, base_t[k]) for k in _TEXT_KEYS},
-            "vision_config": {k: vision.get(k, base_v[k]) for k in _VISION_KEYS},
-        }
-    except (AttributeError, TypeError, ValueError) as e:
-        raise InputError(f"not a CLIPConfig: {e}; give a transformers CLIPConfig JSON (config.json)") from e
+    """Reduce a CLIPConfig dict (possibly a full config.json) to the canonical fields that define the weights,
+    checked: a record that could not build the model the engine runs is refused here, in one line."""
+    if not isinstance(cfg, dict):
+        raise InputError(f"not a CLIPConfig (a JSON {type(cfg).__name__}); give a transformers CLIPConfig JSON")
+    text, vision = cfg.get("text_config") or {}, cfg.get("vision_config") or {}
+    if not isinstance(text, dict) or not isinstance(vision, dict):
+        raise InputError("not a CLIPConfig: text_config and vision_config must be objects")
+    base_t, base_v = VIT_H_14["text_config"], VIT_H_14["vision_config"]
+    arch = {
+        "projection_dim": cfg.get("projection_dim", VIT_H_14["projection_dim"]),
+        "text_config": {k: text.get(k, base_t[k]) for k in _TEXT_KEYS},
+        "vision_config": {k: vision.get(k, base_v[k]) for k in _VISION_KEYS},
+    }
+    _check(arch)
+    return arch
+
+
+def _check(arch: dict[str, Any]) -> None:
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    problems = [] if is_int(arch["projection_dim"]) and arch["projection_dim"] > 0 else ["projection_dim"]
+    for tower in ("text_config", "vision_config"):
+        c = arch[tower]
+        bad = [k for k in _POSITIVE if k in c and not (is_int(c[k]) and c[k] > 0)]
+        if c["hidden_act"] not in ACTIVATIONS:
+            bad.append(f"hidden_act {c['hidden_act']!r}")
+        eps = c["layer_norm_eps"]
+        if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < 1):
+            bad.append("layer_norm_eps")
+        if not bad and c["hidden_size"] % c["num_attention_heads"]:
+            bad.append(f"num_attention_heads {c['num_attention_heads']} (does not divide hidden_size "
+                       f"{c['hidden_size']})")
+        problems += [f"{tower}.{b}" for b in bad]
+    t, v = arch["text_config"], arch["vision_config"]
+    if not problems:
+        if any(not is_int(t[k]) or not 0 <= t[k] < t["vocab_size"] for k in ("bos_token_id", "eos_token_id", "pad_token_id")):
+            problems.append("text_config token ids")
+        if t["vocab_size"] < 49408 or t["max_position_embeddings"] < 77:
+            problems.append("text_config (the ViT-H-14 tokenizer needs vocab_size >= 49408 and 77 positions)")
+        if v["image_size"] != 224 or v["num_channels"] != 3 or v["patch_size"] > 224:
+            problems.append("vision_config (images are 224x224 RGB: image_size 224, num_channels 3)")
+    if problems:
+        raise InputError(f"not a usable CLIPConfig: bad {', '.join(problems[:3])}")
 
 
 def load_architecture(path: str | Path | None) -> dict[str, Any]:

@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import struct
 import tempfile
@@ -16,6 +17,7 @@ import torch
 
 from . import config as arch_config
 from .errors import InputError, ModelFileError
+from .files import open_regular, regular_file_problem
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +28,7 @@ META_KIND, META_ARCH, META_SHA, META_SRC, META_VER = (
 KINDS = ("ict", "hp")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_MAX_HEADER = 100 * 1024 * 1024
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}  # what a model file may hold
 
 
 # ----------------------------------------------------------------------------------------------- reading headers
@@ -42,57 +44,70 @@ class FileInfo:
     size: int
 
 
-def _refuse_pickle(path: Path, head: bytes) -> None:
-    if path.suffix.lower() in PICKLE_SUFFIXES or head[:2] == b"PK" or head[:1] == b"\x80":
-        raise ModelFileError(
+def _looks_like_pickle(path: Path, head: bytes) -> bool:
+    """torch.save's zip archive or a legacy pickle (protocol 2..5 opcode), or a pickle file name.
+    Asked only of files that are not valid safetensors (whose first bytes are a header length)."""
+    return (head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
+            or path.suffix.lower() in PICKLE_SUFFIXES)
+
+
+def _not_safetensors(path: Path, reason: str) -> ModelFileError:
+    try:
+        with open_regular(path) as f:
+            head = f.read(9)
+    except OSError:
+        head = b""
+    if head[8:9] != b"{" and _looks_like_pickle(path, head):
+        return ModelFileError(
             f"{path} is a PyTorch pickle, which is never loaded at run time (it can run code); "
             f"convert it once with `ict convert {path.parent} --out model.safetensors`")
+    return ModelFileError(f"{path} is truncated or not a safetensors file ({reason}); download or convert it again")
+
+
+def _header_bytes(path: Path) -> bytes:
+    """The raw JSON header, for the fingerprint (the library has checked it; this only reads it back)."""
+    with open_regular(path) as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return f.read(n)
 
 
 def read_info(path: str | Path) -> FileInfo:
-    """Parse and check a safetensors header (cheap: no tensor data is read)."""
+    """Check a safetensors file with the safetensors library and read its header (no tensor data is read)."""
+    from safetensors import safe_open
+
     path = Path(path)
-    if not path.exists():
+    problem = regular_file_problem(path)
+    if problem == "not found":
         raise ModelFileError(f"model file {path} not found; run `ict fetch` or give the path of a converted "
                              f".safetensors file")
-    if path.is_dir():
+    if problem == "a folder, not a file":
         raise ModelFileError(f"{path} is a folder; give the converted .safetensors file (`ict convert {path} "
                              f"--out model.safetensors` makes one from a downloaded 8y/ICT or 8y/HP folder)")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        _refuse_pickle(path, head)
-        bad = f"{path} is truncated or not a safetensors file; download or convert it again"
-        if len(head) < 8:
-            raise ModelFileError(bad)
-        (n,) = struct.unpack("<Q", head)
-        if n <= 0 or n > _MAX_HEADER or 8 + n > size:
-            raise ModelFileError(bad)
-        header_bytes = f.read(n)
+    if problem is not None:
+        raise ModelFileError(f"{path} is {problem}; give a converted .safetensors file")
     try:
-        header = json.loads(header_bytes)
-    except ValueError:
-        raise ModelFileError(bad) from None
-    meta = header.pop("__metadata__", None) or {}
-    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
-    end = 0
-    try:
-        for name, t in header.items():
-            tensors[name] = (t["dtype"], tuple(t["shape"]))
-            end = max(end, int(t["data_offsets"][1]))
-    except (KeyError, TypeError, ValueError, IndexError):
-        raise ModelFileError(bad) from None
-    if 8 + n + end > size:
-        raise ModelFileError(f"{path} is truncated ({size} bytes, its header needs {8 + n + end}); "
-                             f"download or convert it again")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {}
+            for name in f.keys():
+                part = f.get_slice(name)
+                tensors[name] = (part.get_dtype(), tuple(part.get_shape()))
+        header_bytes = _header_bytes(path)
+        size = path.stat().st_size
+    except Exception as e:  # the library's SafetensorError (or an OSError): the header is not valid
+        raise _not_safetensors(path, str(e).splitlines()[0][:120] if str(e) else type(e).__name__) from None
     kind = meta.get(META_KIND)
     if kind not in KINDS or META_ARCH not in meta:
         raise ModelFileError(f"{path} was not written by `ict convert` (no ict-reward metadata); "
                              f"convert the released weights with `ict convert`")
     try:
         arch = arch_config.architecture(json.loads(meta[META_ARCH]))
-    except (ValueError, InputError):
-        raise ModelFileError(f"{path} has an unreadable architecture record; convert it again") from None
+    except (ValueError, InputError) as e:
+        raise ModelFileError(f"{path} has an unreadable architecture record ({e}); convert it again") from None
+    odd = sorted(k for k, (dt, _) in tensors.items() if dt not in _ST_DTYPES)
+    if odd:
+        raise ModelFileError(f"{path} holds tensors that are not float ({', '.join(odd[:3])}: "
+                             f"{tensors[odd[0]][0]}); convert the released weights again")
     return FileInfo(path, kind, arch, meta, tensors, header_bytes, size)
 
 
@@ -105,7 +120,7 @@ def fingerprint(path: str | Path, info: FileInfo | None = None) -> str:
     info = info or read_info(path)
     h = hashlib.sha256(info.header_bytes)
     h.update(str(info.size).encode())
-    with open(info.path, "rb") as f:
+    with open_regular(info.path) as f:
         for i in range(16):
             f.seek(info.size * i // 16)
             h.update(f.read(4096))
@@ -122,34 +137,33 @@ def _check_tensors(info: FileInfo, expected: dict[str, tuple[int, ...]]) -> None
         raise ModelFileError(f"{info.path} does not match its own architecture record ({_describe(missing, unexpected, shaped, got, expected)}); convert it again")
 
 
-_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-
-
 def load_state(info: FileInfo, device: torch.device, dtype_for=None) -> dict[str, torch.Tensor]:
     """Stream tensors one by one from the file straight to `device`, cast there to `dtype_for(name)`.
 
     Plain reads (no mmap) and one tensor in flight keep peak memory at the size of the loaded model:
-    a bf16 file loaded as fp32 never holds both copies of the weights."""
-    header = json.loads(info.header_bytes)
-    header.pop("__metadata__", None)
+    a bf16 file loaded as fp32 never holds both copies of the weights. read_info had the library check
+    the header (types, bounds, contiguous offsets); only the offsets, which it does not expose, are read
+    back here, and each one is checked against the library's dtype and shape."""
+    entries = json.loads(info.header_bytes)
     base = 8 + len(info.header_bytes)
     state: dict[str, torch.Tensor] = {}
     try:
-        with open(info.path, "rb", buffering=0) as f:
-            for name, t in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-                start, end = t["data_offsets"]
-                src_dtype = _ST_DTYPES[t["dtype"]]
+        with open_regular(info.path) as f:
+            for name in sorted(info.tensors, key=lambda k: entries[k]["data_offsets"][0]):
+                st_dtype, shape = info.tensors[name]
+                start, end = entries[name]["data_offsets"]
+                src_dtype = _ST_DTYPES[st_dtype]
+                if end - start != math.prod(shape) * src_dtype.itemsize:
+                    raise ValueError(f"{name}: {end - start} bytes for {st_dtype}{list(shape)}")
                 buf = bytearray(end - start)
                 f.seek(base + start)
                 if f.readinto(buf) != len(buf):
                     raise EOFError("short read")
                 x = torch.frombuffer(buf, dtype=src_dtype) if buf else torch.empty(0, dtype=src_dtype)
-                x = x.reshape(t["shape"]).to(device)
+                x = x.reshape(shape).to(device)
                 want = dtype_for(name) if dtype_for is not None and x.is_floating_point() else None
                 state[name] = x.to(want) if want is not None else x
-    except (OSError, EOFError, KeyError, RuntimeError, ValueError) as e:
+    except (OSError, EOFError, KeyError, TypeError, RuntimeError, ValueError) as e:
         raise ModelFileError(f"{info.path} could not be read ({type(e).__name__}: {str(e)[:120]}); it may be "
                              f"corrupt: download or convert it again") from None
     return state
@@ -174,7 +188,7 @@ def open_model_file(path: str | Path, kind: str, arch: dict[str, Any] | None = N
 # --------------------------------------------------------------------------------------------------- converting
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
@@ -219,12 +233,15 @@ def _check_source(sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ..
 
 def detect_layout(src: Path) -> tuple[str, dict[str, Path]]:
     """Which released layout a folder (or file) is: 8y/ICT or 8y/HP."""
-    if src.is_file():
+    problem = regular_file_problem(src)
+    if problem is None:
         return "ict", {"ict": src}
+    if problem not in ("not found", "a folder, not a file"):
+        raise InputError(f"{src} is {problem}; give the folder of a downloaded 8y/ICT or 8y/HP copy")
     hp_b, hp_s = src / "hp_backbone" / "pytorch_model.bin", src / "hp_scorer" / "mlp_pytorch_model.bin"
-    if hp_b.exists() and hp_s.exists():
+    if hp_b.is_file() and hp_s.is_file():
         return "hp", {"backbone": hp_b, "scorer": hp_s}
-    if (src / "pytorch_model.bin").exists():
+    if (src / "pytorch_model.bin").is_file():
         return "ict", {"ict": src / "pytorch_model.bin"}
     if not src.exists():
         raise InputError(f"{src} not found; give the folder of a downloaded 8y/ICT or 8y/HP copy")
@@ -232,21 +249,68 @@ def detect_layout(src: Path) -> tuple[str, dict[str, Path]]:
                      f"(hp_backbone/pytorch_model.bin + hp_scorer/mlp_pytorch_model.bin)")
 
 
+def _check_out(out: Path, inputs: list[Path]) -> None:
+    """Refuse an --out that cannot or must not be written, before anything is read or written."""
+    if out.suffix.lower() in PICKLE_SUFFIXES:
+        raise InputError(f"--out {out}: {out.suffix} is a pickle's name, and the file written is safetensors; "
+                         f"name it {out.with_suffix('.safetensors').name}")
+    problem = regular_file_problem(out)
+    if problem not in (None, "not found"):
+        raise InputError(f"--out {out} is {problem}; give the path of a new .safetensors file")
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"--out {out}: {parent} is a file, so no folder can hold the output; "
+                                 f"give another path")
+            break
+    if problem is None:
+        for src in inputs:
+            if src.exists() and os.path.samefile(src, out):
+                raise InputError(f"--out {out} is the input {src}; give a new file name (the input is kept)")
+
+
+def _new_file_mode(out: Path) -> int:
+    """A replaced file keeps its mode; a new one gets the usual 0666 less the umask (0644 under 022)."""
+    try:
+        return out.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def _atomic_save(tensors: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    mode = _new_file_mode(out)
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, out)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _storage(sd: dict[str, torch.Tensor], dtype: str | None, src: str) -> dict[str, torch.Tensor]:
+    """Tensors as they will be stored: float only (an int8 tensor with the right shape is still wrong)."""
+    bad = sorted(k for k, v in sd.items() if not v.is_floating_point())
+    if bad:
+        raise ModelFileError(f"{src} holds tensors that are not float ({', '.join(bad[:3])}: {sd[bad[0]].dtype}); "
+                             f"a quantised or altered checkpoint cannot be converted: use the released weights")
+    if dtype is None:
+        wide = sorted(k for k, v in sd.items() if v.dtype not in _ST_DTYPES.values())
+        if wide:
+            raise ModelFileError(f"{src} holds {sd[wide[0]].dtype} tensors ({wide[0]}); pass --dtype fp32 (or "
+                                 f"bf16/fp16) to store them")
+        return {k: v.contiguous() for k, v in sd.items()}
+    return {k: v.to(DTYPES[dtype]).contiguous() for k, v in sd.items()}
 
 
 def convert(src: str | Path, out: str | Path, config_path: str | Path | None = None,
@@ -260,6 +324,7 @@ def convert(src: str | Path, out: str | Path, config_path: str | Path | None = N
     kind, files = detect_layout(src)
     if config_path is None and kind == "hp" and (files["backbone"].parent / "config.json").exists():
         config_path = files["backbone"].parent / "config.json"  # save_pretrained wrote the backbone's own config
+    _check_out(out, [*files.values(), *([Path(config_path)] if config_path else [])])
     arch = arch_config.load_architecture(config_path)
     if kind == "ict":
         sd = _load_pickle(files["ict"])
@@ -275,9 +340,7 @@ def convert(src: str | Path, out: str | Path, config_path: str | Path | None = N
         sd = {k: v for k, v in backbone.items() if k.startswith(("vision_model.", "visual_projection."))}
         sd.update({"head." + k: v for k, v in head.items()})
         sources = {"backbone": files["backbone"], "scorer": files["scorer"]}
-    target = DTYPES[dtype] if dtype else None
-    tensors = {k: (v.to(target) if target is not None and v.is_floating_point() else v).contiguous()
-               for k, v in sd.items()}
+    tensors = _storage(sd, dtype, str(src))
     log.info("converting %s (%s, %d tensors) -> %s", src, kind, len(tensors), out)
     metadata = {
         "format": "pt", META_VER: FORMAT_VERSION, META_KIND: kind, META_ARCH: arch_config.dumps(arch),
