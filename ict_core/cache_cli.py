@@ -1,174 +1,158 @@
 """`ict index`, `ict search` and `ict cache stats|clear`: the image gallery from the command line.
 
-Why a gallery: the image tower is the expensive part (~5 s per image on a 2-core CPU). `ict index`
-pays it once per image; `ict search` then ranks every indexed image for any prompt with one text
-encode (none at all when the prompt is cached, and then not even a model load).
-
-ict_core.cli calls add_subcommands(); errors are raised as ICTError (one line, no traceback).
+Why a gallery: the image tower is the expensive part (~5 s per image on a 2-core CPU). `ict index` pays
+it once per image; `ict search` then ranks the gallery for any prompt with one text encode (none at
+all when the prompt is cached, and then no model load). ict_core.cli calls add_subcommands() and
+hands in what this module needs from it (no import back); errors are ICTError (one line).
 """
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
+import stat
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 from .errors import ICTError, InputError
 
-#: Images encoded per round of index; the gallery is saved after each, so an interrupted run keeps its work.
+#: Images encoded per round of index; each round is saved, so an interrupted run keeps its work.
 INDEX_ROUND = 64
+_host = SimpleNamespace()
 
 
-def add_subcommands(subparsers, model_args=None) -> None:
-    """Register index, search and cache on the `ict` parser; model_args adds --model etc."""
-    model_args = model_args or _model_args
-
-    p = subparsers.add_parser("index", help="add images to the gallery (encoded once; see `ict search`)")
+def add_subcommands(sub, model_args, *, model_path, expand_images, progress) -> None:
+    """Register index, search and cache; model_args adds --model etc., the rest are cli's helpers."""
+    _host.__dict__.update(model_path=model_path, expand_images=expand_images, progress=progress)
+    p = sub.add_parser("index", help="add images to the gallery (encoded once; see `ict search`)")
     p.add_argument("paths", nargs="+", metavar="DIR", help="image folders (searched recursively) or files")
     model_args(p)
     p.set_defaults(func=cmd_index)
-
-    p = subparsers.add_parser("search", help="rank every indexed image for a prompt, without encoding images")
+    p = sub.add_parser("search", help="rank the indexed images for a prompt, without encoding images")
     p.add_argument("prompt", nargs="?", help="the text to search for (not needed with --by hp)")
     p.add_argument("--top-k", type=int, help="show only the K best (default all)")
     p.add_argument("--by", choices=("ict", "hp", "ict*hp"),
                    help="ict: text-image match (the default with a prompt); hp: HP preference alone (the "
                         "default without one); ict*hp: weighted by HP preference. hp and ict*hp need the HP model")
+    p.add_argument("--exact", action="store_true", help="exact top K of a big gallery (default: its faiss IVF "
+                                                        "index, rescored exactly; see docs/BENCHMARKS.md)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     model_args(p)
     p.set_defaults(func=cmd_search)
-
-    p = subparsers.add_parser("cache", help="show or clear the embedding cache")
-    sub = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
-    s = sub.add_parser("stats", help="where the cache is and what it holds")
+    p = sub.add_parser("cache", help="show or clear the embedding cache")
+    actions = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    s = actions.add_parser("stats", help="where the cache is and what it holds")
     s.add_argument("--json", action="store_true")
-    _cache_dir_arg(s)
+    s.add_argument("--cache-dir", help="embedding cache folder (default $ICT_CACHE_DIR or ~/.cache/ict-reward)")
     s.set_defaults(func=cmd_cache_stats)
-    s = sub.add_parser("clear", help="delete cached prompts and/or gallery images (all models)")
+    s = actions.add_parser("clear", help="delete cached prompts and/or gallery images (all models)")
     which = s.add_mutually_exclusive_group()
     which.add_argument("--prompts", action="store_true", help="only the prompt features")
     which.add_argument("--images", action="store_true", help="only the image gallery")
-    _cache_dir_arg(s)
+    s.add_argument("--cache-dir", help="embedding cache folder (default $ICT_CACHE_DIR or ~/.cache/ict-reward)")
     s.set_defaults(func=cmd_cache_clear)
 
 
-def _cache_dir_arg(p) -> None:
-    p.add_argument("--cache-dir", help="embedding cache folder (default $ICT_CACHE_DIR or ~/.cache/ict-reward)")
-
-
-def _model_args(p) -> None:
-    """Fallback when the host parser gives no model options of its own."""
-    p.add_argument("--model", help="converted ICT .safetensors")
-    p.add_argument("--hp-model", help="converted HP .safetensors")
-    p.add_argument("--no-hp", action="store_true")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
-    p.add_argument("--config")
-    _cache_dir_arg(p)
-    p.add_argument("--no-cache", action="store_true")
-    p.add_argument("--quiet", "-q", action="store_true")
-
-
-# ------------------------------------------------------------------------------------------------ helpers
-def _open_cache(args):
-    from .cache import EmbeddingCache
+def _open(args):
+    """(cache, ICT path, HP path or None, gallery key) for these options."""
+    from .cache import EmbeddingCache, gallery_key
+    from .weights import fingerprint
 
     if getattr(args, "no_cache", False):
         raise InputError(f"`ict {args.command}` works on the embedding cache; drop --no-cache")
-    return EmbeddingCache(getattr(args, "cache_dir", None))
-
-
-def _models(args, need_hp: bool):
-    """(ict path, hp path or None), resolved exactly as `ict score` / `ict rank` resolve them."""
-    from .cli import _model_path
-
-    ict = _model_path(args.model, "ict", True)
-    hp = None if getattr(args, "no_hp", False) else _model_path(args.hp_model, "hp", need_hp)
-    return ict, hp
+    ict = _host.model_path(args.model, "ict", True)
+    hp = None if args.no_hp else _host.model_path(args.hp_model, "hp", getattr(args, "by", "ict") in ("hp", "ict*hp"))
+    return (EmbeddingCache(args.cache_dir), ict, hp,
+            gallery_key(fingerprint(ict), fingerprint(hp) if hp else None, _dtype(args)))
 
 
 def _dtype(args) -> str:
-    """The precision a Scorer for these options would run at (part of the cache keys)."""
+    """The precision a Scorer for these options runs at (part of the keys); fp32 needs no torch."""
+    if args.precision in ("auto", "fp32"):
+        return "float32"
     from .scorer import resolve_device, resolve_dtype
 
     return str(resolve_dtype(args.precision, resolve_device(args.device)))
 
 
-def _gallery_key(ict_path, hp_path, args) -> str:
-    from .cache import gallery_key
-    from .weights import fingerprint
+def _snapshot(path: str):
+    """(content hash, ImageRef decoding those very bytes): a file replaced meanwhile cannot put one
+    image's features under another's hash. Only regular files are read (a FIFO would hang)."""
+    from . import preprocess
+    from .cache import hash_bytes
 
-    return gallery_key(fingerprint(ict_path), fingerprint(hp_path) if hp_path else None, _dtype(args))
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(f"{path}: not a regular file")
+    with open(path, "rb") as fh:
+        data = fh.read()
+
+    def load():
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                return preprocess.pil_to_uint8(im)
+        except Exception as e:  # noqa: BLE001  (Pillow raises many kinds, e.g. DecompressionBombError)
+            raise InputError(f"{path}: cannot read image ({type(e).__name__}: {str(e)[:100]})") from None
+
+    digest = hash_bytes(data)
+    return digest, preprocess.ImageRef(str(Path(path).resolve()), load, lambda: digest)
 
 
-def _label(path: str) -> str:
-    from pathlib import Path
-
-    return str(Path(path).resolve())
-
-
-def _sigmoid(x: float) -> float | None:
-    if x is None or math.isnan(x):
-        return None
-    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
-
-
-# ------------------------------------------------------------------------------------------------ index
 def cmd_index(args) -> int:
     """Encode the images not yet in the gallery of this (ICT, HP) pair and store them."""
-    from . import preprocess
-    from .cli import Progress, expand_images
     from .scorer import Scorer
 
-    cache = _open_cache(args)
-    files = expand_images(args.paths)
-    ict_path, hp_path = _models(args, need_hp=False)
-    refs = preprocess.as_refs(files, [_label(f) for f in files])
-    failed = 0
-    digests: dict[str, object] = {}  # digest -> ref (a file indexed twice is encoded once)
-    for ref in refs:
-        try:
-            digests.setdefault(ref.digest(), ref)
-        except OSError as e:
-            failed += 1
-            print(f"ict: cannot index {ref.label}: {e.strerror or e}", file=sys.stderr)
-    gallery = _gallery_key(ict_path, hp_path, args)
-    stored = cache.get_images(gallery, list(digests))
-    todo = [(d, r) for d, r in digests.items()
-            if d not in stored or (hp_path is not None and math.isnan(stored[d][1]))]
-    added = 0
-    if todo:
-        scorer = Scorer.load(ict_path, hp_path, device=args.device, precision=args.precision, cache=None,
-                             config=getattr(args, "config", None))
-        bar = Progress(args.quiet, "indexing")
-        try:
-            for start in range(0, len(todo), INDEX_ROUND):
-                part = todo[start:start + INDEX_ROUND]
-                feats = scorer.encode_images(
-                    None, refs=[r for _, r in part],
-                    progress=lambda done, _total, s=start: bar(s + done, len(todo)))
+    cache, ict_path, hp_path, gallery = _open(args)
+    files, failed, added, already, known, scorer = _host.expand_images(args.paths), 0, 0, 0, set(), None
+    bar = _host.progress(args.quiet, "indexing")
+    try:
+        for start in range(0, len(files), INDEX_ROUND):
+            todo = {}
+            for f in files[start:start + INDEX_ROUND]:
+                try:
+                    digest, ref = _snapshot(f)
+                except OSError as e:
+                    failed += 1
+                    print(f"ict: cannot index {f}: {e.strerror or e}", file=sys.stderr)
+                    continue
+                if digest not in known:
+                    todo[digest] = ref
+                known.add(digest)
+            stored, count = cache.get_images(gallery, list(todo)), len(todo)
+            todo = {d: r for d, r in todo.items() if d not in stored or (hp_path and math.isnan(stored[d][1]))}
+            already += count - len(todo)
+            if todo:
+                scorer = scorer or Scorer.load(ict_path, hp_path, device=args.device, precision=args.precision,
+                                               cache=None, config=args.config)
+                feats = scorer.encode_images(None, refs=list(todo.values()))
                 entries = {}
-                for i, (digest, ref) in enumerate(part):
+                for i, (digest, ref) in enumerate(todo.items()):
                     if feats.errors[i] is not None:
                         failed += 1
                         print(f"ict: cannot index {ref.label}: {feats.errors[i]}", file=sys.stderr)
-                        continue
-                    hp_raw = float(feats.hp_raw[i]) if feats.hp_raw is not None else None
-                    entries[digest] = (feats.ict[i].numpy(), hp_raw, ref.label)
+                    else:
+                        hp_raw = float(feats.hp_raw[i]) if feats.hp_raw is not None else None
+                        entries[digest] = (feats.ict[i].numpy(), hp_raw, ref.label)
                 cache.put_images(gallery, entries)
-                cache.flush()
                 added += len(entries)
-        finally:
-            bar.close()
+            bar(min(start + INDEX_ROUND, len(files)), len(files))
+    finally:
+        bar.close()
     cache.flush()
-    total = cache.image_count(gallery)
-    print(f"indexed {added} new image(s), {len(digests) - len(todo)} already stored, {failed} failed; "
-          f"the gallery holds {total} image(s) ({cache.path})")  # --quiet silences only the progress bar
-    if failed and not added and not stored:
+    if cache.memory_only:
+        raise ICTError(f"could not save to the cache folder {cache.path} (read-only, full or not a folder); "
+                       f"nothing was indexed: pass a writable --cache-dir")
+    print(f"indexed {added} new image(s), {already} already stored, {failed} failed; "
+          f"the gallery holds {cache.image_count(gallery)} image(s) ({cache.path})")
+    if failed and not added and not already:
         raise ICTError(f"none of the {failed} image(s) could be indexed; see the messages above")
     return 0
 
 
-# ------------------------------------------------------------------------------------------------ search
 def query_vector(cache, ict_path: str, prompt: str, args):
     """The prompt's text feature: from the prompt cache (no model load at all), else encoded once."""
     from .cache import prompt_key
@@ -182,54 +166,53 @@ def query_vector(cache, ict_path: str, prompt: str, args):
     from .scorer import Scorer
 
     scorer = Scorer.load(ict_path, None, device=args.device, precision=args.precision, cache=cache,
-                         config=getattr(args, "config", None))
-    vec = scorer.encode_prompts([prompt])[0].numpy()
-    cache.flush()
-    return vec
+                         config=args.config)
+    return scorer.encode_prompts([prompt])[0].numpy()
+
+
+def _num(x):
+    return None if x is None or math.isnan(x) else x
 
 
 def cmd_search(args) -> int:
-    """Rank the gallery of this (ICT, HP) pair for a prompt; no image is encoded."""
+    """Rank the gallery of this (ICT, HP) pair for a prompt; no image is encoded. NaN values rank
+    last and are written as null (JSON) or '-' (text)."""
     if args.top_k is not None and args.top_k < 1:
         raise InputError(f"--top-k must be at least 1, got {args.top_k}")
-    by = args.by or ("ict" if args.prompt is not None else "hp")
-    if args.prompt is None and by != "hp":
-        raise InputError(f"--by {by} needs a prompt to search for; without one only --by hp ranks the gallery")
-    cache = _open_cache(args)
-    ict_path, hp_path = _models(args, need_hp=by != "ict")
-    if by != "ict" and hp_path is None:
-        raise InputError(f"--by {by} needs the HP model; pass --hp-model (and index with it)")
-    gallery = _gallery_key(ict_path, hp_path, args)
+    args.by = args.by or ("ict" if args.prompt is not None else "hp")
+    if args.prompt is None and args.by != "hp":
+        raise InputError(f"--by {args.by} needs a prompt to search for; without one only --by hp ranks the gallery")
+    cache, ict_path, hp_path, gallery = _open(args)
+    if args.by != "ict" and hp_path is None:
+        raise InputError(f"--by {args.by} needs the HP model; pass --hp-model (and index with it)")
     if cache.image_count(gallery) == 0:
         raise InputError(_empty_gallery_hint(cache, gallery, hp_path))
+    from .cache.gallery_search import sigmoid
+
     query = query_vector(cache, ict_path, args.prompt, args) if args.prompt is not None else None
-    hits = cache.search(gallery, query, top_k=args.top_k, by=by)
-    cache.flush()
     rows = []
-    for pos, h in enumerate(hits, 1):
-        hp = _sigmoid(h.hp_raw)
-        ict = None if math.isnan(h.ict) else h.ict  # by hp without a prompt: no ICT
+    for pos, h in enumerate(cache.search(gallery, query, top_k=args.top_k, by=args.by, exact=args.exact), 1):
+        hp, ict = _num(float(sigmoid(h.hp_raw))), _num(h.ict)
         rows.append({"rank": pos, "image": h.label, "hash": h.hash, "ict": ict, "hp": hp,
-                     "hp_raw": None if hp is None else h.hp_raw,
-                     "score": (ict * hp if hp is not None else ict) if ict is not None else hp,
-                     "value": None if math.isnan(h.value) else h.value})
+                     "hp_raw": _num(h.hp_raw), "value": _num(h.value),
+                     "score": _num((ict * hp if hp is not None else ict) if ict is not None else hp)})
+    cache.flush()
     if args.json:
-        json.dump({"prompt": args.prompt, "by": by, "gallery": gallery, "count": cache.image_count(gallery),
-                   "results": rows, "cache": cache.counters}, sys.stdout, indent=2)
+        json.dump({"prompt": args.prompt, "by": args.by, "gallery": gallery, "count": cache.image_count(gallery),
+                   "results": rows, "cache": cache.counters}, sys.stdout, indent=2, allow_nan=False)
         print()
         return 0
     has_hp = any(r["hp"] is not None for r in rows)
-    print(f"{'rank':>4} {'ict':>7}" + (f" {'hp':>7}" if has_hp else "") + f" {by:>8}  image")
+    cell = lambda x: f"{x:7.4f}" if x is not None else f"{'-':>7}"  # noqa: E731
+    print(f"{'rank':>4} {'ict':>7}" + (f" {'hp':>7}" if has_hp else "") + f" {args.by:>8}  image")
     for r in rows:
-        hp = (f" {r['hp']:7.4f}" if r["hp"] is not None else f" {'-':>7}") if has_hp else ""
-        ict = f"{r['ict']:7.4f}" if r["ict"] is not None else f"{'-':>7}"
-        print(f"{r['rank']:>4} {ict}{hp} {r['value']:8.4f}  {r['image']}")
+        print(f"{r['rank']:>4} {cell(r['ict'])}" + (f" {cell(r['hp'])}" if has_hp else "")
+              + f"  {cell(r['value'])}  {r['image']}")
     return 0
 
 
 def _empty_gallery_hint(cache, gallery: str, hp_path) -> str:
-    ict_fp = gallery.split("+", 1)[0]
-    others = [g for g in cache.stats()["galleries"] if g.startswith(ict_fp + "+") and g != gallery]
+    others = [g for g in cache.stats()["galleries"] if g.split("+")[0] == gallery.split("+")[0] and g != gallery]
     if others and hp_path is None:
         return "the gallery of this ICT model was indexed with an HP model; pass the same --hp-model to search it"
     if others:
@@ -237,7 +220,6 @@ def _empty_gallery_hint(cache, gallery: str, hp_path) -> str:
     return f"no images are indexed for this model in {cache.path}; run `ict index FOLDER` with the same models first"
 
 
-# ------------------------------------------------------------------------------------------------ cache
 def cmd_cache_stats(args) -> int:
     from .cache import EmbeddingCache
 
@@ -247,12 +229,10 @@ def cmd_cache_stats(args) -> int:
         json.dump(stats, sys.stdout, indent=2)
         print()
         return 0
-    print(f"path:     {stats['path']}")
-    print(f"prompts:  {stats['prompts']}")
-    print(f"images:   {stats['images']}")
-    print(f"size:     {_size(stats['bytes'])}")
+    print(f"path:     {stats['path']}\nprompts:  {stats['prompts']}\nimages:   {stats['images']}\n"
+          f"size:     {stats['bytes'] / 2 ** 20:.1f} MiB")
     for t in stats["tables"]:
-        print(f"  {t['kind']:<8} {t['count']:>8}  {_size(t['bytes']):>9}  {t['key']}")
+        print(f"  {t['kind']:<8} {t['count']:>8}  {t['key']}")
     if stats["memory_only"]:
         print("note: the folder cannot be written; this run kept the cache in memory only")
     return 0
@@ -270,11 +250,3 @@ def cmd_cache_clear(args) -> int:
     what = [f"{before['prompts']} prompt(s)"] * prompts + [f"{before['images']} image(s)"] * images
     print(f"cleared {' and '.join(what)} from {cache.path}")
     return 0
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"

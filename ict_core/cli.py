@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     else:
-        add_subcommands(sub, _model_args)
+        add_subcommands(sub, _model_args, model_path=_model_path, expand_images=expand_images, progress=Progress)
     return parser
 
 

@@ -4,7 +4,6 @@ Most tests need only numpy (+ faiss); the last ones use the engine with the tiny
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -19,8 +18,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from ict_core import cache as cache_mod
-from ict_core import cache_file as cf
+import ict_core.cache as cache_pkg
+from ict_core.cache import embedding_cache as cache_mod
+from ict_core.cache import store as cache_store
 from ict_core.cache import EmbeddingCache, gallery_key, resolve_cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,8 +38,8 @@ def prompts_of(n, tag="p", d=16, seed=0):
     return {f"{tag}{i}": vecs[i] for i in range(n)}
 
 
-def table_files(root: Path, kind="prompts"):
-    return sorted(p for p in (root / kind).glob("*") if p.suffix == ".ictc")
+def db_file(root: Path) -> Path:
+    return root / cache_store.DB_NAME
 
 
 def cache_warnings(caplog):
@@ -114,7 +114,6 @@ def test_lru_eviction_in_memory_and_on_disk(tmp_path):
     c3 = EmbeddingCache(tmp_path)
     kept = c3.get_prompts(FP, list(feats))
     assert len(kept) == 3 and "p7" in kept
-    assert len(table_files(tmp_path)) == 1
 
 
 def test_batch_larger_than_cap_keeps_its_tail(tmp_path):
@@ -134,56 +133,39 @@ def test_fingerprints_are_separate(tmp_path):
     assert all(np.array_equal(v, a[k]) for k, v in c2.get_prompts(FP, list(a)).items())
     assert all(np.array_equal(v, b[k]) for k, v in c2.get_prompts(FP2, list(b)).items())
     assert c2.get_prompts("another", list(a)) == {}
-    files = table_files(tmp_path)
-    assert len(files) == 3 and all(p.parent == tmp_path / "prompts" for p in files)
-    assert not any("/" in p.name[:-5] or ":" in p.name for p in files)
-
-
-def test_foreign_table_copied_over_is_rejected(tmp_path, caplog):
-    c = EmbeddingCache(tmp_path)
-    c.put_prompts(FP, prompts_of(3))
-    c.put_prompts(FP2, prompts_of(3, seed=9))
-    c.flush()
-    fa, fb = (tmp_path / "prompts" / f"{FP}.ictc"), (tmp_path / "prompts" / f"{FP2}.ictc")
-    fb.write_bytes(fa.read_bytes())  # a file of model A under model B's name
-    c2 = EmbeddingCache(tmp_path)
-    assert c2.get_prompts(FP2, ["p0"]) == {}
-    assert len(cache_warnings(caplog)) == 1 and "expected" in caplog.text
-    assert c2.get_prompts(FP, ["p0"])  # A itself is fine
+    assert sorted(t["key"] for t in c2.stats()["tables"]) == sorted([FP, FP2, "Weird/FP:.."])
 
 
 # ------------------------------------------------------------------------------------------ damaged files
-def _damage(path: Path, how: str):
+def _damage(path: Path, how: str, vec: np.ndarray):
     blob = bytearray(path.read_bytes())
-    if how == "flip":
-        blob[len(blob) * 2 // 3] ^= 0x40
+    if how == "flip":  # inside a stored vector: SQLite cannot see it, the row checksum does
+        raw = vec.tobytes()  # a 4 KB vector spans pages: find a piece of it
+        blob[next(blob.find(raw[i:i + 64]) for i in range(0, 4096, 64) if blob.find(raw[i:i + 64]) > 0) + 9] ^= 0x40
     elif how == "truncate":
         blob = blob[: len(blob) // 2]
-    elif how == "empty":
-        blob = b""
     elif how == "garbage":
         blob = os.urandom(len(blob))
     elif how == "header":
-        blob[8] = 99  # version
+        blob[8] = 99  # the "SQLite format 3" magic
     path.write_bytes(bytes(blob))
 
 
-@pytest.mark.parametrize("how", ["flip", "truncate", "empty", "garbage", "header"])
+@pytest.mark.parametrize("how", ["flip", "truncate", "garbage", "header"])
 def test_damaged_file_is_moved_aside_once_and_cache_restarts(tmp_path, caplog, how):
     c = EmbeddingCache(tmp_path)
-    feats = prompts_of(30)
+    feats = prompts_of(30, d=1024)
     c.put_prompts(FP, feats)
-    c.flush()
-    (path,) = table_files(tmp_path)
-    _damage(path, how)
+    c.close()  # all of it in the database file (no write-ahead log left)
+    path = db_file(tmp_path)
+    _damage(path, how, feats["p7"])
     caplog.clear()
     c2 = EmbeddingCache(tmp_path)
     for _ in range(3):
         assert c2.get_prompts(FP, list(feats)) == {}
     warns = cache_warnings(caplog)
     assert len(warns) == 1 and "unusable" in warns[0].getMessage()
-    assert not path.exists()
-    assert len(list((tmp_path / "prompts").glob("*.corrupt-*"))) == 1
+    assert len(list(tmp_path.glob("*.corrupt-*"))) == 1
     c2.put_prompts(FP, {"new": feats["p0"]})  # and it keeps working
     c2.flush()
     assert set(EmbeddingCache(tmp_path).get_prompts(FP, ["new", "p1"])) == {"new"}
@@ -193,60 +175,77 @@ def test_damaged_file_is_moved_aside_once_and_cache_restarts(tmp_path, caplog, h
 def test_damage_found_at_save_time_is_handled(tmp_path, caplog):
     c = EmbeddingCache(tmp_path)
     c.put_prompts(FP, prompts_of(5))
-    c.flush()
-    (path,) = table_files(tmp_path)
-    _damage(path, "truncate")  # another writer's torn file appears behind our back
+    c.close()
+    _damage(db_file(tmp_path), "garbage", None)  # another writer's torn file appears behind our back
     c.put_prompts(FP, {"late": prompts_of(1)["p0"]})
     c.flush()
     assert len(cache_warnings(caplog)) == 1
     assert set(EmbeddingCache(tmp_path).get_prompts(FP, ["late", "p1"])) == {"late"}
 
 
-def test_no_pickle_in_files(tmp_path):
+def test_database_holds_plain_vectors(tmp_path):
+    """No pickle anywhere: each vector is its float32 bytes."""
+    import sqlite3
+
     c = EmbeddingCache(tmp_path)
-    c.put_prompts(FP, prompts_of(3))
-    c.put_images(gallery_key(FP, None), {"h": (prompts_of(1)["p0"], None, "a.png")})
-    c.flush()
-    for kind in ("prompts", "images"):
-        (path,) = table_files(tmp_path, kind)
-        data = cf.decode(path.read_bytes(), kind, path.name[:-5])  # np.load(allow_pickle=False) inside
-        assert data.count >= 1
+    feats = prompts_of(3)
+    c.put_prompts(FP, feats)
+    c.put_images(gallery_key(FP, None), {"h": (feats["p0"], None, "a.png")})
+    c.close()
+    rows = sqlite3.connect(db_file(tmp_path)).execute("SELECT kind, name, vec FROM entries ORDER BY id").fetchall()
+    assert [(k, n) for k, n, _ in rows] == [("p", b"p0"), ("p", b"p1"), ("p", b"p2"), ("i", b"h")]
+    assert all(v == feats[f"p{i % 3}"].tobytes() for i, (_, _, v) in enumerate(rows))
+
+
+def test_old_format_folder_is_set_aside_once(tmp_path, caplog):
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / f"{FP}.ictc").write_bytes(b"ICTC old table")
+    c = EmbeddingCache(tmp_path)
+    c.put_prompts(FP, prompts_of(2))
+    c.close()
+    assert (tmp_path / "old-format" / "prompts" / f"{FP}.ictc").exists() and not (tmp_path / "prompts").exists()
+    assert len(cache_warnings(caplog)) == 1 and "older format" in caplog.text
+    assert len(EmbeddingCache(tmp_path).get_prompts(FP, ["p0", "p1"])) == 2
+    assert len(cache_warnings(caplog)) == 1
 
 
 # ------------------------------------------------------------------------------------------ processes
-def test_sigkill_during_save_leaves_old_state(tmp_path):
+def test_sigkill_during_save_loses_nothing_committed(tmp_path):
+    """A writer killed at a random point of its endless saves: every batch it committed is there,
+    bit-identical, the one it was writing is wholly absent, and the database is sound."""
+    import sqlite3
+
     c = EmbeddingCache(tmp_path)
     old = prompts_of(10, d=1024)
     c.put_prompts(FP, old)
-    c.flush()
-    (path,) = table_files(tmp_path)
-    before = path.read_bytes()
-    env = dict(os.environ, **{cf.SLOW_WRITE_ENV: "0.5"})
+    c.close()
     proc = run_py(f"""
         c = EmbeddingCache({str(tmp_path)!r})
-        rng = np.random.default_rng(5)
-        c.put_prompts({FP!r}, {{f"new{{i}}": rng.standard_normal(1024).astype("float32") for i in range(3000)}})
-        c.flush()
-    """, env=env)
-    deadline = time.time() + 30
-    tmp_prefix = cf.tmp_prefix(path)
-    while time.time() < deadline:
-        temps = [p for p in path.parent.iterdir() if p.name.startswith(tmp_prefix)]
-        if temps and temps[0].stat().st_size > 0:
-            break
-        assert proc.poll() is None, "writer finished before it could be killed"
+        for b in range(10_000):
+            rng = np.random.default_rng(b)
+            c.put_prompts({FP!r}, {{f"b{{b}}-{{i}}": rng.standard_normal(1024).astype("float32") for i in range(500)}})
+    """)
+    reader = sqlite3.connect(db_file(tmp_path), timeout=30)
+    count = lambda: reader.execute("SELECT count(*) FROM entries").fetchone()[0]  # noqa: E731
+    deadline = time.time() + 60
+    while count() < 10 + 1000:  # two batches committed
+        assert proc.poll() is None and time.time() < deadline, "the writer never saved"
         time.sleep(0.02)
-    else:
-        pytest.fail("the writer never started its save")
+    time.sleep(np.random.default_rng().uniform(0, 0.3))
+    seen = count()
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
-    assert path.read_bytes() == before  # old state untouched
+    assert reader.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     c2 = EmbeddingCache(tmp_path)
-    got = c2.get_prompts(FP, list(old) + ["new0"])
-    assert set(got) == set(old)
-    c2.put_prompts(FP, {"after": old["p0"]})
-    c2.flush()  # cleans the dead writer's temp file
-    assert not [p for p in path.parent.iterdir() if p.name.startswith(tmp_prefix)]
+    got = c2.get_prompts(FP, list(old))
+    assert all(got[k].tobytes() == v.tobytes() for k, v in old.items()) and len(got) == 10
+    batches = (count() - 10) // 500
+    assert count() == 10 + 500 * batches and count() >= seen
+    for b in (0, batches - 1):
+        want = np.random.default_rng(b).standard_normal((500, 1024)).astype("float32")
+        got = c2.get_prompts(FP, [f"b{b}-{i}" for i in range(500)])
+        assert all(got[f"b{b}-{i}"].tobytes() == want[i].tobytes() for i in range(500))
+    assert c2.get_prompts(FP, [f"b{batches}-0"]) == {}
 
 
 def test_four_processes_adding_at_once_lose_nothing(tmp_path):
@@ -318,26 +317,26 @@ def test_threads_share_one_cache(tmp_path):
 
 
 def test_lock_held_elsewhere_defers_save(tmp_path, caplog):
-    import fcntl
+    import sqlite3
 
+    EmbeddingCache(tmp_path).put_prompts(FP2, prompts_of(1))
     c = EmbeddingCache(tmp_path)
     c.lock_timeout = 0.2
+    other = sqlite3.connect(db_file(tmp_path), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process writing for a long time
     c.put_prompts(FP, prompts_of(2))
-    (tmp_path / "prompts").mkdir(parents=True)
-    lock = tmp_path / "prompts" / f"{FP}.ictc.lock"
-    with open(lock, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        c.flush()
-        c.flush()
-        fcntl.flock(fh, fcntl.LOCK_UN)
-    assert len(cache_warnings(caplog)) == 1 and not table_files(tmp_path)
+    assert len(c.get_prompts(FP, ["p0", "p1"])) == 2  # kept in memory meanwhile
+    c.flush()
+    c.flush()
+    other.execute("ROLLBACK")
+    assert len(cache_warnings(caplog)) == 1 and EmbeddingCache(tmp_path).get_prompts(FP, ["p0"]) == {}
     c.flush()
     assert len(EmbeddingCache(tmp_path).get_prompts(FP, ["p0", "p1"])) == 2
 
 
 # ------------------------------------------------------------------------------------------ unwritable
-def _check_memory_only(c, caplog):
-    feats = prompts_of(4)
+def _check_memory_only(c, caplog, before=0):
+    feats = prompts_of(4, d=1024)
     c.put_prompts(FP, feats)
     c.flush()
     c.put_prompts(FP, {"more": feats["p0"]})
@@ -346,7 +345,7 @@ def _check_memory_only(c, caplog):
     assert c.memory_only
     assert set(c.get_prompts(FP, list(feats) + ["more"])) == set(feats) | {"more"}
     assert len(cache_warnings(caplog)) == 1
-    assert c.stats()["prompts"] == 5
+    assert c.stats()["prompts"] == 5 + before
 
 
 def test_folder_under_a_file_turns_memory_only(tmp_path, caplog):
@@ -355,49 +354,41 @@ def test_folder_under_a_file_turns_memory_only(tmp_path, caplog):
     _check_memory_only(EmbeddingCache(blocker / "cache"), caplog)
 
 
-def test_permission_error_on_replace_turns_memory_only(tmp_path, caplog, monkeypatch):
-    def deny(*a, **k):
-        raise PermissionError(errno.EACCES, "Permission denied")
-
-    monkeypatch.setattr(cf.os, "replace", deny)
+def test_database_that_is_a_folder_turns_memory_only(tmp_path, caplog):
+    db_file(tmp_path).mkdir()
     _check_memory_only(EmbeddingCache(tmp_path), caplog)
-    assert not [p for p in (tmp_path / "prompts").iterdir() if ".tmp-" in p.name]
 
 
 def test_full_disk_turns_memory_only(tmp_path, caplog, monkeypatch):
-    def full(fd, data):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    import sqlite3
 
-    monkeypatch.setattr(cf.os, "write", full)
-    _check_memory_only(EmbeddingCache(tmp_path), caplog)
-    assert not [p for p in (tmp_path / "prompts").iterdir() if ".tmp-" in p.name]
+    EmbeddingCache(tmp_path).put_prompts(FP2, prompts_of(1))
+    pages = sqlite3.connect(db_file(tmp_path)).execute("PRAGMA page_count").fetchone()[0]
+    real = sqlite3.connect
 
+    def full(*args, **kw):  # the disk fills up: no page can be added to the file
+        conn = real(*args, **kw)
+        if args[0] != ":memory:":
+            conn.execute(f"PRAGMA max_page_count={pages}")
+        return conn
 
-def test_unopenable_lock_turns_memory_only(tmp_path, caplog, monkeypatch):
-    real_open = os.open
-
-    def deny(path, *a, **k):
-        if str(path).endswith(".lock"):
-            raise PermissionError(errno.EROFS, "Read-only file system")
-        return real_open(path, *a, **k)
-
-    monkeypatch.setattr(cf.os, "open", deny)
-    _check_memory_only(EmbeddingCache(tmp_path), caplog)
+    monkeypatch.setattr(cache_store.sqlite3, "connect", full)
+    _check_memory_only(EmbeddingCache(tmp_path), caplog, before=1)  # the memory copy keeps what was on disk
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores chmod")
 def test_read_only_folder_really(tmp_path, caplog):
     c = EmbeddingCache(tmp_path)
     c.put_prompts(FP, prompts_of(2))
-    c.flush()
-    os.chmod(tmp_path / "prompts", 0o500)
+    c.close()
+    os.chmod(tmp_path, 0o500)
     try:
         c2 = EmbeddingCache(tmp_path)
         assert len(c2.get_prompts(FP, ["p0", "p1"])) == 2  # reading still works
         caplog.clear()
         _check_memory_only(c2, caplog)
     finally:
-        os.chmod(tmp_path / "prompts", 0o700)
+        os.chmod(tmp_path, 0o700)
 
 
 # ------------------------------------------------------------------------------------------ housekeeping
@@ -406,7 +397,7 @@ def test_flush_is_cheap_when_clean(tmp_path, monkeypatch):
     c.put_prompts(FP, prompts_of(3))
     c.flush()
     writes = []
-    monkeypatch.setattr(cf, "atomic_write", lambda *a: writes.append(a))
+    monkeypatch.setattr(cache_store.Store, "write", lambda self, fn: writes.append(fn))
     c.flush()
     c.get_prompts(FP, ["p0"])  # only a use-time change: deferred ...
     c.flush()
@@ -453,7 +444,7 @@ def test_stats_and_clear(tmp_path):
     assert other.get_prompts(FP, ["p0"]) == {}  # the other instance sees the clear
     c.clear()
     s = c.stats()
-    assert s["images"] == 0 and not table_files(tmp_path) and not table_files(tmp_path, "images")
+    assert s["images"] == 0 and s["prompts"] == 0 and s["tables"] == []
 
 
 def test_resolve_cache_dir(monkeypatch, tmp_path):
@@ -592,11 +583,11 @@ def test_hashes_match_the_engine(tmp_path):
     pre = pytest.importorskip("ict_core.preprocess")
     torch = pytest.importorskip("torch")
     pixels = np.random.default_rng(0).integers(0, 256, (3, 5, 7), dtype=np.uint8)
-    assert cache_mod.hash_pixels(pixels) == pre._pixel_digest(torch.from_numpy(pixels))
-    assert cache_mod.hash_pixels(pixels) != cache_mod.hash_pixels(pixels.reshape(3, 7, 5))
+    assert cache_pkg.hash_pixels(pixels) == pre._pixel_digest(torch.from_numpy(pixels))
+    assert cache_pkg.hash_pixels(pixels) != cache_pkg.hash_pixels(pixels.reshape(3, 7, 5))
     f = tmp_path / "x.png"
     f.write_bytes(b"not really a png")
-    assert cache_mod.hash_file(f) == pre.as_refs([f])[0].digest()
+    assert cache_pkg.hash_file(f) == pre.as_refs([f])[0].digest()
 
 
 def test_module_imports_light():

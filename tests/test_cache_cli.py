@@ -172,3 +172,71 @@ def test_cache_stats_console_script_uses_env(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["path"] == str(tmp_path / "envcache")
+
+
+def _strict_json(text):
+    def refuse(name):
+        raise ValueError(f"bare {name} in JSON output")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_index_hashes_the_bytes_it_decodes(gallery, capsys, monkeypatch, images, tmp_path):
+    """A file replaced while `ict index` runs must not get the new image's features under the old
+    content's hash (issue 10, defect 9): the bytes hashed are the bytes decoded."""
+    from ict_core.cache import EmbeddingCache, hash_file
+
+    folder, opts = gallery
+    target = folder / images[1].name
+    old_hash = hash_file(target)
+    real = Scorer.encode_images
+
+    def swap_then_encode(self, *a, **k):  # another program rewrites the file after it was hashed
+        Image.new("RGB", (40, 40), (0, 255, 0)).save(target, format="PNG")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Scorer, "encode_images", swap_then_encode)
+    assert run(capsys, "index", str(folder), *opts)[0] == 0
+    monkeypatch.undo()
+    code, out, err = run(capsys, "search", PROMPT, "--json", *opts)
+    stored = EmbeddingCache(tmp_path / "cache").get_images(json.loads(out)["gallery"], [old_hash])[old_hash][0]
+    target.write_bytes(images[1].read_bytes())
+    code, out, err = run(capsys, "rank", str(target), "--prompt", PROMPT, "--json", "--no-cache", *opts)
+    original = json.loads(out)["results"][0]["ict"]
+    found = {r["hash"]: r["ict"] for r in json.loads(run(capsys, "search", PROMPT, "--json", *opts)[1])["results"]}
+    assert found[old_hash] == pytest.approx(original, abs=1e-5) and stored.shape[0] > 0
+
+
+def test_index_that_cannot_save_says_so_and_fails(gallery, tmp_path):
+    folder, opts = gallery
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    opts = [o if o != str(tmp_path / "cache") else str(blocker / "cache") for o in opts]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "ict_core", "index", str(folder), *opts], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "could not save" in out.stderr and "indexed" not in out.stdout
+    assert "Traceback" not in out.stderr
+
+
+def test_search_ranks_nan_last_and_writes_null(gallery, capsys):
+    """An image whose HP came out NaN: last under --by ict*hp, null in JSON (never a bare NaN)."""
+    from ict_core.cache import EmbeddingCache
+
+    folder, opts = gallery
+    assert run(capsys, "index", str(folder), *opts)[0] == 0
+    found = json.loads(run(capsys, "search", PROMPT, "--json", *opts)[1])
+    cache = EmbeddingCache(opts[opts.index("--cache-dir") + 1])
+    vec, _ = cache.get_images(found["gallery"], [found["results"][0]["hash"]])[found["results"][0]["hash"]]
+    cache.put_images(found["gallery"], {"nan-hp": (vec, float("nan"), "nan.png")})  # the best ict, no HP
+    cache.close()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "ict_core", "search", PROMPT, "--by", "ict*hp", "--json", *opts],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = _strict_json(out.stdout)["results"]
+    assert rows[-1]["hash"] == "nan-hp" and rows[-1]["value"] is None and rows[-1]["hp"] is None
+    assert all(r["value"] is not None for r in rows[:-1])
+    text = subprocess.run([sys.executable, "-m", "ict_core", "search", PROMPT, "--by", "ict*hp", *opts],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert text.returncode == 0 and text.stdout.splitlines()[-1].split()[-2] == "-"

@@ -1,0 +1,354 @@
+"""EmbeddingCache: prompt features and image galleries kept per model, and gallery search.
+
+Why: the ViT-H text tower costs ~2.8 s per prompt on a 2-core CPU and the image tower far more; a
+workflow that re-scores with the same prompt, or a gallery searched by many prompts, should pay that
+once. The cache is an accelerator, never a point of failure: every fault is one logging warning and
+a cache that keeps working (store.Store); nothing here raises into the scorer. Storage: store (SQLite
+in the cache folder); search: gallery_search (faiss, imported lazily; this module needs no torch).
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import namedtuple
+
+import numpy as np
+
+from . import gallery_search as gs
+from .keys import resolve_cache_dir, safe_name
+from .store import Busy, Store
+
+log = logging.getLogger("ict_core.cache")
+
+#: Set to 1 to search without faiss (numpy scans: same results, slower).
+NO_FAISS_ENV = "ICT_CACHE_NO_FAISS"
+BY = ("ict", "hp", "ict*hp")
+KINDS = {"p": "prompts", "i": "images"}
+
+SearchHit = namedtuple("SearchHit", "label hash ict hp_raw value")
+SearchHit.__doc__ = """One ranked gallery image: value is ict, sigmoid(hp_raw) for by='hp', or
+ict*sigmoid(hp_raw) for by='ict*hp'; ict is NaN when by='hp' was asked without a query."""
+
+_faiss_state = {"tried": False, "mod": None}
+_live: "weakref.WeakSet[EmbeddingCache]" = weakref.WeakSet()
+
+
+def _faiss():
+    """faiss, or None (then numpy searches; one warning when it is missing)."""
+    if os.environ.get(NO_FAISS_ENV, "") not in ("", "0"):
+        return None
+    if not _faiss_state["tried"]:
+        _faiss_state["tried"] = True
+        try:
+            import faiss  # noqa: PLC0415  (lazy: `import ict_core` must stay light)
+
+            _faiss_state["mod"] = faiss
+        except Exception as exc:
+            log.warning("faiss is not importable (%s); gallery search uses numpy (same ranking, slower)", exc)
+    return _faiss_state["mod"]
+
+
+@atexit.register
+def _flush_at_exit():
+    for cache in list(_live):
+        try:
+            cache.flush(force=True)
+        except Exception:  # never fail interpreter shutdown
+            pass
+
+
+def _guard(default):
+    """Hot-path methods never raise: an unexpected error is logged once and yields `default`."""
+
+    def wrap(fn):
+        def inner(self, *args, **kwargs):
+            try:
+                return fn(self, *args, **kwargs)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:
+                if fn.__name__ not in self._warned:
+                    self._warned.add(fn.__name__)
+                    log.warning("ict-reward cache: %s failed (%s: %s); carrying on without the cache",
+                                fn.__name__, type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+                return default()
+
+        inner.__name__, inner.__doc__, inner.__wrapped__ = fn.__name__, fn.__doc__, fn
+        return inner
+
+    return wrap
+
+
+def _check_key(key) -> None:
+    if not isinstance(key, str) or not key:
+        raise ValueError("cache key (fingerprint) must be a non-empty string")
+
+
+class EmbeddingCache:
+    """Prompt-feature cache and image gallery on disk; see the module docstring.
+
+    max_prompts / max_images cap each table (one model's prompts, one gallery); past the cap the least
+    recently used entries are evicted. memory_only=True never touches the disk. Thread-safe; any
+    number of processes may share a folder.
+    """
+
+    #: Use times of hits are written at most this often (flush(force=True) does not wait) ...
+    lru_flush_interval = 60.0
+    #: ... and only for tables at least this full (fraction of the cap): below, they evict nothing.
+    LRU_PERSIST_FILL = 0.8
+
+    def __init__(self, cache_dir=None, max_prompts: int = 100_000, max_images: int = 1_000_000,
+                 *, memory_only: bool = False):
+        self.path = resolve_cache_dir(cache_dir)
+        self.max_prompts, self.max_images = int(max_prompts), int(max_images)
+        self._store = Store(self.path, 30.0, memory_only)
+        self._lock = threading.RLock()
+        self._pending: dict = {}  # (kind, key) -> {name: item} not written yet (the database was locked)
+        self._used: dict = {}  # (kind, key) -> {id: time} of hits not written yet
+        self._rows: dict = {}  # gallery -> (state, (ids, vectors, hp_raw)) of a small gallery
+        self._ivf: dict = {}  # gallery -> gallery_search.Ivf
+        self._used_saved = time.monotonic()
+        self._warned: set = set()
+        self.reset_counters()
+        _live.add(self)
+
+    def __repr__(self):
+        return f"EmbeddingCache({str(self.path)!r}{', memory-only' if self.memory_only else ''})"
+
+    @property
+    def lock_timeout(self) -> float:
+        """Seconds to wait for another process's write before keeping ours for the next flush."""
+        return self._store.timeout
+
+    @lock_timeout.setter
+    def lock_timeout(self, seconds: float) -> None:
+        self._store.timeout = float(seconds)
+        self._store.close()  # reconnect with the new timeout
+
+    @property
+    def counters(self) -> dict:
+        return dict(self._counters)
+
+    def reset_counters(self) -> None:
+        self._counters = dict(prompt_hits=0, prompt_misses=0, image_hits=0, image_misses=0)
+
+    @property
+    def memory_only(self) -> bool:
+        return self._store.memory_only
+
+    # ---- prompts and images ----------------------------------------------------------------------
+    @_guard(dict)
+    def get_prompts(self, fingerprint: str, prompts) -> dict:
+        """Cached text features of the given prompts (hits only), bit-identical to what was put.
+        Each distinct prompt counts as one hit or one miss."""
+        return {k: v[0] for k, v in self._get("p", fingerprint, prompts, "prompt").items()}
+
+    @_guard(dict)
+    def get_images(self, gallery: str, hashes) -> dict:
+        """{hash: (float32 vector, hp_raw or NaN)} for the stored hashes among `hashes`."""
+        return self._get("i", gallery, hashes, "image")
+
+    @_guard(lambda: None)
+    def put_prompts(self, fingerprint: str, features: dict) -> None:
+        """Store {prompt: float32 vector}; non-finite vectors are skipped."""
+        self._put("p", fingerprint, [(p, v, None, None) for p, v in features.items()], self.max_prompts)
+
+    @_guard(lambda: None)
+    def put_images(self, gallery: str, entries: dict) -> None:
+        """Store {hash: (vector, hp_raw or None/NaN, label)}; non-finite vectors are skipped."""
+        self._put("i", gallery, [(d, v, hp, "" if label is None else str(label))
+                                 for d, (v, hp, label) in entries.items()], self.max_images)
+
+    def image_count(self, gallery: str) -> int:
+        with self._lock:
+            return self._store.meta("i", gallery)["n"]
+
+    def _get(self, kind: str, key: str, names, counter: str) -> dict:
+        _check_key(key)
+        with self._lock:
+            names = list(dict.fromkeys(n for n in names if isinstance(n, str)))
+            pending = self._pending.get((kind, key), {})
+            found = self._store.get(kind, key, [n for n in names if n not in pending])
+            used, now, out = self._used.setdefault((kind, key), {}), time.time(), {}
+            for name in names:
+                if name in pending:
+                    out[name] = (pending[name][1].copy(), pending[name][2])
+                elif name in found:
+                    id_, vec, hp = found[name]
+                    out[name], used[id_] = (vec, hp), now
+            self._counters[f"{counter}_hits"] += len(out)
+            self._counters[f"{counter}_misses"] += len(names) - len(out)
+            return out
+
+    def _put(self, kind: str, key: str, items: list, cap: int) -> None:
+        _check_key(key)
+        with self._lock:
+            pending = self._pending.setdefault((kind, key), {})
+            dim = self._store.meta(kind, key)["dim"] or next((len(p[1]) for p in pending.values()), None)
+            for name, vec, hp, label in items:
+                vec = np.asarray(vec, dtype=np.float32).reshape(-1)
+                if not isinstance(name, str) or vec.size == 0 or not np.isfinite(vec).all():
+                    continue
+                if dim is not None and vec.shape[0] != dim:
+                    log.warning("ict-reward cache: vector width %d does not match %d of %s %s; not stored",
+                                vec.shape[0], dim, KINDS[kind], key)
+                    continue
+                dim = vec.shape[0]
+                pending[name] = (name, vec.copy(), np.nan if hp is None else float(hp), label)
+            self._write(kind, key, cap)
+
+    def _write(self, kind: str, key: str, cap: int) -> None:
+        """Write a table's pending entries and use times (these first: they decide what is evicted)."""
+        pending = self._pending.get((kind, key))
+        if not pending:
+            return
+        try:
+            self._store.put(kind, key, list(pending.values()), time.time(), cap, self._used.get((kind, key), {}))
+        except Busy as exc:
+            if "busy" not in self._warned:
+                self._warned.add("busy")
+                log.warning("ict-reward cache: %s stayed locked for %.0f s (%s); saving later",
+                            self._store.file, self.lock_timeout, exc)
+            return
+        self._pending.pop((kind, key))
+        self._used.pop((kind, key), None)
+
+    # ---- search ----------------------------------------------------------------------------------
+    def search(self, gallery: str, query_vec, top_k=None, by: str = "ict", *, exact: bool = False) -> list:
+        """Rank the images of a gallery for one text feature, best first.
+
+        ict is the fp32 inner product (== ICT cosine of normalised features); by='ict*hp' multiplies
+        by sigmoid(hp_raw), the order the engine's ranking uses; by='hp' ranks by sigmoid(hp_raw) alone
+        and needs no query (query_vec None: ict is NaN). Ties go to the image stored first; NaN values
+        rank last. A top k by ict of a big gallery comes from the IVF index unless exact=True
+        (gallery_search). Returns [SearchHit]. Raises ValueError on bad arguments.
+        """
+        if by not in BY:
+            raise ValueError(f"by must be one of {BY}, not {by!r}")
+        if query_vec is None and by != "hp":
+            raise ValueError(f"by={by!r} needs a query vector; only by='hp' ranks without one")
+        q = None if query_vec is None else np.ascontiguousarray(query_vec, dtype=np.float32).reshape(-1)
+        with self._lock:
+            self._write("i", gallery, self.max_images)
+            meta = self._store.meta("i", gallery)
+            if meta["n"] == 0 or (top_k is not None and top_k <= 0):
+                return []
+            if q is not None and q.shape[0] != meta["dim"]:
+                raise ValueError(f"query width {q.shape[0]} does not match stored width {meta['dim']}")
+            faiss = _faiss()
+            if by == "hp":
+                ids, hp = self._store.hp_column(gallery)
+                ids, _, value = gs.ranked(ids, hp, gs.sigmoid(hp), top_k)
+                ict = np.full(len(ids), np.nan, np.float32)
+                if q is not None:
+                    got, vecs, _ = self._store.fetch(gallery, ids)
+                    ict = gs.exact_scores(vecs, q)[np.searchsorted(got, ids)]
+            elif (not exact and by == "ict" and top_k is not None and faiss is not None
+                  and meta["n"] >= gs.IVF_MIN and np.isfinite(q).all()):
+                path = self.path / "faiss" / (safe_name(gallery) + ".faiss")
+                ix = self._ivf[gallery] = gs.ivf_index(faiss, self._store, gallery, meta, path, self._ivf.get(gallery))
+                ids, vecs, hp = self._store.fetch(gallery, ix.search(faiss, q, gs.candidates(top_k)))
+                ict = gs.exact_scores(vecs, q)
+                ids, ict, value = gs.ranked(ids, ict, gs.values(ict, hp, by), top_k)
+            else:
+                ids, ict, value = gs.exact_search(faiss, self._chunks(gallery, meta), q, top_k, by, meta["xmax"])
+            info = self._store.describe(ids)
+            return [SearchHit(info[i][1], info[i][0], c, info[i][2], v)
+                    for i, c, v in zip(ids.tolist(), ict.tolist(), value.tolist()) if i in info]
+
+    def _chunks(self, gallery: str, meta: dict):
+        """The gallery's rows in chunks; a small gallery's are held between searches."""
+        state = (meta["n"], meta["edits"], meta["seq"])
+        held = self._rows.get(gallery)
+        if held is not None and held[0] == state:
+            yield held[1]
+            return
+        chunks, after = [], -1
+        while True:
+            chunk = self._store.scan(gallery, after)
+            if not len(chunk[0]):
+                break
+            after = chunk[0][-1]
+            if meta["n"] >= gs.IVF_MIN:
+                yield chunk
+            else:
+                chunks.append(chunk)
+        if chunks:
+            self._rows[gallery] = (state, tuple(np.concatenate(c) for c in zip(*chunks)))
+            yield self._rows[gallery][1]
+
+    # ---- housekeeping ----------------------------------------------------------------------------
+    @_guard(lambda: None)
+    def flush(self, force: bool = False) -> None:
+        """Write what is pending now. Use times of hits wait lru_flush_interval unless force, and are
+        kept only for tables near their cap."""
+        with self._lock:
+            for kind, key in list(self._pending):
+                self._write(kind, key, self.max_prompts if kind == "p" else self.max_images)
+            if not force and time.monotonic() - self._used_saved < self.lru_flush_interval:
+                return
+            for (kind, key), used in list(self._used.items()):
+                cap = self.max_prompts if kind == "p" else self.max_images
+                if used and self._store.meta(kind, key)["n"] >= self.LRU_PERSIST_FILL * cap:
+                    try:
+                        self._store.touch(used)
+                    except Busy:
+                        continue
+                self._used.pop((kind, key))
+            self._used_saved = time.monotonic()
+
+    def close(self) -> None:
+        """Flush everything, use times included, and close the database."""
+        with self._lock:
+            self.flush(force=True)
+            self._store.close()
+
+    def stats(self) -> dict:
+        """What the cache holds (after a flush), plus this process's counters."""
+        with self._lock:
+            self.flush(force=True)
+            tables = [{"kind": KINDS[kind], "key": key, "count": n, "dim": dim or 0, "bytes": n * (dim or 0) * 4,
+                       "file": None if self.memory_only else str(self._store.file)}
+                      for kind, key, n, dim in self._store.tables()]
+            size = 0
+            for folder in (self.path, self.path / "faiss"):
+                try:
+                    size += sum(e.stat().st_size for e in os.scandir(folder) if e.is_file())
+                except OSError:
+                    pass
+            fingerprints = set()
+            for t in tables:
+                fingerprints.update([t["key"]] if t["kind"] == "prompts" else
+                                    (p for p in t["key"].split("+") if p != "none"))
+            return {
+                "path": str(self.path),
+                "prompts": sum(t["count"] for t in tables if t["kind"] == "prompts"),
+                "images": sum(t["count"] for t in tables if t["kind"] == "images"),
+                "bytes": size, "fingerprints": sorted(fingerprints),
+                "galleries": sorted(t["key"] for t in tables if t["kind"] == "images"),
+                "tables": tables, "max_prompts": self.max_prompts, "max_images": self.max_images,
+                "memory_only": self.memory_only, "counters": self.counters,
+            }
+
+    def clear(self, prompts: bool = True, images: bool = True) -> None:
+        """Forget every table of the chosen kinds (all models), for every process sharing the folder."""
+        kinds = [k for k, on in (("p", prompts), ("i", images)) if on]
+        with self._lock:
+            for held in (self._pending, self._used):
+                for k in [k for k in held if k[0] in kinds]:
+                    del held[k]
+            if "i" in kinds:
+                self._rows.clear()
+                self._ivf.clear()
+            try:
+                self._store.clear(kinds)
+            except Busy:
+                log.warning("ict-reward cache: %s is locked by another process; not cleared", self._store.file)
+                return
+            if "i" in kinds and not self.memory_only:
+                for entry in os.scandir(self.path / "faiss") if (self.path / "faiss").is_dir() else ():
+                    os.unlink(entry.path)

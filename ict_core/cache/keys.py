@@ -1,0 +1,68 @@
+"""Names in the cache: its folder, the keys of prompt tables and galleries, and image content hashes.
+
+Why here: the scorer, the CLI and the hosts must compute the same keys, or a lookup misses.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+CACHE_DIR_ENV = "ICT_CACHE_DIR"
+
+
+def resolve_cache_dir(explicit=None) -> Path:
+    """Cache folder: explicit, else ict_core.paths.default_cache_dir ($ICT_CACHE_DIR, the XDG or
+    Windows default). Nothing is created here: the folder is made on the first save."""
+    if explicit not in (None, ""):
+        return Path(os.path.expanduser(os.fspath(explicit)))
+    from ..paths import default_cache_dir
+
+    return Path(os.path.expanduser(str(default_cache_dir())))
+
+
+def _precision_tag(dtype: str) -> str:
+    """Half-precision features differ from fp32 ones, so they are kept apart ("" for fp32)."""
+    dtype = str(dtype).removeprefix("torch.")
+    return "" if dtype in ("float32", "fp32") else f"@{dtype}"
+
+
+def prompt_key(ict_fp: str, dtype: str = "float32") -> str:
+    """Key of the prompt table of one ICT weight file at one precision."""
+    return ict_fp + _precision_tag(dtype)
+
+
+def gallery_key(ict_fp: str, hp_fp: str | None, dtype: str = "float32") -> str:
+    """Key of the image gallery of one (ICT, HP) weight pair at one precision; HP may be absent."""
+    return f"{ict_fp}+{hp_fp or 'none'}{_precision_tag(dtype)}"
+
+
+def hash_bytes(data: bytes) -> str:
+    """sha256 of a file's bytes: the gallery key of an image read from disk."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def hash_file(path, chunk: int = 1 << 20) -> str:
+    """hash_bytes of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_pixels(pixels) -> str:
+    """sha256 of in-memory uint8 pixels and their shape (so a reshaped buffer differs); the same
+    digest as the engine's for a uint8 CHW tensor (ict_core.preprocess)."""
+    arr = np.ascontiguousarray(np.asarray(pixels))
+    digest = hashlib.sha256(str(tuple(int(x) for x in arr.shape)).encode())
+    digest.update(arr.tobytes())
+    return digest.hexdigest()
+
+
+def safe_name(key: str) -> str:
+    """A file name for a key: its readable part plus a hash of the whole key."""
+    stem = "".join(c if c.isascii() and (c.isalnum() or c in "+-_") else "_" for c in key)[:40]
+    return f"{stem}-{hashlib.sha256(key.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}"

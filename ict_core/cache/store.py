@@ -1,0 +1,311 @@
+"""The cache's storage: one SQLite database (WAL) of prompt features and image galleries.
+
+Why SQLite: atomic commits, crash safety, many readers and writers across processes and ordered
+eviction come from the database, not from hand-written files and locks. Every fault becomes one
+warning and a store that keeps working: a damaged database is set aside and a new one started; a
+folder that cannot be written (read-only, full, not a folder) turns the store memory-only (an
+in-memory copy of what could be read); a database locked past the timeout raises Busy, and the
+caller keeps its write for later.
+
+entries: one row per prompt (kind 'p', key = prompt_key, name = the text) or image (kind 'i', key =
+gallery_key, name = content hash). id grows with each new row: it is insertion order (the tie-break
+of rankings) and the row's id in the faiss index. crc is the crc32 of the vector, which catches
+damage SQLite cannot see (it has no page checksums). meta: per table, the vector width, the row
+count, the count of in-place changes and evictions (they make a faiss index stale), the index state.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sqlite3
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("ict_core.cache")
+
+DB_NAME = "cache.sqlite3"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries(id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, key TEXT NOT NULL,
+    name BLOB NOT NULL, vec BLOB NOT NULL, crc INTEGER NOT NULL, hp REAL, label BLOB, used REAL NOT NULL,
+    UNIQUE(kind, key, name));
+CREATE INDEX IF NOT EXISTS lru ON entries(kind, key, used, id);
+CREATE TABLE IF NOT EXISTS meta(kind TEXT, key TEXT, dim INTEGER, n INTEGER DEFAULT 0, edits INTEGER DEFAULT 0,
+    xmax REAL DEFAULT 0, ix TEXT, PRIMARY KEY(kind, key));
+"""
+#: Rows read per query when scanning a gallery (bounds memory: 8192 x 1024 x 4 B = 32 MB).
+CHUNK = 8192
+
+
+class Busy(Exception):
+    """The database stayed locked by another process past the timeout."""
+
+
+class Damaged(Exception):
+    """A stored vector fails its checksum."""
+
+
+def text(s: str) -> bytes:
+    return s.encode("utf-8", "surrogatepass")  # prompts and file names may hold lone surrogates
+
+
+def untext(b) -> str:
+    return bytes(b).decode("utf-8", "surrogatepass")
+
+
+def vector(blob, crc: int) -> np.ndarray:
+    if zlib.crc32(blob) != crc:
+        raise Damaged("a stored vector fails its checksum")
+    return np.frombuffer(blob, np.float32).copy()
+
+
+def _fault(exc: Exception) -> str:
+    msg = str(exc).lower()
+    if isinstance(exc, Damaged) or "malformed" in msg or "not a database" in msg:
+        return "damaged"
+    return "busy" if "locked" in msg or "busy" in msg else "unwritable"
+
+
+def _in(n: int) -> str:
+    return ",".join("?" * n)
+
+
+class Store:
+    """The database of one cache folder; not thread-safe (EmbeddingCache locks)."""
+
+    def __init__(self, folder: Path, timeout: float, memory_only: bool = False):
+        self.folder, self.file, self.timeout = folder, folder / DB_NAME, timeout
+        self.conn, self.writable, self.memory_only = None, False, False
+        if memory_only:
+            self._go_memory(None)
+
+    # ---- connections and faults ------------------------------------------------------------------
+    def _connect(self, write: bool):
+        """(connection, writable); (None, False) when there is no database to read yet."""
+        if not write and not self.file.exists():
+            return None, False
+        if write:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._set_aside_old_format()
+        conn = sqlite3.connect(self.file, timeout=self.timeout, check_same_thread=False, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(SCHEMA)
+            return conn, True
+        except sqlite3.Error as exc:
+            conn.close()
+            if write or _fault(exc) != "unwritable":
+                raise
+        # a read-only folder: WAL readers need a -shm file they cannot make, so read the file as it is
+        conn = sqlite3.connect(f"{self.file.resolve().as_uri()}?immutable=1", uri=True, check_same_thread=False,
+                               isolation_level=None)
+        conn.execute("SELECT count(*) FROM meta").fetchone()
+        return conn, False
+
+    def run(self, fn, write: bool = False):
+        """fn(connection), in one transaction when writing, with the faults handled (module
+        docstring); None when there is nothing to read. Raises Busy."""
+        for _ in range(3):
+            try:
+                if self.conn is None or (write and not self.writable):
+                    conn, writable = self._connect(write)
+                    if conn is None:
+                        return None
+                    if self.conn is not None:
+                        self.conn.close()
+                    self.conn, self.writable = conn, writable
+                if not write:
+                    return fn(self.conn)
+                self.conn.execute("BEGIN IMMEDIATE")
+                try:
+                    out = fn(self.conn)
+                    self.conn.execute("COMMIT")
+                    return out
+                except BaseException:
+                    try:
+                        self.conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                    raise
+            except (sqlite3.ProgrammingError, sqlite3.InterfaceError):
+                raise  # a bug here, not a fault of the disk
+            except (sqlite3.Error, OSError, Damaged) as exc:
+                fault = _fault(exc)
+                if fault == "busy":
+                    raise Busy(str(exc)) from None
+                if fault == "damaged" and not self.memory_only:
+                    self._set_aside(exc)
+                elif not self.memory_only:
+                    self._go_memory(exc)
+                else:
+                    raise
+        raise RuntimeError("the cache database keeps failing")
+
+    def write(self, fn):
+        return self.run(fn, write=True)
+
+    def _go_memory(self, exc) -> None:
+        mem = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+        if self.conn is not None:
+            try:
+                self.conn.backup(mem)  # keep what could be read
+            except sqlite3.Error:
+                pass
+            self.conn.close()
+        mem.executescript(SCHEMA)
+        self.conn, self.writable, self.memory_only = mem, True, True
+        if exc is not None:
+            log.warning("ict-reward cache: cannot write to %s (%s); keeping the cache in memory only",
+                        self.folder, exc)
+
+    def _set_aside(self, exc) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.conn, self.writable = None, False
+        aside = f"{DB_NAME}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                if (self.folder / (DB_NAME + suffix)).exists():
+                    os.replace(self.folder / (DB_NAME + suffix), self.folder / (aside + suffix))
+        except OSError as err:
+            self._go_memory(err)
+        log.warning("ict-reward cache: %s is unusable (%s); moved it to %s, starting the cache empty",
+                    self.file, exc, aside)
+
+    def _set_aside_old_format(self) -> None:
+        """Tables of the first cache format (*.ictc files) are not read: moved aside once."""
+        old = [self.folder / d for d in ("prompts", "images") if any((self.folder / d).glob("*.ictc"))]
+        if old:
+            aside = self.folder / "old-format"
+            aside.mkdir(exist_ok=True)
+            for d in old:
+                os.replace(d, aside / d.name)
+            log.warning("ict-reward cache: %s holds a cache of an older format; moved it to %s (re-run "
+                        "`ict index` for your galleries; prompts are encoded again once)", self.folder, aside)
+
+    def close(self) -> None:
+        if self.conn is not None and not self.memory_only:
+            self.conn.close()
+            self.conn, self.writable = None, False
+
+    # ---- reads -----------------------------------------------------------------------------------
+    def get(self, kind: str, key: str, names: list) -> dict:
+        """{name: (id, vector, hp_raw or NaN)} for the stored names."""
+        def fn(conn):
+            out = {}
+            for s in range(0, len(names), 500):
+                part = names[s:s + 500]
+                for name, id_, vec, crc, hp in conn.execute(
+                        f"SELECT name, id, vec, crc, hp FROM entries WHERE kind=? AND key=? AND name IN ({_in(len(part))})",
+                        [kind, key, *map(text, part)]):
+                    out[untext(name)] = (id_, vector(vec, crc), math.nan if hp is None else hp)
+            return out
+        return self.run(fn) or {}
+
+    def meta(self, kind: str, key: str) -> dict:
+        row = self.run(lambda c: c.execute(
+            "SELECT dim, n, edits, xmax, ix, (SELECT seq FROM sqlite_sequence WHERE name='entries') FROM meta "
+            "WHERE kind=? AND key=?", (kind, key)).fetchone())
+        dim, n, edits, xmax, ix, seq = row or (None, 0, 0, 0.0, None, 0)
+        return {"dim": dim, "n": n, "edits": edits, "xmax": xmax, "ix": json.loads(ix) if ix else None, "seq": seq}
+
+    def tables(self) -> list:
+        return self.run(lambda c: c.execute("SELECT kind, key, n, dim FROM meta WHERE n > 0 ORDER BY kind, key")
+                        .fetchall()) or []
+
+    def scan(self, gallery: str, after: int = -1, limit: int = CHUNK):
+        """(ids, vectors, hp_raw) of the next rows of a gallery with id > after, in id order."""
+        rows = self.run(lambda c: c.execute(
+            "SELECT id, vec, crc, hp FROM entries NOT INDEXED WHERE id>? AND kind='i' AND key=? ORDER BY id LIMIT ?",
+            (int(after), gallery, limit)).fetchall()) or []
+        return self._arrays(rows)
+
+    def fetch(self, gallery: str, ids) -> tuple:
+        """(ids, vectors, hp_raw) of the given rows that still exist, in id order."""
+        ids, rows = sorted(int(i) for i in ids), []
+        for s in range(0, len(ids), 500):
+            part = ids[s:s + 500]
+            rows += self.run(lambda c: c.execute(
+                f"SELECT id, vec, crc, hp FROM entries WHERE kind='i' AND key=? AND id IN ({_in(len(part))}) "
+                "ORDER BY id", [gallery, *part]).fetchall()) or []
+        return self._arrays(rows)
+
+    @staticmethod
+    def _arrays(rows):
+        ids = np.array([r[0] for r in rows], np.int64)
+        vecs = np.stack([vector(r[1], r[2]) for r in rows]) if rows else np.empty((0, 0), np.float32)
+        hp = np.array([np.nan if r[3] is None else r[3] for r in rows], np.float32)
+        return ids, vecs, hp
+
+    def hp_column(self, gallery: str):
+        """(ids, hp_raw) of every row of a gallery, in id order."""
+        rows = self.run(lambda c: c.execute("SELECT id, hp FROM entries WHERE kind='i' AND key=? ORDER BY id",
+                                            (gallery,)).fetchall()) or []
+        return (np.array([r[0] for r in rows], np.int64),
+                np.array([np.nan if r[1] is None else r[1] for r in rows], np.float32))
+
+    def describe(self, ids) -> dict:
+        """{id: (name, label, hp_raw or NaN)} for building search results."""
+        out = {}
+        ids = [int(i) for i in ids]
+        for s in range(0, len(ids), 500):
+            part = ids[s:s + 500]
+            for id_, name, label, hp in self.run(lambda c: c.execute(
+                    f"SELECT id, name, label, hp FROM entries WHERE id IN ({_in(len(part))})", part).fetchall()) or []:
+                out[id_] = (untext(name), untext(label or b""), math.nan if hp is None else hp)
+        return out
+
+    # ---- writes ----------------------------------------------------------------------------------
+    def put(self, kind: str, key: str, items: list, now: float, cap: int, used: dict) -> None:
+        """Record use times {id: time}, insert or replace (name, vector, hp_raw or None, label or None)
+        items, then evict the least recently used rows (ties: oldest first) past `cap`."""
+        rows = [(v.tobytes(), zlib.crc32(v), None if hp is None or math.isnan(hp) else float(hp),
+                 None if label is None else text(label), now, kind, key, text(name)) for name, v, hp, label in items]
+
+        xmax = max(float(np.sqrt(np.dot(v.astype(np.float64), v))) for _, v, _, _ in items)
+
+        def fn(conn):
+            conn.execute("INSERT INTO meta(kind, key, dim) VALUES(?, ?, ?) ON CONFLICT DO NOTHING",
+                         (kind, key, int(items[0][1].shape[0])))
+            self._touch(conn, used)
+            before = conn.total_changes
+            conn.executemany("UPDATE entries SET vec=?, crc=?, hp=?, label=?, used=? WHERE kind=? AND key=? AND name=?",
+                             rows)
+            replaced, before = conn.total_changes - before, conn.total_changes
+            conn.executemany("INSERT OR IGNORE INTO entries(vec, crc, hp, label, used, kind, key, name) "
+                             "VALUES(?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            added = conn.total_changes - before
+            (n,) = conn.execute("SELECT n FROM meta WHERE kind=? AND key=?", (kind, key)).fetchone()
+            evicted = max(0, n + added - cap)
+            if evicted:
+                conn.execute("DELETE FROM entries WHERE id IN (SELECT id FROM entries WHERE kind=? AND key=? "
+                             "ORDER BY used, id LIMIT ?)", (kind, key, evicted))
+            conn.execute("UPDATE meta SET n=n+?, edits=edits+?, xmax=max(xmax, ?) WHERE kind=? AND key=?",
+                         (added - evicted, replaced + evicted, xmax, kind, key))
+        self.write(fn)
+
+    def touch(self, used: dict) -> None:
+        """Record use times {id: time}."""
+        self.write(lambda c: self._touch(c, used))
+
+    @staticmethod
+    def _touch(conn, used: dict) -> None:
+        conn.executemany("UPDATE entries SET used=max(used, ?) WHERE id=?", [(t, i) for i, t in used.items()])
+
+    def set_ix(self, gallery: str, state: dict) -> None:
+        self.write(lambda c: c.execute("UPDATE meta SET ix=? WHERE kind='i' AND key=?", (json.dumps(state), gallery)))
+
+    def clear(self, kinds: list) -> None:
+        def fn(conn):
+            conn.execute(f"DELETE FROM entries WHERE kind IN ({_in(len(kinds))})", kinds)
+            conn.execute(f"DELETE FROM meta WHERE kind IN ({_in(len(kinds))})", kinds)
+        self.write(fn)
+        try:
+            self.conn.execute("VACUUM")  # give the space back
+        except sqlite3.Error:
+            pass
