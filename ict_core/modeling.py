@@ -133,12 +133,69 @@ def _cast_at_use(module: nn.Module, dtype: torch.dtype) -> None:
                 parametrize.register_parametrization(mod, pname, _CastAtUse(dtype), unsafe=True)
 
 
+# ------------------------------------------------------------------------------- host cast-at-use layers
+# A host may supply its own layer classes (`operations`: a namespace with Linear, Conv2d, LayerNorm and
+# Embedding, subclasses of torch's, that cast their weights to the input's dtype and device at use, like
+# ComfyUI's comfy.ops.manual_cast).  The weights then wait in a storage dtype and on whatever device the
+# host's memory manager leaves them (partially loaded on a small GPU), and compute still runs in `dtype`.
+_OPS_LAYERS = ("Linear", "Conv2d", "LayerNorm", "Embedding")
+# Tensors read outside those layers (class_embedding, logit_scale), or whose dtype sets the dtype of what
+# follows (transformers casts the pixels to the patch embedding's dtype; an embedding returns its table's
+# dtype): small, kept in the compute dtype.
+_COMPUTE_DTYPE_NAMES = ("class_embedding", "patch_embedding.", "position_embedding.", "token_embedding.",
+                        "logit_scale")
+
+
+def host_storage_dtype(name: str, dtype: torch.dtype, preferred: torch.dtype | None) -> torch.dtype | None:
+    """The dtype tensor `name` waits in with host layers (None = as stored in the file).
+
+    `dtype` is the compute dtype, `preferred` the host's storage dtype for auxiliary encoders.  Scoring in
+    fp32 (the official scores), a weight waits in `preferred` only when that is fp32, else in the file's
+    own dtype (bf16/fp16/fp32: exact in fp32, so the scores are the fp32 model's bit for bit); in fp16/bf16
+    (the user's choice) it waits in that dtype.  The HP head always stays fp32."""
+    if name.startswith("head."):
+        return torch.float32
+    if any(k in name for k in _COMPUTE_DTYPE_NAMES) or dtype != torch.float32:
+        return dtype
+    return torch.float32 if preferred == torch.float32 else None
+
+
+def use_host_layers(model: nn.Module, operations) -> nn.Module:
+    """Make torch's Linear/Conv2d/LayerNorm/Embedding layers of `model` the host's cast-at-use classes
+    (same parameters, same state dict; only the forward changes)."""
+    swap = {getattr(nn, n): getattr(operations, n) for n in _OPS_LAYERS if hasattr(operations, n)}
+    for mod in model.modules():
+        cls = swap.get(type(mod))
+        if cls is not None:
+            mod.__class__ = cls
+    return model
+
+
+def activation_bytes(modules: "RewardModules", dtype: torch.dtype) -> int:
+    """Upper estimate of the memory one image needs while it runs through a vision tower (ICT and HP run
+    one after the other, so the larger counts): hidden states, attention and MLP of one layer at a time
+    (inference keeps no activations across layers), plus the pixels."""
+    cfgs = [modules.ict.config.vision_config]
+    if modules.hp is not None:
+        cfgs.append(modules.hp.vision.config)
+    size = torch.empty((), dtype=dtype).element_size()
+    per = 0
+    for c in cfgs:
+        tokens = (c.image_size // c.patch_size) ** 2 + 1
+        elements = tokens * (6 * c.hidden_size + 2 * c.intermediate_size) + c.num_attention_heads * tokens * tokens
+        per = max(per, elements * size + 3 * c.image_size * c.image_size * 4)
+    return int(per * 1.5)
+
+
 def build_ict(arch: dict[str, Any], state: dict[str, torch.Tensor], device: torch.device,
-              dtype: torch.dtype) -> nn.Module:
-    """ICT CLIPModel from a state dict already on `device`; no random initialisation is ever run."""
+              dtype: torch.dtype, operations=None) -> nn.Module:
+    """ICT CLIPModel from a state dict already on `device`; no random initialisation is ever run.
+    With host `operations` the tensors keep the dtypes they were loaded in (host_storage_dtype)."""
     with torch.device("meta"):
         model = _ict_module(arch)
     model = _materialise(model, state, device)
+    if operations is not None:
+        return use_host_layers(model, operations)
     for name, child in model.named_children():
         if keeps_storage_dtype(name + ".", dtype):
             _cast_at_use(child, dtype)
@@ -150,11 +207,13 @@ def build_ict(arch: dict[str, Any], state: dict[str, torch.Tensor], device: torc
 
 
 def build_hp(arch: dict[str, Any], state: dict[str, torch.Tensor], device: torch.device,
-             dtype: torch.dtype) -> HPModel:
+             dtype: torch.dtype, operations=None) -> HPModel:
     """HP model from a file state dict on `device`; the tiny head stays fp32 whatever the tower's dtype."""
     with torch.device("meta"):
         model = HPModel(to_clip_config(arch))
     model = _materialise(model, {_module_key(k): v for k, v in state.items()}, device)
+    if operations is not None:
+        return use_host_layers(model, operations)
     model.vision.to(dtype)
     model.head.float()
     return model
@@ -167,3 +226,4 @@ class RewardModules(nn.Module):
         super().__init__()
         self.ict = ict
         self.hp = hp
+        self.device = None  # where a host's memory manager runs the model (ComfyUI's ModelPatcher sets it)

@@ -11,7 +11,7 @@ import torch
 
 from . import preprocess, text, weights
 from .errors import InputError, ModelFileError, ICTError
-from .modeling import RewardModules, build_hp, build_ict, keeps_storage_dtype
+from .modeling import RewardModules, build_hp, build_ict, host_storage_dtype, keeps_storage_dtype
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,11 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return _DTYPES[precision]
 
 
+def default_chunk(device: torch.device) -> int:
+    """Images per forward when nothing else says: a host may size chunks from its free memory instead."""
+    return 32 if device.type == "cuda" else 8
+
+
 def _normalise(x: torch.Tensor) -> torch.Tensor:
     x = x.float()
     return x / x.norm(dim=-1, keepdim=True)
@@ -113,12 +118,14 @@ class Scorer:
     @classmethod
     def load(cls, ict_path: str | Path, hp_path: str | Path | None = None, *, device: str | torch.device = "auto",
              precision: str = "auto", cache=None, config: str | Path | None = None,
-             chunk_size: int | None = None, run_device: str | torch.device | None = None) -> "Scorer":
+             chunk_size: int | None = None, run_device: str | torch.device | None = None,
+             operations=None, storage_dtype: torch.dtype | None = None) -> "Scorer":
         """Load converted safetensors files straight onto the device (no pickle, no random init).
 
         `run_device`: where a host will run the model when it differs from where the weights wait
         (ComfyUI keeps them on the CPU and moves them to the GPU to score); the precision is resolved
-        for it, so fp16/bf16 weights can wait on the CPU."""
+        for it, so fp16/bf16 weights can wait on the CPU.  `operations`: a host's cast-at-use layer classes
+        (modeling.use_host_layers), with `storage_dtype` the host's preferred weight dtype."""
         from .config import load_architecture
 
         dev = resolve_device(device)
@@ -129,12 +136,15 @@ class Scorer:
         if hp_info is not None and hp_info.arch["projection_dim"] != ict_info.arch["projection_dim"]:
             raise ModelFileError(f"{hp_path} and {ict_path} are for different architectures; use matching files")
         log.info("loading ICT %s%s on %s (%s)", ict_path, f" + HP {hp_path}" if hp_path else "", dev, dtype)
-        ict_state = weights.load_state(ict_info, dev, lambda k: None if keeps_storage_dtype(k, dtype) else dtype)
-        ict = build_ict(ict_info.arch, ict_state, dev, dtype)
+        if operations is not None:
+            ict_for = hp_for = lambda k: host_storage_dtype(k, dtype, storage_dtype)
+        else:
+            ict_for = lambda k: None if keeps_storage_dtype(k, dtype) else dtype  # noqa: E731
+            hp_for = lambda k: torch.float32 if k.startswith("head.") else dtype  # noqa: E731
+        ict = build_ict(ict_info.arch, weights.load_state(ict_info, dev, ict_for), dev, dtype, operations)
         hp = None
         if hp_info is not None:  # the tiny head stays fp32 whatever the tower's precision
-            hp_state = weights.load_state(hp_info, dev, lambda k: torch.float32 if k.startswith("head.") else dtype)
-            hp = build_hp(hp_info.arch, hp_state, dev, dtype)
+            hp = build_hp(hp_info.arch, weights.load_state(hp_info, dev, hp_for), dev, dtype, operations)
         return cls(RewardModules(ict, hp), ict_fingerprint=weights.fingerprint(ict_path, ict_info),
                    hp_fingerprint=weights.fingerprint(hp_path, hp_info) if hp_info else None,
                    dtype=dtype, cache=cache, chunk_size=chunk_size,
@@ -142,7 +152,8 @@ class Scorer:
 
     @property
     def device(self) -> torch.device:
-        return next(self.modules.ict.parameters()).device
+        host = getattr(self.modules, "device", None)  # set by a host that loads the layers only in part
+        return host if isinstance(host, torch.device) else next(self.modules.ict.parameters()).device
 
     @property
     def has_hp(self) -> bool:
@@ -161,9 +172,7 @@ class Scorer:
         return gallery_key(self.ict_fingerprint, self.hp_fingerprint, str(self.dtype))
 
     def _chunk(self) -> int:
-        if self.chunk_size:
-            return self.chunk_size
-        return 32 if self.device.type == "cuda" else 8
+        return self.chunk_size or default_chunk(self.device)
 
     # ---------------------------------------------------------------------------------------------- prompts
     @torch.inference_mode()

@@ -120,40 +120,76 @@ def open_cache():
 
 # ------------------------------------------------------------------------------------ device and dtype
 def plan_device(choice: str):
-    """(load_device, offload_device) as ComfyUI would place a CLIP-sized model, or None outside ComfyUI.
-
-    `cpu` and ComfyUI's --cpu run on the CPU.  --novram also runs on the CPU: ComfyUI would load the
-    model only in parts there, which needs comfy.ops layers (these are plain torch layers).
-    --highvram keeps the model on the GPU between runs (unet_offload_device is the GPU then).
-    """
+    """(load_device, offload_device) by ComfyUI's rules for auxiliary encoders (as its CLIP vision), or
+    None outside ComfyUI.  `cpu` runs on the CPU; ComfyUI's --cpu, --novram and --lowvram do too (they run
+    text encoders and CLIP vision on the CPU), --gpu-only keeps the model on the GPU."""
     mm = _model_management()
     if mm is None:
         return None
     import torch
 
-    cpu = torch.device("cpu")
-    if choice == "cpu" or mm.cpu_mode() or mm.vram_state in (mm.VRAMState.DISABLED, mm.VRAMState.NO_VRAM):
-        return cpu, cpu
-    return mm.get_torch_device(), mm.unet_offload_device()
+    if choice == "cpu":
+        return torch.device("cpu"), torch.device("cpu")
+    return mm.text_encoder_device(), mm.text_encoder_offload_device()
 
 
-def make_patcher(module, load_device, offload_device):
-    """Wrap the scorer's weights so ComfyUI's model management can load/offload them."""
+def load_scorer(ict_path, hp_path, precision: str, plan):
+    """A scorer built like comfy/clip_vision.py builds CLIP vision: comfy.ops cast-at-use layers, weights
+    waiting on the offload device in ComfyUI's text-encoder dtype where that keeps them exact (else as in
+    the file; precision auto still scores in fp32), and a ModelPatcher that owns them, so ComfyUI can load
+    them in part (--lowvram on a small GPU), offload and free them."""
+    import comfy.model_management as mm
     import comfy.model_patcher
+    import comfy.ops
+    from ict_core import Scorer
 
-    return comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
+    load_device, offload_device = plan
+    scorer = Scorer.load(ict_path, hp_path, device=offload_device, run_device=load_device, precision=precision,
+                         cache=open_cache(), operations=comfy.ops.manual_cast,
+                         storage_dtype=mm.text_encoder_dtype(load_device))
+    patcher = comfy.model_patcher.ModelPatcher(scorer.modules, load_device=load_device, offload_device=offload_device)
+    try:
+        from comfy.patcher_extension import CallbacksMP
+
+        patcher.add_callback(CallbacksMP.ON_LOAD, _move_loose_tensors)
+    except ImportError:  # pragma: no cover - older ComfyUI: every load is a full one there
+        pass
+    return scorer, patcher
 
 
-def load_for_inference(patcher, memory_required: int = 0) -> None:
-    """Move the whole model to its load device, offloading other models when memory is short.
+def _move_loose_tensors(patcher, device_to, *_args, **_kw) -> None:
+    """After a (partial) load: the few tensors outside ComfyUI's layers (class embedding, position ids,
+    logit scale: a few KB) follow the model to its device; a partial load moves only layers."""
+    if device_to is None:
+        return
+    import torch
 
-    force_full_load: the layers are plain torch modules, which cannot run half on the CPU.
-    """
+    for mod in patcher.model.modules():
+        if hasattr(mod, "comfy_cast_weights"):
+            continue
+        for name, p in list(mod.named_parameters(recurse=False)):
+            if p.device != device_to:  # as comfy.utils.set_attr_param replaces a parameter
+                setattr(mod, name, torch.nn.Parameter(p.data.to(device_to), requires_grad=False))
+        for name, b in list(mod.named_buffers(recurse=False)):
+            if b.device != device_to:
+                setattr(mod, name, b.to(device_to))
+
+
+def load_for_inference(model, n_images: int) -> None:
+    """Load the model for scoring `n_images`, asking ComfyUI for the activation memory of one chunk, then
+    size the chunks from the memory left (as VAE decode does); the out-of-memory split stays the last resort."""
+    patcher, scorer = model.patcher, model.scorer
     if patcher is None:
         return
     import comfy.model_management as mm
+    from ict_core.modeling import activation_bytes
+    from ict_core.scorer import default_chunk
 
-    mm.load_models_gpu([patcher], memory_required=memory_required, force_full_load=True)
+    per_image = activation_bytes(scorer.modules, scorer.dtype)
+    cap = default_chunk(patcher.load_device)
+    mm.load_models_gpu([patcher], memory_required=per_image * max(1, min(n_images, cap)))
+    free = mm.get_free_memory(patcher.load_device)
+    scorer.chunk_size = max(1, min(cap, int(free // per_image)))
 
 
 # ----------------------------------------------------------------------------------- progress, cancel

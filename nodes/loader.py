@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,18 +25,20 @@ class ICTModel:
     hp_name: str | None = None
     precision: str = "auto"
 
-    def prepare(self) -> None:
+    def prepare(self, n_images: int) -> None:
         """Put the weights on the run device (ComfyUI may have offloaded them for the diffusion model)."""
-        comfy_host.load_for_inference(self.patcher)
+        comfy_host.load_for_inference(self, n_images)
 
     def describe(self) -> str:
         hp = f" + HP {self.hp_name}" if self.hp_name else ""
         return f"ICT {self.ict_name}{hp} ({self.scorer.dtype}, {self.scorer.device})"
 
 
-# One entry is enough: a workflow uses one model pair, and a second entry would hold ~2.5 GB more.
-_cache: dict[tuple, ICTModel] = {}
-_cache_lock = threading.Lock()
+# Live models by file key, held weakly: ComfyUI's node output cache owns a loaded model (as it owns a
+# checkpoint), so "Unload models" / "Free model and node cache" free it; this map only lets a second loader
+# with the same files share the model while it is alive.
+_live: "weakref.WeakValueDictionary[tuple, ICTModel]" = weakref.WeakValueDictionary()
+_lock = threading.Lock()
 
 
 def _file_key(path: Path | None) -> tuple:
@@ -45,9 +48,12 @@ def _file_key(path: Path | None) -> tuple:
     return (str(path.resolve()), st.st_mtime_ns, st.st_size)
 
 
-def load_model(ict_name: str, hp_name: str, precision: str, device: str) -> ICTModel:
-    """Load (or reuse) a scorer; the cache key changes when a file is replaced on disk."""
-    from ict_core import Scorer
+def check_choice(ict_name: str, hp_name: str, precision: str, device: str) -> tuple[Path, Path | None]:
+    """The files' paths after the checks that need no tensor read (kind, architecture, names, shapes).
+
+    Run when ComfyUI validates a queued workflow, so a wrong choice is refused before ComfyUI drops the
+    model loaded for the previous choice."""
+    from ict_core import weights
     from ict_core.errors import InputError
 
     if precision not in PRECISIONS:
@@ -56,32 +62,45 @@ def load_model(ict_name: str, hp_name: str, precision: str, device: str) -> ICTM
         raise InputError(f"device '{device}' is not one of {', '.join(DEVICES)}")
     ict_path = comfy_host.resolve_model_file(ict_name, "ict_model")
     hp_path = None if hp_name in (None, "", NONE) else comfy_host.resolve_model_file(hp_name, "hp_model")
+    ict_info = weights.open_model_file(ict_path, "ict")
+    if hp_path is not None:
+        hp_info = weights.open_model_file(hp_path, "hp")
+        if hp_info.arch["projection_dim"] != ict_info.arch["projection_dim"]:
+            from ict_core.errors import ModelFileError
+
+            raise ModelFileError(f"hp_model '{hp_name}' and ict_model '{ict_name}' are for different architectures; "
+                                 f"use matching files")
+    return ict_path, hp_path
+
+
+def load_model(ict_name: str, hp_name: str, precision: str, device: str) -> ICTModel:
+    """Load a scorer (or share the live one for the same files); nothing is kept here after the caller drops it."""
+    from ict_core import Scorer
+
+    ict_path, hp_path = check_choice(ict_name, hp_name, precision, device)
     key = (_file_key(ict_path), _file_key(hp_path), precision, device)
-    with _cache_lock:
-        hit = _cache.get(key)
+    with _lock:
+        hit = _live.get(key)
         if hit is not None:
-            log.info("ICT model reused from memory: %s", hit.describe())
+            log.info("ICT model shared with another loader: %s", hit.describe())
             return hit
-        _cache.clear()  # drop the previous pair before loading another
         plan = comfy_host.plan_device(device)
         if plan is None:  # no ComfyUI: ict_core places the model itself
             scorer = Scorer.load(ict_path, hp_path, device=device, precision=precision,
                                  cache=comfy_host.open_cache())
             patcher = None
-        else:  # weights wait on the offload device, in the precision of the device they run on
-            load_device, offload_device = plan
-            scorer = Scorer.load(ict_path, hp_path, device=offload_device, run_device=load_device,
-                                 precision=precision, cache=comfy_host.open_cache())
-            patcher = comfy_host.make_patcher(scorer.modules, load_device, offload_device)
+        else:
+            scorer, patcher = comfy_host.load_scorer(ict_path, hp_path, precision, plan)
         model = ICTModel(scorer, patcher, ict_name, None if hp_path is None else hp_name, precision)
-        _cache[key] = model
+        _live[key] = model
         log.info("ICT model loaded: %s", model.describe())
         return model
 
 
 def clear_cache() -> None:
-    with _cache_lock:
-        _cache.clear()
+    """Forget the shared models (tests); the models themselves live as long as ComfyUI's cache holds them."""
+    with _lock:
+        _live.clear()
 
 
 class ICTModelLoader:
@@ -118,6 +137,17 @@ class ICTModelLoader:
             return repr([_file_key(p) for p in paths] + [precision, device])
         except Exception:  # the run itself reports the problem clearly
             return float("nan")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, ict_model, hp_model, precision, device):
+        """Refuse a wrong file when the workflow is queued: the model loaded before stays loaded."""
+        from ict_core.errors import ICTError
+
+        try:
+            check_choice(ict_model, hp_model, precision, device)
+        except ICTError as e:
+            return str(e)
+        return True
 
     def load(self, ict_model, hp_model, precision, device):
         return (load_model(ict_model, hp_model, precision, device),)

@@ -34,7 +34,7 @@ def run_scorer(model, images: adapters.Images, prompts: list[str] | None):
     """Score with ComfyUI's progress bar and Cancel; weights moved to the run device first."""
     progress = comfy_host.Progress(len(images))
     progress.should_stop()
-    model.prepare()
+    model.prepare(len(images))
     results = model.scorer.score(images.for_scorer(), prompts, progress=progress.progress,
                                  should_stop=progress.should_stop)
     progress.progress(len(images), len(images))

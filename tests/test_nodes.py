@@ -131,6 +131,37 @@ def test_loader_lists_files_and_reuses_the_loaded_model(models_dir):
     assert c is not a  # the file changed on disk: loaded again
 
 
+def test_the_pack_keeps_no_copy_of_a_model_nobody_holds(models_dir):
+    """ComfyUI's node cache owns the loaded model: once it lets go (/free, "Unload models"), nothing of the
+    pack keeps the weights alive, and the next run loads again."""
+    import gc
+    import weakref
+
+    m = loader.ICTModelLoader().load("ict.safetensors", "hp.safetensors", "auto", "cpu")[0]
+    modules = weakref.ref(m.scorer.modules)
+    del m
+    gc.collect()
+    assert modules() is None
+    again = loader.ICTModelLoader().load("ict.safetensors", "hp.safetensors", "auto", "cpu")[0]
+    assert again.scorer.has_hp
+
+
+def test_a_wrong_file_is_refused_at_queue_time_and_the_loaded_model_stays(models_dir):
+    """VALIDATE_INPUTS checks the files' headers when the workflow is queued, before ComfyUI drops the
+    cached output of the previous choice; a failed load leaves the loaded model in use too."""
+    good = loader.ICTModelLoader().load("ict.safetensors", "hp.safetensors", "auto", "cpu")[0]
+    v = loader.ICTModelLoader.VALIDATE_INPUTS
+    assert v("ict.safetensors", "hp.safetensors", "auto", "cpu") is True
+    assert "HP model but was given as the ICT model" in v("hp.safetensors", "none", "auto", "cpu")
+    assert "not found" in v("nope.safetensors", "none", "auto", "cpu")
+    assert "precision" in v("ict.safetensors", "none", "fp8", "cpu")
+    (models_dir / "broken.safetensors").write_bytes(b"not a safetensors file at all")
+    assert "\n" not in v("broken.safetensors", "none", "auto", "cpu")
+    with pytest.raises(ModelFileError):
+        loader.ICTModelLoader().load("hp.safetensors", "none", "auto", "cpu")
+    assert loader.ICTModelLoader().load("ict.safetensors", "hp.safetensors", "auto", "cpu")[0] is good
+
+
 def test_loader_wrong_kind_and_missing_file_say_so(models_dir):
     with pytest.raises(ModelFileError, match="HP model but was given as the ICT model"):
         loader.ICTModelLoader().load("hp.safetensors", "none", "auto", "cpu")
@@ -299,6 +330,37 @@ class _Interrupted(Exception):
     pass
 
 
+class CastOps:
+    """Cast-at-use layers as comfy.ops.manual_cast behaves: weights cast to the input's dtype and device."""
+
+    class Linear(torch.nn.Linear):
+        comfy_cast_weights = True
+
+        def forward(self, x):
+            b = None if self.bias is None else self.bias.to(x.device, x.dtype)
+            return torch.nn.functional.linear(x, self.weight.to(x.device, x.dtype), b)
+
+    class Conv2d(torch.nn.Conv2d):
+        comfy_cast_weights = True
+
+        def forward(self, x):
+            b = None if self.bias is None else self.bias.to(x.device, x.dtype)
+            return self._conv_forward(x, self.weight.to(x.device, x.dtype), b)
+
+    class LayerNorm(torch.nn.LayerNorm):
+        comfy_cast_weights = True
+
+        def forward(self, x):
+            return torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight.to(x.device, x.dtype),
+                                                  self.bias.to(x.device, x.dtype), self.eps)
+
+    class Embedding(torch.nn.Embedding):
+        comfy_cast_weights = True
+
+        def forward(self, ids):
+            return torch.nn.functional.embedding(ids, self.weight.to(ids.device), self.padding_idx)
+
+
 @pytest.fixture()
 def fake_comfy(monkeypatch, tmp_path):
     """Just enough of folder_paths and comfy.* for the host glue; records what the nodes ask of them."""
@@ -331,11 +393,11 @@ def fake_comfy(monkeypatch, tmp_path):
     class VRAMState:
         DISABLED, NO_VRAM, LOW_VRAM, NORMAL_VRAM, HIGH_VRAM, SHARED = range(6)
 
-    mm.VRAMState, mm.vram_state = VRAMState, VRAMState.NORMAL_VRAM
-    mm.cpu_mode = lambda: True
-    mm.get_torch_device = lambda: torch.device("cpu")
-    mm.unet_offload_device = lambda: torch.device("cpu")
-    mm.should_use_bf16 = mm.should_use_fp16 = lambda *a, **k: False
+    mm.VRAMState, mm.vram_state = VRAMState, VRAMState.DISABLED   # as --cpu sets it
+    mm.text_encoder_device = mm.text_encoder_offload_device = lambda: torch.device("cpu")
+    mm.text_encoder_dtype = lambda device=None: torch.float16    # ComfyUI's default for auxiliary encoders
+    mm.get_free_memory = lambda dev=None, torch_free_too=False: calls["free"]
+    calls["free"] = 64 << 30
     mm.load_models_gpu = lambda models, **kw: calls["load"].append((models, kw))
 
     def throw():
@@ -348,8 +410,16 @@ def fake_comfy(monkeypatch, tmp_path):
     class ModelPatcher:
         def __init__(self, model, load_device, offload_device):
             self.model, self.load_device, self.offload_device = model, load_device, offload_device
+            self.callbacks = []
+            if getattr(model, "device", None) is None:
+                model.device = offload_device
+
+        def add_callback(self, kind, fn):
+            self.callbacks.append((kind, fn))
 
     mp.ModelPatcher = ModelPatcher
+    ops = types.ModuleType("comfy.ops")
+    ops.manual_cast = CastOps
     ut = types.ModuleType("comfy.utils")
 
     class ProgressBar:
@@ -362,9 +432,9 @@ def fake_comfy(monkeypatch, tmp_path):
 
     ut.ProgressBar = ProgressBar
     comfy = types.ModuleType("comfy")
-    comfy.model_management, comfy.model_patcher, comfy.utils = mm, mp, ut
+    comfy.model_management, comfy.model_patcher, comfy.utils, comfy.ops = mm, mp, ut, ops
     for name, mod in {"folder_paths": fp, "comfy": comfy, "comfy.model_management": mm,
-                      "comfy.model_patcher": mp, "comfy.utils": ut}.items():
+                      "comfy.model_patcher": mp, "comfy.utils": ut, "comfy.ops": ops}.items():
         monkeypatch.setitem(sys.modules, name, mod)
     loader.clear_cache()
     yield types.SimpleNamespace(fp=fp, calls=calls, extra=extra)
@@ -384,11 +454,19 @@ def test_host_glue_registers_folder_patcher_progress_and_cancel(fake_comfy, tiny
     assert model.patcher.load_device.type == "cpu"  # --cpu respected
     assert loader.ICTModelLoader().load("ict.safetensors", "none", "auto", "auto")[0] is model
 
-    model.scorer.chunk_size = 2
+    from ict_core.modeling import activation_bytes
+
+    per_image = activation_bytes(model.scorer.modules, model.scorer.dtype)
+    fake_comfy.calls["free"] = 2 * per_image + 1          # room for two images' activations: chunks of 2
     ICTScore().score(model, batch(5), PROMPT)
-    assert fake_comfy.calls["load"] and fake_comfy.calls["load"][-1][1].get("force_full_load") is True
+    (patchers, kw), = fake_comfy.calls["load"][-1:]
+    assert patchers == [model.patcher] and "force_full_load" not in kw  # ComfyUI may load it in part
+    assert kw["memory_required"] == 5 * per_image and model.scorer.chunk_size == 2
     bar = fake_comfy.calls["bars"][-1]
-    assert bar.updates[-1][0] == 5 and len(bar.updates) >= 3  # per chunk
+    assert bar.updates[-1][0] == 5 and len(bar.updates) >= 4  # per chunk of 2
+    fake_comfy.calls["free"] = 0                           # no memory left: one image at a time, never 0
+    ICTScore().score(model, batch(2), PROMPT)
+    assert model.scorer.chunk_size == 1
 
     fake_comfy.calls["interrupt"] = True
     with pytest.raises(_Interrupted):
@@ -407,9 +485,49 @@ def test_precision_is_resolved_for_the_run_device(fake_comfy, monkeypatch, tiny_
     model = loader.ICTModelLoader().load("ict.safetensors", "none", "auto", "auto")[0]
     assert model.scorer.dtype == torch.float32 and ("auto", "cpu") in seen
     mm = sys.modules["comfy.model_management"]
-    mm.cpu_mode = lambda: False
-    mm.vram_state = mm.VRAMState.NO_VRAM
-    assert comfy_host.plan_device("auto") == (torch.device("cpu"), torch.device("cpu"))
+    mm.text_encoder_device = lambda: torch.device("meta")  # ComfyUI's rule decides where it runs
+    assert comfy_host.plan_device("auto") == (torch.device("meta"), torch.device("cpu"))
+    assert comfy_host.plan_device("cpu") == (torch.device("cpu"), torch.device("cpu"))
+    loader.clear_cache()
+
+
+def test_layers_cast_at_use_keep_the_official_fp32_scores(fake_comfy, tiny_models):
+    """Built like ComfyUI's CLIP vision (cast-at-use layers, weights waiting in a narrower dtype), precision
+    auto still gives the fp32 model's scores: the weights wait in the file's bf16 (exact in fp32), not in
+    ComfyUI's fp16 (which would round them), and are cast to fp32 at use."""
+    from ict_core import Scorer
+
+    shutil.copy(tiny_models.ict, fake_comfy.extra / "ict.safetensors")
+    shutil.copy(tiny_models.hp, fake_comfy.extra / "hp.safetensors")
+    model = loader.ICTModelLoader().load("ict.safetensors", "hp.safetensors", "auto", "auto")[0]
+    mods = model.scorer.modules
+    fc1 = mods.ict.vision_model.encoder.layers[0].mlp.fc1
+    assert isinstance(fc1, CastOps.Linear) and fc1.weight.dtype == torch.bfloat16   # as released, not fp16
+    assert isinstance(mods.hp.head.layers[0], CastOps.Linear) and mods.hp.head.layers[0].weight.dtype == torch.float32
+    assert mods.ict.vision_model.embeddings.class_embedding.dtype == torch.float32
+    assert mods.ict.text_model.embeddings.token_embedding.weight.dtype == torch.float32
+    plain = Scorer.load(tiny_models.ict, tiny_models.hp, device="cpu", precision="fp32")
+    imgs = [t.permute(2, 0, 1) for t in batch(3)]
+    got = model.scorer.score(imgs, PROMPT)
+    want = plain.score(imgs, PROMPT)
+    assert [v for r in got for v in (r.ict, r.hp)] == pytest.approx([v for r in want for v in (r.ict, r.hp)], abs=1e-6)
+    assert fake_comfy.calls and model.patcher.callbacks == []  # fake has no patcher_extension: nothing to add
+    mm = sys.modules["comfy.model_management"]
+    mm.text_encoder_dtype = lambda device=None: torch.float32  # --fp32-text-enc: weights wait in fp32
+    loader.clear_cache()
+    fp32 = loader.ICTModelLoader().load("ict.safetensors", "none", "auto", "auto")[0]
+    assert fp32.scorer.modules.ict.vision_model.encoder.layers[0].mlp.fc1.weight.dtype == torch.float32
+
+
+def test_a_partial_load_moves_the_loose_tensors_with_the_model(fake_comfy, tiny_models):
+    """ComfyUI's partial load moves layer by layer; the class embedding and position ids, outside any layer,
+    follow the model to its device after each load (ON_LOAD callback), the layers stay where ComfyUI put them."""
+    shutil.copy(tiny_models.ict, fake_comfy.extra / "ict.safetensors")
+    model = loader.ICTModelLoader().load("ict.safetensors", "none", "auto", "auto")[0]
+    comfy_host._move_loose_tensors(model.patcher, torch.device("meta"))
+    emb = model.scorer.modules.ict.vision_model.embeddings
+    assert emb.class_embedding.device.type == "meta" and emb.position_ids.device.type == "meta"
+    assert emb.patch_embedding.weight.device.type == "cpu"  # a layer: ComfyUI's to move (or cast at use)
     loader.clear_cache()
 
 
