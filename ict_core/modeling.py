@@ -168,6 +168,8 @@ def use_host_layers(model: nn.Module, operations) -> nn.Module:
         cls = swap.get(type(mod))
         if cls is not None:
             mod.__class__ = cls
+            if not hasattr(mod, "bias"):  # cast-at-use layers treat weight and bias alike (Embedding has none)
+                mod.bias = None
     return model
 
 

@@ -90,7 +90,7 @@ def report(results: Sequence, by: str, selection: Selection | None = None) -> st
     order = rank(results, by)
     picked = set(selection.indices) if selection else set()
     has_hp = any(r.hp is not None for r in results)
-    extra = by != "ict"  # a column for the ranking value unless it is the ict column itself
+    extra = by not in ("ict", "hp")  # a column for the ranking value unless it is the ict or hp column itself
     head = (f"{'rank':>4} {'#':>3} {'ict':>7}" + (f" {'hp':>7}" if has_hp else "") + (f" {by:>8}" if extra else "")
             + "  image")
     lines = [head]

@@ -56,6 +56,13 @@ class Images:
         return torch.stack([self.items[i] for i in idx])
 
 
+def saved_pixels(image: torch.Tensor):
+    """The 8-bit pixels ComfyUI's Save Image writes for one [H,W,C] IMAGE (same arithmetic, same bytes)."""
+    import numpy as np
+
+    return np.clip(255. * image.cpu().numpy(), 0, 255).astype(np.uint8)
+
+
 def gather_images(images, node: str) -> Images:
     items: list[torch.Tensor] = []
     for t in many(images):

@@ -5,8 +5,11 @@ falls back to a plain-torch behaviour when ComfyUI's modules are absent.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import sys
+import weakref
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -148,6 +151,7 @@ def load_scorer(ict_path, hp_path, precision: str, plan):
                          cache=open_cache(), operations=comfy.ops.manual_cast,
                          storage_dtype=mm.text_encoder_dtype(load_device))
     patcher = comfy.model_patcher.ModelPatcher(scorer.modules, load_device=load_device, offload_device=offload_device)
+    weakref.finalize(scorer.modules, _released, str(ict_path))
     try:
         from comfy.patcher_extension import CallbacksMP
 
@@ -155,6 +159,19 @@ def load_scorer(ict_path, hp_path, precision: str, plan):
     except ImportError:  # pragma: no cover - older ComfyUI: every load is a full one there
         pass
     return scorer, patcher
+
+
+def _released(name: str) -> None:
+    """When ComfyUI lets the model go (/free, another file chosen): give the freed weights back to the OS.
+
+    glibc keeps freed blocks below its (adaptive, up to 32 MB) mmap threshold in the process heap, so a
+    freed model of many 5-30 MB tensors would stay in the server's RSS; malloc_trim returns them."""
+    log.info("ICT model released: %s", name)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
+            pass
 
 
 def _move_loose_tensors(patcher, device_to, *_args, **_kw) -> None:

@@ -41,14 +41,45 @@ def run_scorer(model, images: adapters.Images, prompts: list[str] | None):
     return results
 
 
+def ranks(results, by: str) -> list[int | None]:
+    """Each image's rank by `by` (1 = best), None for an image that could not be scored."""
+    from ict_core import ranking
+
+    out: list[int | None] = [None] * len(results)
+    for pos, i in enumerate(ranking.rank(results, by)):
+        out[i] = pos + 1 if results[i].error is None else None
+    return out
+
+
 def table(results, by: str, order: list[int], values, picked=(), notes=()) -> dict:
-    """The score table sent to the node's web widget (web/ict_scores.js), rows in output order."""
+    """The score table sent to the node's web widget (web/ict_scores.js), rows in output order; `rank` is
+    the image's rank by `by`, `index` its position in the input batch."""
+    rank_of = ranks(results, by)
     rows = []
-    for pos, i in enumerate(order):
+    for i in order:
         r = results[i]
-        rows.append({"rank": pos + 1, "index": i, "ict": _fmt(r.ict), "hp": _fmt(r.hp), "value": _fmt(values[i]),
-                     "picked": i in picked, "prompt": r.prompt[:80], "error": r.error})
+        rows.append({"rank": rank_of[i], "index": i, "ict": _fmt(r.ict), "hp": _fmt(r.hp),
+                     "value": _fmt(values[i]), "picked": i in picked, "prompt": r.prompt[:80], "error": r.error})
     return {"by": by, "has_hp": any(r.hp is not None for r in results), "rows": rows, "notes": list(notes)}
+
+
+def record_scores(extra_pnginfo, model, results, by: str, values, idx: list[int], pictures) -> None:
+    """Put the scores of the images this node outputs (`pictures[j]` is input image `idx[j]`) into the
+    workflow's PNG metadata (ComfyUI's extra_pnginfo, which Save Image writes into every file of the run),
+    under ict_core.metadata.KEY; each record names the 8-bit pixels it belongs to, so a saved file finds
+    its own.  Without extra_pnginfo (an API client that sends none) there is nowhere to put them."""
+    from ict_core import metadata
+
+    pnginfo = one(extra_pnginfo)
+    if not isinstance(pnginfo, dict):
+        log.debug("no extra_pnginfo in this run: the scores are not written into saved images")
+        return
+    rank_of = ranks(results, by)
+    recs = [metadata.record(results[i], by=by, value=values[i], rank=rank_of[i], model=model.ict_name,
+                            hp_model=model.hp_name, precision=model.precision,
+                            pixels=metadata.pixel_digest(adapters.saved_pixels(pic)))
+            for i, pic in zip(idx, pictures)]
+    pnginfo[metadata.KEY] = metadata.merge(pnginfo.get(metadata.KEY), recs)
 
 
 def _ui(tab: dict, report: str) -> dict:
@@ -77,9 +108,9 @@ class ICTScore:
             "model": ("ICT_MODEL",),
             "images": ("IMAGE",),
             "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": _PROMPT_TIP}),
-        }}
+        }, "hidden": {"extra_pnginfo": "EXTRA_PNGINFO"}}
 
-    def score(self, model, images, prompt):
+    def score(self, model, images, prompt, extra_pnginfo=None):
         from ict_core import ranking
 
         node = "ICTScore"
@@ -91,6 +122,7 @@ class ICTScore:
         vals = [r.score for r in results]
         report = ranking.report(results, by)
         tab = table(results, by, list(range(len(results))), vals)
+        record_scores(extra_pnginfo, m, results, by, vals, list(range(len(imgs))), imgs.items)
         log.info("%s: scored %d images\n%s", node, len(results), report)
         return {"ui": _ui(tab, report), "result": (_scores(vals), report)}
 
@@ -112,7 +144,7 @@ def _select_inputs(with_k: bool) -> dict:
     return {"required": req, "optional": {
         "latent": ("LATENT", {"tooltip": "the latents of the images, picked alike (for a second sampling pass)"}),
         "mask": ("MASK", {"tooltip": "one mask per image, picked alike (a single mask is passed through)"}),
-    }}
+    }, "hidden": {"extra_pnginfo": "EXTRA_PNGINFO"}}
 
 
 class _Picker:
@@ -123,8 +155,9 @@ class _Picker:
     INPUT_IS_LIST = True
     RETURN_TYPES = ("IMAGE", "LATENT", "MASK", "STRING", "FLOAT", "STRING")
     OUTPUT_IS_LIST = (False, False, False, False, True, False)
+    OUTPUT_NODE = True  # ComfyUI sends an output node's table again when it comes from the cache
 
-    def _pick(self, model, images, prompt, score_by, latent, mask, choose):
+    def _pick(self, model, images, prompt, score_by, latent, mask, choose, extra_pnginfo=None):
         from ict_core import ranking
 
         node = self.NODE
@@ -151,6 +184,7 @@ class _Picker:
         notes = selection.notes if selection else []
         tab = table(results, by, ranking.rank(results, by), vals, picked=set(idx), notes=notes)
         out_images = imgs.take(idx, node)
+        record_scores(extra_pnginfo, m, results, by, vals, idx, out_images.unbind(0))
         if lat is not None:
             out_latent = adapters.take_latent(lat, idx)
         else:
@@ -180,7 +214,7 @@ class ICTSelectBest(_Picker):
     def INPUT_TYPES(cls):
         return _select_inputs(with_k=True)
 
-    def select(self, model, images, prompt, k, score_by, min_score, latent=None, mask=None):
+    def select(self, model, images, prompt, k, score_by, min_score, latent=None, mask=None, extra_pnginfo=None):
         from ict_core import ranking
 
         kk, ms = int(one(k, 1)), float(one(min_score, 0.0))
@@ -189,7 +223,7 @@ class ICTSelectBest(_Picker):
             sel = ranking.select(results, by, k=kk, min_score=ms)
             return sel.indices, sel
 
-        return self._pick(model, images, prompt, score_by, latent, mask, choose)
+        return self._pick(model, images, prompt, score_by, latent, mask, choose, extra_pnginfo)
 
 
 class ICTRerank(_Picker):
@@ -204,7 +238,7 @@ class ICTRerank(_Picker):
     def INPUT_TYPES(cls):
         return _select_inputs(with_k=False)
 
-    def rerank(self, model, images, prompt, score_by, latent=None, mask=None):
+    def rerank(self, model, images, prompt, score_by, latent=None, mask=None, extra_pnginfo=None):
         from ict_core import ranking
 
         def choose(results, by):
@@ -214,4 +248,4 @@ class ICTRerank(_Picker):
                 log.warning("ICTRerank: %d images could not be scored and are placed last", len(failed))
             return order, None
 
-        return self._pick(model, images, prompt, score_by, latent, mask, choose)
+        return self._pick(model, images, prompt, score_by, latent, mask, choose, extra_pnginfo)

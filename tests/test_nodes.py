@@ -325,6 +325,66 @@ def test_an_empty_prompt_block_is_an_error_not_a_redivision(model):
     assert adapters.split_prompts("embedding:x\n---\n ", 2, "n", optional=True) is None
 
 
+def _save_like_comfyui(images, extra_pnginfo, folder):
+    """What nodes.SaveImage does with each image of its batch (ComfyUI 0.3.64), without ComfyUI."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    paths = []
+    for n, image in enumerate(images):
+        img = Image.fromarray(np.clip(255. * image.cpu().numpy(), 0, 255).astype(np.uint8))
+        meta = PngInfo()
+        for x in extra_pnginfo:
+            meta.add_text(x, json.dumps(extra_pnginfo[x]))
+        paths.append(folder / f"ComfyUI_{n:05}_.png")
+        img.save(paths[-1], pnginfo=meta, compress_level=4)
+    return paths
+
+
+def test_each_saved_png_carries_its_own_scores(model, tmp_path):
+    """The ICT nodes write their records into extra_pnginfo; Save Image after them writes it into every
+    file, and each file finds its own record (ict, hp, score, rule, model) by its pixels."""
+    from ict_core import metadata
+
+    imgs = batch(4)
+    pnginfo = {"workflow": {"nodes": []}}
+    out = ICTRerank().rerank([model], [imgs], [PROMPT], ["ict*hp"], extra_pnginfo=[pnginfo])
+    images, _lat, _mask, order, scores, _report = out["result"]
+    best = ICTSelectBest().select([model], [imgs], [PROMPT], [1], ["hp"], [0.0], extra_pnginfo=[pnginfo])["result"]
+    assert len(pnginfo[metadata.KEY]["images"]) == 4  # the same pixels again: the later record replaces
+    ranked = model.scorer.score([t.permute(2, 0, 1) for t in imgs], PROMPT)
+    for pos, path in enumerate(_save_like_comfyui(images, pnginfo, tmp_path)):
+        i = int(order.split(",")[pos])
+        own = metadata.own_scores(path)
+        if torch.equal(images[pos], best[0][0]):
+            assert own["by"] == "hp" and own["rank"] == 1 and own["value"] == pytest.approx(ranked[i].hp)
+        else:
+            assert own["by"] == "ict*hp" and own["rank"] == pos + 1 and own["value"] == pytest.approx(scores[pos])
+        assert own["index"] == i and own["ict"] == pytest.approx(ranked[i].ict)
+        assert own["hp"] == pytest.approx(ranked[i].hp) and own["score"] == pytest.approx(ranked[i].score)
+        assert own["model"] == "ict.safetensors" and own["hp_model"] == "hp.safetensors" and own["prompt"] == PROMPT
+    (tmp_path / "flipped").mkdir()
+    other = _save_like_comfyui(imgs.flip(1), pnginfo, tmp_path / "flipped")
+    assert metadata.own_scores(other[0]) is None  # an image changed after scoring has no record of its own
+    ICTScore().score([model], [imgs], [PROMPT], extra_pnginfo=[None])  # API client without extra_pnginfo: fine
+
+
+def test_tables_give_the_rank_and_hp_once():
+    """ICT Score keeps input order but its table's rank is the rank by score; by hp the report has one hp column."""
+    from ict_core import ranking
+    from ict_core.scorer import ScoreResult
+    from nodes.scoring import table
+
+    res = [ScoreResult(i, None, "p", ict=v, hp=0.5, hp_raw=0.0, score=v * 0.5) for i, v in enumerate([0.1, 0.3, 0.2])]
+    rows = table(res, "ict", [0, 1, 2], [r.ict for r in res])["rows"]
+    assert [r["rank"] for r in rows] == [3, 1, 2] and [r["index"] for r in rows] == [0, 1, 2]
+    head = ranking.report(res, "hp").splitlines()[0].split()
+    assert head.count("hp") == 1
+
+
 # --------------------------------------------------------------------------------- host glue (fake ComfyUI)
 class _Interrupted(Exception):
     pass
@@ -358,6 +418,7 @@ class CastOps:
         comfy_cast_weights = True
 
         def forward(self, ids):
+            assert self.bias is None  # comfy.ops reads it for every layer
             return torch.nn.functional.embedding(ids, self.weight.to(ids.device), self.padding_idx)
 
 
