@@ -238,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_subcommands(sub, _model_args, model_path=_model_path, expand_images=expand_images, progress=Progress)
+    from .scale.cli import register as register_ray  # --ray on score and index (imports no Ray)
+
+    register_ray(sub, model_path=_model_path)
     return parser
 
 

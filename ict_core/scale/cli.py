@@ -1,0 +1,125 @@
+"""`--ray [ADDRESS]`, `--out DIR` and friends on `ict score` and `ict index`; `ict index --ingest DIR`.
+
+ict_core.cli calls register() once its subcommands exist; the options are added to the `score` and
+`index` parsers, and their command functions are wrapped so that the plain path runs unchanged when
+--ray is not given. Nothing here imports Ray or pyarrow until a --ray or --ingest run needs them.
+"""
+from __future__ import annotations
+
+import functools
+import re
+import sys
+from pathlib import Path
+
+from ..errors import InputError
+
+_ADDRESS = re.compile(r"(auto|local|ray://\S+|[\w.-]+:\d+)$")
+
+
+_host: dict = {}  # ict_core.cli's helpers, handed over by register() (no import circle)
+
+
+def register(subparsers, *, model_path) -> None:
+    """Add the Ray options to the `score` and `index` subcommands of the `ict` parser; model_path
+    resolves --model/--hp-model as the plain commands do."""
+    _host["model_path"] = model_path
+    for name, positional in (("score", "images"), ("index", "paths")):
+        p = subparsers.choices.get(name)
+        if p is None:
+            continue
+        g = p.add_argument_group("many images, many machines (Ray Data; needs the [ray] extra)")
+        g.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                       help="run on Ray: no ADDRESS starts a local Ray for this run; `auto` or ray://HOST:PORT "
+                            "joins a cluster. Needs --out. Model files must be at the same path on every node")
+        g.add_argument("--out", metavar="DIR", help="with --ray: Parquet folder, one row per image; a re-run "
+                                                    "skips the images already in it")
+        g.add_argument("--actors", type=int, help="with --ray: scorer actors (default one per GPU, else 1)")
+        g.add_argument("--batch-size", type=int, help="with --ray: images per batch (default 32 on GPU, 8 on CPU)")
+        if name == "index":
+            g.add_argument("--ingest", action="store_true",
+                           help="the DIRs are --out folders of `ict index --ray`: add their rows to the gallery "
+                                "without encoding any image")
+        p.set_defaults(func=functools.partial(_dispatch, p.get_default("func"), positional))
+        p.parse_known_args = functools.partial(_parse_known_args, p.parse_known_args)
+
+
+def _parse_known_args(parse, args=None, namespace=None):
+    """`--ray` takes an optional ADDRESS, so argparse would eat the first image after it
+    (`ict score --ray a.png b.png`): an argument that is not an address is left to the images."""
+    if args is not None:
+        args = list(args)
+        for i, a in enumerate(args[:-1]):
+            if a == "--ray" and not (_ADDRESS.match(args[i + 1]) and not Path(args[i + 1]).exists()):
+                args[i] = "--ray=local"
+    return parse(args, namespace)
+
+
+def _dispatch(plain, positional: str, args) -> int:
+    if getattr(args, "ingest", False):
+        return _ingest(args)
+    if args.ray is None:
+        for opt in ("out", "actors", "batch_size"):
+            if getattr(args, opt) is not None:
+                raise InputError(f"--{opt.replace('_', '-')} is an option of --ray runs; add --ray (see ict "
+                                 f"{args.command} --help)")
+        return plain(args)
+    return _run(args, getattr(args, positional))
+
+
+def _models(args, need_hp: bool):
+    model_path = _host["model_path"]
+    ict = model_path(args.model, "ict", True)
+    hp = None if getattr(args, "no_hp", False) else model_path(args.hp_model, "hp", need_hp)
+    return str(Path(ict).resolve()), (str(Path(hp).resolve()) if hp else None)
+
+
+def _run(args, items) -> int:
+    from ..text import check_prompt
+    from ..weights import fingerprint
+    from . import inputs
+    from .job import Job, import_ray, run
+
+    if not args.out:
+        raise InputError(f"--ray writes its results as Parquet: pass --out DIR (ict {args.command} --ray --out DIR ...)")
+    if getattr(args, "json", False) or getattr(args, "csv", False):
+        raise InputError("--json/--csv print results of the plain path; with --ray the results are the Parquet "
+                         "files in --out")
+    import_ray()  # say how to install Ray before any other work
+    prompt = getattr(args, "prompt", None)
+    prompt = check_prompt(prompt) if prompt is not None else None
+    ict, hp = _models(args, need_hp=args.command == "score" and prompt is None)
+    job = Job(args.command, inputs.expand(items), Path(args.out), ict, hp, prompt, args.device, args.precision,
+              getattr(args, "config", None), args.actors, args.batch_size, args.quiet)
+    job.manifest = {"command": args.command, "prompt": prompt, "ict": fingerprint(ict),
+                    "hp": fingerprint(hp) if hp else None, "precision": args.precision}
+    address = None if args.ray == "local" else args.ray
+    s = run(job, address)
+    print(f"{args.command}: {s.new_rows} new row(s) ({s.new_errors} failed), {s.skipped} image(s) already done; "
+          f"{job.out} holds {s.rows} row(s) [{s.actors} {s.device} actor(s)]")
+    if s.new_errors:
+        print(f"ict: {s.new_errors} image(s) could not be read; their rows have an `error`", file=sys.stderr)
+    if args.command == "index" and not getattr(args, "no_cache", False):
+        _to_gallery(args, job.out)
+    return 0
+
+
+def _to_gallery(args, out: Path) -> None:
+    from ..cache import EmbeddingCache
+    from .output import ingest
+
+    cache = EmbeddingCache(getattr(args, "cache_dir", None))
+    added, failed = ingest(out, cache)
+    cache.flush()
+    print(f"gallery: {added} image(s) stored from {out} ({failed} error row(s) skipped) in {cache.path}")
+
+
+def _ingest(args) -> int:
+    if args.ray is not None:
+        raise InputError("--ingest reads the Parquet of a finished `ict index --ray` run; drop --ray")
+    if getattr(args, "no_cache", False):
+        raise InputError("--ingest adds to the embedding cache; drop --no-cache")
+    for d in args.paths:
+        if not Path(d).is_dir():
+            raise InputError(f"{d} is not a folder; --ingest takes the --out folders of `ict index --ray`")
+        _to_gallery(args, Path(d))
+    return 0
