@@ -921,3 +921,14 @@ def test_forge_places_the_models_through_its_memory_manager(request, monkeypatch
     run(host, mode="annotate")
     assert [c[0] for c in calls][-4:] == ["load", "load", "unload", "empty"] and not holder.loaded
     assert calls[-2] == ("unload", patcher)          # the same model, reused by the third run, now handed back
+
+
+def test_selected_script_lookup_is_tolerant():
+    from ict_webui import other_scripts
+    pm = SelectableScript("Prompt matrix")
+    runner = types.SimpleNamespace(selectable_scripts=[SelectableScript("Loopback"), pm])
+    assert other_scripts.positional_script(types.SimpleNamespace(scripts=runner, script_args=(2, True))) == \
+        "Prompt matrix"
+    for args in (None, (), ("junk",), (0,), (3,), (-1,), (1, True)):
+        assert other_scripts.positional_script(types.SimpleNamespace(scripts=runner, script_args=args)) is None
+    assert other_scripts.positional_script(types.SimpleNamespace()) is None
