@@ -322,10 +322,14 @@ def host(tmp_path, monkeypatch):
     m_shared.opts, m_shared.state, m_shared.OptionInfo = opts, State(), OptionInfo
     m_paths = types.ModuleType("modules.paths")
     m_paths.models_path = str(webui_root / "models")
+    m_devices = types.ModuleType("modules.devices")
+    device_asks = []
+    m_devices.get_device_for = lambda task: device_asks.append(task) or torch.device("cpu")   # --use-cpu all
     m_cb = types.ModuleType("modules.script_callbacks")
     m_cb.on_ui_settings = cb.ui_settings.append
     m_cb.on_before_image_saved = cb.before_image_saved.append
-    for name, mod in (("scripts", m_scripts), ("shared", m_shared), ("paths", m_paths), ("script_callbacks", m_cb)):
+    for name, mod in (("scripts", m_scripts), ("shared", m_shared), ("paths", m_paths), ("script_callbacks", m_cb),
+                      ("devices", m_devices)):
         setattr(modules, name, mod)
         monkeypatch.setitem(sys.modules, f"modules.{name}", mod)
     monkeypatch.setitem(sys.modules, "modules", modules)
@@ -339,7 +343,8 @@ def host(tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     h = types.SimpleNamespace(module=module, script=module.ICTRewardScript(), callbacks=cb, opts=opts, gr=gr,
-                              models=webui_root / "models" / "ict", webui=Webui(cb, out), out=out, state=m_shared.state)
+                              models=webui_root / "models" / "ict", webui=Webui(cb, out), out=out, state=m_shared.state,
+                              device_asks=device_asks)
     for f in cb.ui_settings:
         f()
     return h
@@ -869,6 +874,12 @@ def test_a1111_gives_the_gpu_back_after_scoring_unless_keep_loaded(monkeypatch):
     h.release(AFTER_CPU)
     assert sc.device.type == "cpu"
     assert TorchPlacement(lambda: "cpu").devices("auto") == (torch.device("cpu"), torch.device("cpu"))  # --use-cpu
+
+
+def test_a1111_auto_device_is_the_webuis_device_for_the_task(installed):
+    assert type(installed.module.REWARD.holder.placement).__name__ == "TorchPlacement"
+    run(installed, mode="keep best K", k=1)
+    assert installed.device_asks == ["ict_reward"]
 
 
 def _fake_forge(monkeypatch, layout):
