@@ -6,6 +6,7 @@ falls back to a plain-torch behaviour when ComfyUI's modules are absent.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import sys
@@ -164,9 +165,29 @@ def load_scorer(ict_path, hp_path, precision: str, plan):
 def _released(name: str) -> None:
     """When ComfyUI lets the model go (/free, another file chosen): give the freed weights back to the OS.
 
-    glibc keeps freed blocks below its (adaptive, up to 32 MB) mmap threshold in the process heap, so a
-    freed model of many 5-30 MB tensors would stay in the server's RSS; malloc_trim returns them."""
+    glibc keeps freed blocks below its (adaptive, up to 32 MB) mmap threshold in the process heaps, so a
+    freed model of many 5-30 MB tensors would stay in the server's RSS; malloc_trim returns them.  The
+    model's modules hold reference cycles, so this runs inside a garbage collection, before the cycle's
+    tensors are freed: trim again once that collection is over."""
+    global _trim_after_gc
     log.info("ICT model released: %s", name)
+    _trim()
+    _trim_after_gc = True
+    if _after_collection not in gc.callbacks:
+        gc.callbacks.append(_after_collection)
+
+
+_trim_after_gc = False
+
+
+def _after_collection(phase: str, _info) -> None:
+    global _trim_after_gc
+    if phase == "stop" and _trim_after_gc:
+        _trim_after_gc = False
+        _trim()
+
+
+def _trim() -> None:
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)

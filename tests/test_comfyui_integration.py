@@ -7,8 +7,10 @@ extra_model_paths.yaml `ict:` entry.  Loopback only; --cpu.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -28,6 +30,9 @@ COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 PACK = "ict-reward"
 PROMPT = "a red cube on a wooden table"
 
+# A random-weight SD1.5 checkpoint for the generation test (../shared/hosts/make_sd15_comfy.py makes one)
+SD15_CKPT = os.environ.get("COMFYUI_SD15_CKPT") or (
+    str(Path(COMFYUI_DIR) / "models" / "checkpoints" / "sd15_random.safetensors") if COMFYUI_DIR else None)
 SKIP_REASON = ("COMFYUI_DIR is not set: point it at a ComfyUI checkout (0.3.64 tested), and COMFYUI_PYTHON at a "
                "Python with its requirements, to run the ComfyUI integration test")
 
@@ -47,8 +52,11 @@ class Server:
             body = r.read()
             return json.loads(body) if r.headers.get_content_type() == "application/json" else body
 
-    def post_prompt(self, prompt: dict) -> str:
-        data = json.dumps({"prompt": prompt, "client_id": uuid.uuid4().hex}).encode()
+    def post_prompt(self, prompt: dict, extra_data: dict | None = None) -> str:
+        body = {"prompt": prompt, "client_id": uuid.uuid4().hex}
+        if extra_data is not None:  # the ComfyUI page sends {"extra_pnginfo": {"workflow": ...}}
+            body["extra_data"] = extra_data
+        data = json.dumps(body).encode()
         req = urllib.request.Request(self.url + "/prompt", data=data, headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
@@ -101,14 +109,10 @@ def _write_images(folder: Path) -> list[Path]:
     return out
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_models):
-    if not COMFYUI_DIR:
-        pytest.skip(SKIP_REASON)
+@contextlib.contextmanager
+def _running_server(tmp: Path, tiny_models, yaml_extra: str = ""):
+    """A ComfyUI server (--cpu) on a free loopback port, its own base directory, the pack linked in."""
     comfy = Path(COMFYUI_DIR)
-    if not (comfy / "main.py").is_file():
-        pytest.skip(f"COMFYUI_DIR={comfy} has no main.py")
-    tmp = tmp_path_factory.mktemp("comfyui")
     base = tmp / "base"
     for d in ("custom_nodes", "input", "output", "temp", "user", "models"):
         (base / d).mkdir(parents=True)
@@ -119,7 +123,7 @@ def server(tmp_path_factory, tiny_models):
     shutil.copy(tiny_models.hp, models / "hp.safetensors")
     (models / "readme.txt").write_text("not a model: must not be listed")
     yaml = tmp / "extra_model_paths.yaml"
-    yaml.write_text(f"ict_reward_test:\n    base_path: {tmp}\n    ict: ict_models\n")
+    yaml.write_text(f"ict_reward_test:\n    base_path: {tmp}\n    ict: ict_models\n{yaml_extra}")
     images = _write_images(base / "input")
     port = _free_port()
     log = tmp / "comfyui.log"
@@ -149,6 +153,22 @@ def server(tmp_path_factory, tiny_models):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _need_comfyui() -> None:
+    if not COMFYUI_DIR:
+        pytest.skip(SKIP_REASON)
+    if not (Path(COMFYUI_DIR) / "main.py").is_file():
+        pytest.skip(f"COMFYUI_DIR={COMFYUI_DIR} has no main.py")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_models):
+    _need_comfyui()
+    ckpts = Path(SD15_CKPT).parent if SD15_CKPT else None
+    extra = f"    checkpoints: {ckpts}\n" if ckpts and ckpts.is_dir() else ""
+    with _running_server(tmp_path_factory.mktemp("comfyui"), tiny_models, extra) as srv:
+        yield srv
 
 
 def rerank_api(prompt: str = PROMPT, score_by: str = "ict", hp: str = "none") -> dict:
@@ -187,7 +207,9 @@ def test_nodes_models_and_templates_are_listed(server):
     assert info["ICTScore"]["output_node"] is True and info["ICTSelectBest"]["output_node"] is True
     assert info["ICTSelectBest"]["output_name"] == ["images", "latent", "mask", "indices", "scores", "report"]
     templates = server.get("/workflow_templates")
-    assert sorted(templates[PACK]) == ["ict_best_of_4_second_pass", "ict_rerank_images"]
+    assert {"ict_best_of_4_second_pass", "ict_rerank_images"} <= set(templates[PACK])
+    thumb = server.get(f"/api/workflow_templates/{PACK}/ict_rerank_images.jpg")  # where the template browser looks
+    assert thumb[:3] == b"\xff\xd8\xff"
     wf = server.get(f"/api/workflow_templates/{PACK}/ict_rerank_images.json")
     assert (wf if isinstance(wf, dict) else json.loads(wf))["nodes"]
     js = server.get("/extensions")
@@ -263,3 +285,169 @@ def test_empty_prompt_ranks_by_hp_alone(server, tiny_models):
     assert h["status"]["status_str"] == "success", h["status"]
     rows = h["outputs"]["7"]["ict_table"][0]["rows"]
     assert [r["index"] for r in rows] == expected and all(r["ict"] is None for r in rows)
+
+
+# ------------------------------------------------------------------------------ generation, memory, metadata
+def generation_api(ckpt: str, seed: int, prompt: str = PROMPT) -> dict:
+    """Random SD1.5, 64x64, best-of-4 by ict*hp; the picked latent (with a noise mask of batch 2 for 4
+    samples: mask 0 = keep, mask 1 = resample) goes through a second pass. Both results are saved."""
+    sampler = {"steps": 2, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal"}
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 4}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": seed, **sampler, "positive": ["2", 0],
+                                                   "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "ICTModelLoader", "inputs": {"ict_model": "ict.safetensors", "hp_model": "hp.safetensors",
+                                                         "precision": "auto", "device": "auto"}},
+        "20": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+        "21": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0xFF0000}},
+        "22": {"class_type": "ImageBatch", "inputs": {"image1": ["20", 0], "image2": ["21", 0]}},
+        "23": {"class_type": "ImageToMask", "inputs": {"image": ["22", 0], "channel": "red"}},
+        "24": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["5", 0], "mask": ["23", 0]}},
+        "8": {"class_type": "ICTSelectBest", "inputs": {"model": ["7", 0], "images": ["6", 0], "prompt": prompt, "k": 1,
+                                                        "score_by": "ict*hp", "min_score": -1.0, "latent": ["24", 0]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "ICT_best"}},
+        "10": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": seed + 1, **sampler, "positive": ["2", 0],
+                                                    "negative": ["3", 0], "latent_image": ["8", 1], "denoise": 0.5}},
+        "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 2]}},
+        "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": "ICT_second"}},
+        "13": {"class_type": "PreviewAny", "inputs": {"source": ["8", 1]}},
+    }
+
+
+def test_best_of_4_second_pass_mask_follows_the_pick_and_pngs_carry_their_scores(server):
+    from PIL import Image
+
+    from ict_core import metadata
+
+    if not SD15_CKPT or not Path(SD15_CKPT).is_file():
+        pytest.skip("no random SD1.5 checkpoint: set COMFYUI_SD15_CKPT (../shared/hosts/make_sd15_comfy.py makes one)")
+    h = server.wait(server.post_prompt(generation_api(Path(SD15_CKPT).name, seed=3),
+                                       extra_data={"extra_pnginfo": {"workflow": {"nodes": []}}}), timeout=900)
+    assert h["status"]["status_str"] == "success", h["status"]
+    out = h["outputs"]
+    picked = [r for r in out["8"]["ict_table"][0]["rows"] if r["picked"]]
+    assert len(picked) == 1
+    idx = picked[0]["index"]
+    latent_text = out["13"]["text"][0]
+    # 2 masks for 4 samples are repeated to the batch (LatentFromBatch's rule): sample idx has mask idx % 2
+    mask_value = int(re.search(r"'noise_mask': tensor\(\[\[\[\[(\d)", latent_text).group(1))
+    assert mask_value == idx % 2, (idx, latent_text[:400])
+    assert re.search(r"'batch_index': \[(\d+)\]", latent_text).group(1) == str(idx)
+
+    def saved(node):
+        (item,) = out[node]["images"]
+        return server.base / "output" / item["subfolder"] / item["filename"]
+
+    best, second = saved("9"), saved("12")
+    own = metadata.own_scores(best)
+    assert own is not None and own["index"] == idx and own["rank"] == 1 and own["by"] == "ict*hp"
+    assert own["ict"] == pytest.approx(picked[0]["ict"], abs=1e-6) and own["hp"] == pytest.approx(picked[0]["hp"], abs=1e-6)
+    assert own["model"] == "ict.safetensors" and own["hp_model"] == "hp.safetensors"
+    assert metadata.read_scores(second) and metadata.own_scores(second) is None  # not the pixels that were scored
+    a = np.asarray(Image.open(best), dtype=np.int16)
+    b = np.asarray(Image.open(second), dtype=np.int16)
+    if mask_value == 0:  # mask 0 keeps the picked latent: the second pass decodes to the same picture
+        assert np.abs(a - b).max() <= 1
+    else:
+        assert np.abs(a - b).max() > 1
+
+
+MEDIUM = {"projection_dim": 512,
+          "text_config": {"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8,
+                          "num_hidden_layers": 12, "vocab_size": 49408, "max_position_embeddings": 77,
+                          "hidden_act": "gelu", "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 2,
+                          "pad_token_id": 1},
+          "vision_config": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
+                            "num_hidden_layers": 12, "patch_size": 32, "image_size": 224, "num_channels": 3,
+                            "hidden_act": "gelu", "layer_norm_eps": 1e-5}}
+
+
+def _medium_ict(folder: Path) -> Path:
+    """A random ICT file of ViT-B size (~300 MB), big enough for its memory to show in the server's RSS."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    from conftest import save_ict_layout
+    from ict_core.weights import convert
+
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=MEDIUM["text_config"], vision_config=MEDIUM["vision_config"],
+                                 projection_dim=MEDIUM["projection_dim"])).eval()
+    cfg = folder / "medium.json"
+    cfg.write_text(json.dumps(MEDIUM))
+    src = save_ict_layout(model, folder / "ICT")
+    del model
+    out = convert(src, folder / "medium.safetensors", cfg).path
+    shutil.rmtree(src)
+    return out
+
+
+def test_free_gives_the_models_memory_back(tmp_path, tiny_models):
+    """After /free (Unload models + Free model and node cache) the server's RSS is back within 10% of what it
+    was before the model was loaded. The first ICT run in a process also imports transformers' CLIP model
+    code, open_clip's tokenizer and faiss (~300 MB that no unload can give back): a run with the tiny model
+    and a /free come first, so the baseline holds those imports and the check is about the model."""
+    _need_comfyui()
+    medium = _medium_ict(tmp_path)
+    with _running_server(tmp_path / "srv", tiny_models) as srv:
+        shutil.move(str(medium), srv.models / "medium.safetensors")
+        start = srv.rss_mb()
+        assert srv.wait(srv.post_prompt(rerank_api()))["status"]["status_str"] == "success"
+        srv.free()
+        srv.wait_log("ICT model released", 1)
+        baseline = srv.rss_mb()
+        api = rerank_api()
+        api["6"]["inputs"]["ict_model"] = "medium.safetensors"
+        assert srv.wait(srv.post_prompt(api))["status"]["status_str"] == "success"
+        loaded = srv.rss_mb()
+        srv.free()
+        srv.wait_log("ICT model released", 2)
+        end = time.time() + 30
+        while (after := srv.rss_mb()) > 1.1 * baseline and time.time() < end:
+            time.sleep(1)
+        figures = (f"RSS MB: server start {start:.0f}, after tiny run + /free {baseline:.0f}, medium model loaded "
+                   f"{loaded:.0f}, after /free {after:.0f}")
+        print(figures)
+        assert loaded - baseline > 200, figures       # the model's memory shows: the check below can fail
+        assert after <= 1.1 * baseline, figures
+        assert srv.wait(srv.post_prompt(api))["status"]["status_str"] == "success"  # and it loads again
+        assert srv.log.read_text().count("ICT model loaded: ICT medium") == 2
+
+
+PARTIAL_LOAD = r"""
+import json, sys
+comfy_dir, pack, ict, hp = sys.argv[1:5]
+sys.argv = ["main.py", "--cpu"]
+sys.path[:0] = [pack, comfy_dir]                  # the pack's nodes package, not ComfyUI's nodes.py
+import comfy.options
+comfy.options.enable_args_parsing()                # as main.py does: comfy.* read --cpu on import
+import torch
+from ict_core import Scorer
+from nodes import comfy_host
+cpu = torch.device("cpu")
+scorer, patcher = comfy_host.load_scorer(ict, hp, "auto", (cpu, cpu))
+patcher.load(cpu, lowvram_model_memory=1)          # what ComfyUI does on a GPU too small for the model
+lowvram = sum(1 for m in scorer.modules.modules() if hasattr(m, "prev_comfy_cast_weights"))
+imgs = [torch.rand(3, 64, 48, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+got = [(r.ict, r.hp) for r in scorer.score(imgs, "a red cube")]
+ref = [(r.ict, r.hp) for r in Scorer.load(ict, hp, device="cpu").score(imgs, "a red cube")]
+print(json.dumps({"lowvram_layers": lowvram, "model_lowvram": scorer.modules.model_lowvram, "got": got, "ref": ref}))
+"""
+
+
+def test_comfyuis_partial_load_scores_like_the_full_model(tiny_models, tmp_path):
+    """ComfyUI's ModelPatcher loading the layers in part (its --lowvram path) keeps the official scores:
+    run with ComfyUI's own comfy.ops and model_patcher, in its Python (on the CPU: no device moves)."""
+    _need_comfyui()
+    py = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    env = dict(os.environ, ICT_CACHE_DIR=str(tmp_path / "cache"))
+    res = subprocess.run([py, "-c", PARTIAL_LOAD, str(COMFYUI_DIR), str(ROOT), str(tiny_models.ict),
+                          str(tiny_models.hp)], cwd=COMFYUI_DIR, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["model_lowvram"] and out["lowvram_layers"] > 10
+    assert np.allclose(out["got"], out["ref"], atol=1e-6)

@@ -117,6 +117,17 @@ def test_example_workflows_use_only_known_nodes_and_inputs():
                 assert n["type"] in nodes.NODE_CLASS_MAPPINGS
 
 
+def test_example_templates_have_thumbnails():
+    """ComfyUI's template browser shows example_workflows/<name>.jpg for a custom node's template."""
+    from PIL import Image
+
+    for name in ("ict_rerank_images", "ict_best_of_4_second_pass"):
+        thumb = ROOT / "example_workflows" / f"{name}.jpg"
+        assert (ROOT / "example_workflows" / f"{name}.json").is_file() and thumb.is_file(), thumb
+        with Image.open(thumb) as im:
+            assert im.format == "JPEG" and im.width >= 320 and im.height >= 200
+
+
 # ------------------------------------------------------------------------------------------------ loader
 def test_loader_lists_files_and_reuses_the_loaded_model(models_dir):
     files = loader.ICTModelLoader.INPUT_TYPES()["required"]["ict_model"][0]
@@ -578,6 +589,23 @@ def test_layers_cast_at_use_keep_the_official_fp32_scores(fake_comfy, tiny_model
     loader.clear_cache()
     fp32 = loader.ICTModelLoader().load("ict.safetensors", "none", "auto", "auto")[0]
     assert fp32.scorer.modules.ict.vision_model.encoder.layers[0].mlp.fc1.weight.dtype == torch.float32
+
+
+def test_a_released_model_is_given_back_to_the_os_after_the_collection(fake_comfy, tiny_models, monkeypatch, caplog):
+    """glibc keeps freed tensors in its heaps: when ComfyUI lets the model go, the pack trims them, once more
+    after the garbage collection that frees the model's reference cycles has finished."""
+    import gc
+    import logging
+
+    shutil.copy(tiny_models.ict, fake_comfy.extra / "ict.safetensors")
+    trims = []
+    monkeypatch.setattr(comfy_host, "_trim", lambda: trims.append(1))
+    model = loader.ICTModelLoader().load("ict.safetensors", "none", "auto", "auto")[0]
+    with caplog.at_level(logging.INFO, logger="nodes.comfy_host"):
+        del model
+        gc.collect()
+        gc.collect()
+    assert "ICT model released" in caplog.text and len(trims) == 2
 
 
 def test_a_partial_load_moves_the_loose_tensors_with_the_model(fake_comfy, tiny_models):

@@ -26,14 +26,24 @@ function showScores(node, message) {
     if (w.options) w.options.serialize = false;
     if (w.element) {
       w.element.readOnly = true;
+      w.element.wrap = "off";  // one table row per line: the line count below is the height
+      w.element.style.whiteSpace = "pre";
+      w.element.style.overflowX = "auto";
       w.element.style.fontFamily = "monospace";
       w.element.style.fontSize = "11px";
+      w.element.style.lineHeight = "14px";
     }
   }
   w.value = text;
-  const lines = text.split("\n").length;
+  // The table's own height (14 px a row, room for a scrollbar) is its minimum, so the node's computed size
+  // counts it next to the node's other widgets (prompt, k, score_by, ...) and the table is never cut off;
+  // the node widens to its longest line (up to 480 px, then the box scrolls sideways).
+  const rows = text.split("\n");
+  const minHeight = 14 * rows.length + 30;
+  if (w.options) w.options.getMinHeight = () => minHeight;
+  const width = Math.min(480, 7 * Math.max(...rows.map((r) => r.length)) + 40);
   const size = node.computeSize();
-  node.setSize([Math.max(node.size[0], size[0]), Math.max(node.size[1], size[1], 200 + 15 * lines)]);
+  node.setSize([Math.max(node.size[0], size[0], width), Math.max(node.size[1], size[1])]);
   node.setDirtyCanvas?.(true, true);
 }
 
