@@ -605,7 +605,7 @@ def test_a_released_model_is_given_back_to_the_os_after_the_collection(fake_comf
         del model
         gc.collect()
         gc.collect()
-    assert "ICT model released" in caplog.text and len(trims) == 2
+    assert "ICT model released" in caplog.text and len(trims) >= 2  # at the release and after the collection
 
 
 def test_a_partial_load_moves_the_loose_tensors_with_the_model(fake_comfy, tiny_models):
