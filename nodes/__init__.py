@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from . import comfy_host
+from .best_of_n import ICTBestOfNSampler
 from .loader import ICTModelLoader
 from .scoring import ICTRerank, ICTScore, ICTSelectBest
 
@@ -10,6 +11,7 @@ NODE_CLASS_MAPPINGS = {
     "ICTScore": ICTScore,
     "ICTSelectBest": ICTSelectBest,
     "ICTRerank": ICTRerank,
+    "ICTBestOfNSampler": ICTBestOfNSampler,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -17,6 +19,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ICTScore": "ICT Score",
     "ICTSelectBest": "ICT Select Best",
     "ICTRerank": "ICT Rerank",
+    "ICTBestOfNSampler": "ICT Best-of-N Sampler",
 }
 
 comfy_host.register_model_folder()  # cheap: a dict entry in folder_paths; no-op outside ComfyUI

@@ -138,3 +138,41 @@ def test_no_pruning_picks_over_all_and_unscorable_run_fails_clearly():
     s2 = Search.start(plan, seed=1)
     with pytest.raises(InputError, match="no candidate image could be scored"):
         s2.set_final({0: None, 1: None, 2: None})
+
+
+def test_node_takes_ksampler_inputs_plus_the_search_and_imports_without_comfyui():
+    import nodes
+    from nodes.best_of_n import ICTBestOfNSampler
+
+    assert nodes.NODE_CLASS_MAPPINGS["ICTBestOfNSampler"] is ICTBestOfNSampler
+    assert nodes.NODE_DISPLAY_NAME_MAPPINGS["ICTBestOfNSampler"] == "ICT Best-of-N Sampler"
+    req = ICTBestOfNSampler.INPUT_TYPES()["required"]
+    assert list(req) == ["model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative",
+                         "latent_image", "denoise", "vae", "ict_model", "prompt", "n", "k", "score_by", "prune_at",
+                         "survivors", "chunk", "audit"]
+    assert req["seed"][1]["max"] == 2 ** 64 - 1 and req["prune_at"][1]["max"] == 1.0
+    assert req["score_by"][0] == ["ict", "hp", "ict*hp", "group"] and req["audit"][0] == "BOOLEAN"
+    assert ICTBestOfNSampler.RETURN_NAMES == ("latent", "images", "seeds", "scores", "report")
+    assert ICTBestOfNSampler.RETURN_TYPES == ("LATENT", "IMAGE", "INT", "FLOAT", "STRING")
+    assert ICTBestOfNSampler.OUTPUT_IS_LIST == (False, False, True, True, False)
+
+
+def test_node_refuses_bad_input_before_sampling_with_one_line():
+    from nodes.best_of_n import ICTBestOfNSampler
+
+    class FakeICT:  # only what the checks read; sampling would need ComfyUI
+        class scorer:
+            has_hp = False
+
+    node = ICTBestOfNSampler()
+    base = dict(model=None, seed=0, steps=10, cfg=7.0, sampler_name="euler", scheduler="normal", positive=None,
+                negative=None, latent_image={"samples": None}, denoise=1.0, vae=None, ict_model=FakeICT(),
+                prompt="a fox", n=4, k=1, score_by="ict", prune_at=0.5, survivors=2, chunk=1, audit=False)
+    for kw, msg in [(dict(ict_model=object()), "connect an ICT Model Loader"),
+                    (dict(score_by="ict*hp"), "needs an HP model"),
+                    (dict(k=3), "survivors must be at least k=3"),
+                    (dict(prompt="  "), "the prompt is empty"),
+                    (dict(prompt="a\n---\nb"), "give one prompt")]:
+        with pytest.raises(InputError, match=msg) as e:
+            node.sample(**(base | kw))
+        assert str(e.value).startswith("ICTBestOfNSampler") and "\n" not in str(e.value)

@@ -60,7 +60,7 @@ def latent(n=4):
 # ------------------------------------------------------------------------------------------- public contract
 def test_node_ids_inputs_and_outputs_are_the_public_contract():
     m = nodes.NODE_CLASS_MAPPINGS
-    assert set(m) == {"ICTModelLoader", "ICTScore", "ICTSelectBest", "ICTRerank"}
+    assert set(m) == {"ICTModelLoader", "ICTScore", "ICTSelectBest", "ICTRerank", "ICTBestOfNSampler"}
     assert set(nodes.NODE_DISPLAY_NAME_MAPPINGS) == set(m)
     ld = m["ICTModelLoader"].INPUT_TYPES()["required"]
     assert list(ld) == ["ict_model", "hp_model", "precision", "device"]

@@ -1,10 +1,10 @@
-// Shows the score table of ICTScore / ICTSelectBest / ICTRerank on the node after it runs.
+// Shows the score table of ICTScore / ICTSelectBest / ICTRerank (and the ICTBestOfNSampler report) on the node after it runs.
 // The node sends ui = {text: [report], ict_table: [{by, has_hp, rows: [...], notes}]}; the report is the
 // same fixed-width table the CLI prints (kept images marked *), shown in a read-only text box.
 import { app } from "../../scripts/app.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
 
-const NODES = ["ICTScore", "ICTSelectBest", "ICTRerank"];
+const NODES = ["ICTScore", "ICTSelectBest", "ICTRerank", "ICTBestOfNSampler"];
 const WIDGET = "ict_scores";
 
 function reportOf(message) {

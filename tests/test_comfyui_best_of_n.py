@@ -1,0 +1,189 @@
+"""ICT Best-of-N Sampler inside a real ComfyUI (0.3.64 tested), with a random-weight SD1.5 checkpoint.
+
+Runs only with $COMFYUI_DIR (and $COMFYUI_PYTHON) set, like tests/test_comfyui_integration.py, plus
+$COMFYUI_CHECKPOINT: an SD1.5 .safetensors (../shared/hosts/make_sd15_comfy.py makes a random one).
+Two parts: the node called in ComfyUI's own process (tests/comfyui_inproc.py) so latents are compared
+bit for bit and model calls counted with a unet wrapper; and the example workflow through /prompt.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+from pathlib import Path
+
+import pytest
+
+from test_comfyui_integration import COMFYUI_DIR, PACK, ROOT, SKIP_REASON, Server, _free_port
+
+CHECKPOINT = os.environ.get("COMFYUI_CHECKPOINT")
+PROMPT = "a red fox in the snow"
+SEED, N, STEPS = 100, 3, 4
+
+
+def _need_comfyui():
+    if not COMFYUI_DIR:
+        pytest.skip(SKIP_REASON)
+    if not CHECKPOINT or not Path(CHECKPOINT).is_file():
+        pytest.skip("COMFYUI_CHECKPOINT is not set to an SD1.5 .safetensors (make_sd15_comfy.py makes one)")
+
+
+def _ict_dir(tmp: Path, tiny_models) -> Path:
+    d = tmp / "ict_models"
+    d.mkdir(exist_ok=True)
+    shutil.copy(tiny_models.ict, d / "ict.safetensors")
+    shutil.copy(tiny_models.hp, d / "hp.safetensors")
+    return d
+
+
+@pytest.fixture(scope="module")
+def facts(tmp_path_factory, tiny_models):
+    """One in-process ComfyUI run collecting what the tests below check (a few minutes on 2 CPU cores)."""
+    _need_comfyui()
+    tmp = tmp_path_factory.mktemp("bon_inproc")
+    job = {"comfy_dir": COMFYUI_DIR, "checkpoints": str(Path(CHECKPOINT).parent), "checkpoint": Path(CHECKPOINT).name,
+           "ict_dir": str(_ict_dir(tmp, tiny_models)), "ict_model": "ict.safetensors", "prompt": PROMPT,
+           "seed": SEED, "n": N, "steps": STEPS, "module": "comfyui_inproc", "function": "best_of_n_acceptance",
+           "out": str(tmp / "facts.json")}
+    (tmp / "job.json").write_text(json.dumps(job))
+    py = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", ICT_CACHE_DIR=str(tmp / "cache"))
+    p = subprocess.run([py, str(ROOT / "tests" / "comfyui_inproc.py"), str(tmp / "job.json")], env=env,
+                       capture_output=True, text=True, timeout=3000)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return json.loads((tmp / "facts.json").read_text())
+
+
+def test_chunk1_kept_latent_is_bit_exact_a_plain_ksampler_run_of_its_seed(facts):
+    r = facts["pruned_chunk1_audit"]
+    assert r["equal_to_plain"] == [True], r["max_abs_diff_to_plain"]
+    assert f"kept: seed {r['seeds'][0]} " in r["report"]
+    assert r["latent_shape"] == [1, 4, 8, 8] and r["image_shape"] == [1, 64, 64, 3]
+
+
+def test_without_pruning_the_pick_equals_ict_select_best_over_the_same_images(facts):
+    r = facts["no_pruning"]
+    assert [s - SEED for s in r["seeds"]] == facts["select_best_order"]
+    assert r["scores"] == pytest.approx(facts["select_best_scores"], abs=1e-6)
+    assert r["equal_to_plain"] == [True] * N  # every candidate is its seed's plain run
+    assert "no pruning (prune_at 1.0)" in r["report"]
+
+
+@pytest.mark.parametrize("name,planned", [("no_pruning", N * STEPS), ("pruned_chunk1_audit", N * STEPS),
+                                          ("pruned_chunk_n", N * 2 + 2 * 2)])
+def test_counted_model_calls_match_the_report(facts, name, planned):
+    r = facts[name]
+    assert r["candidate_evals"] == planned  # euler: one evaluation per candidate-step, counted at the unet wrapper
+    assert f"sampled {planned} candidate-steps" in r["report"]
+    if name == "pruned_chunk_n":
+        assert r["model_calls"] == 2 + 1  # batches: all 3 candidates to step 2, then the 2 survivors together
+        assert "10 candidate-steps (3x2 + 2x2) instead of 12 for a plain best-of-3" in r["report"]
+
+
+def test_larger_chunks_stay_close_to_the_plain_run(facts):
+    """Batched kernels may change the last bits; the measured difference is printed for the docs."""
+    r = facts["pruned_chunk_n"]
+    print(f"chunk={N}: max |kept - plain KSampler| = {r['max_abs_diff_to_plain'][0]:.3g} "
+          f"(bit-exact: {r['equal_to_plain'][0]})")
+    assert r["max_abs_diff_to_plain"][0] < 1e-3
+
+
+def test_audit_reports_a_correlation_and_the_verdict(facts):
+    rep = facts["pruned_chunk1_audit"]["report"]
+    m = re.search(r"Spearman rank correlation of early vs final scores = ([+-]\d\.\d{3}) over 3 candidates", rep)
+    assert m and -1.0 <= float(m.group(1)) <= 1.0, rep
+    assert re.search(r"pruning would have dropped the true best|pruning keeps the true best", rep)
+    assert "pruning saves 2 of 12 candidate-steps" in rep
+    assert facts["pruned_chunk1_audit"]["candidate_evals"] == N * STEPS
+
+
+# ------------------------------------------------------------------------------------- through /prompt
+def best_of_8_api(n: int = 8, steps: int = 20, size: int = 512, ckpt: str = "sd15.safetensors") -> dict:
+    """API format of example_workflows/best_of_8_pruned.json (same node ids and links)."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": PROMPT}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry, low quality"}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "5": {"class_type": "ICTModelLoader", "inputs": {"ict_model": "ict.safetensors", "hp_model": "none",
+                                                         "precision": "auto", "device": "auto"}},
+        "6": {"class_type": "ICTBestOfNSampler", "inputs": {
+            "model": ["1", 0], "seed": 100, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
+            "scheduler": "normal", "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+            "denoise": 1.0, "vae": ["1", 2], "ict_model": ["5", 0], "prompt": PROMPT, "n": n, "k": 1,
+            "score_by": "ict", "prune_at": 0.3, "survivors": 2, "chunk": 1, "audit": False}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 1], "filename_prefix": "ict_best_of_8"}},
+        "8": {"class_type": "PreviewAny", "inputs": {"source": ["6", 4]}},
+    }
+
+
+def test_api_workflow_matches_the_ui_example():
+    ui = json.loads((ROOT / "example_workflows" / "best_of_8_pruned.json").read_text())
+    api = best_of_8_api()
+    assert {str(n["id"]): n["type"] for n in ui["nodes"]} == {k: v["class_type"] for k, v in api.items()}
+    links = {(str(a), ao, str(b)) for _, a, ao, b, _, _ in ui["links"]}
+    api_links = {(v[0], v[1], k) for k, n in api.items() for v in n["inputs"].values() if isinstance(v, list)}
+    assert links == api_links
+    bon = next(n for n in ui["nodes"] if n["type"] == "ICTBestOfNSampler")
+    assert bon["widgets_values"][:2] == [100, "fixed"] and 8 in bon["widgets_values"]
+    assert (ROOT / "example_workflows" / "best_of_8_pruned.jpg").is_file()
+
+
+@pytest.fixture(scope="module")
+def bon_server(tmp_path_factory, tiny_models):
+    _need_comfyui()
+    tmp = tmp_path_factory.mktemp("bon_server")
+    base = tmp / "base"
+    for d in ("custom_nodes", "input", "output", "temp", "user", "models"):
+        (base / d).mkdir(parents=True)
+    (base / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
+    ict = _ict_dir(tmp, tiny_models)
+    yaml = tmp / "extra_model_paths.yaml"
+    yaml.write_text(f"ict_reward_test:\n    base_path: {tmp}\n    ict: {ict.name}\n"
+                    f"    checkpoints: {Path(CHECKPOINT).parent}\n")
+    port, log = _free_port(), tmp / "comfyui.log"
+    py = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
+               ICT_CACHE_DIR=str(tmp / "cache"))
+    cmd = [py, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base),
+           "--extra-model-paths-config", str(yaml), "--disable-auto-launch", "--preview-method", "latent2rgb"]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, cwd=COMFYUI_DIR, stdout=f, stderr=subprocess.STDOUT, env=env)
+    srv = Server(f"http://127.0.0.1:{port}", proc, log, base)
+    try:
+        end = time.time() + 240
+        while True:
+            try:
+                srv.get("/system_stats")
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if proc.poll() is not None or time.time() > end:
+                    pytest.fail(f"ComfyUI did not start:\n{log.read_text()[-4000:]}")
+                time.sleep(1)
+        yield srv
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_example_workflow_runs_through_the_api(bon_server):
+    info = bon_server.get("/object_info")["ICTBestOfNSampler"]
+    assert info["display_name"] == "ICT Best-of-N Sampler"
+    assert info["output_name"] == ["latent", "images", "seeds", "scores", "report"]
+    assert "best_of_8_pruned" in bon_server.get("/workflow_templates")[PACK]
+    api = best_of_8_api(n=N, steps=STEPS, size=64, ckpt=Path(CHECKPOINT).name)
+    h = bon_server.wait(bon_server.post_prompt(api), timeout=1200)
+    assert h["status"]["status_str"] == "success", h["status"]
+    report = h["outputs"]["6"]["text"][0]
+    assert report == h["outputs"]["8"]["text"][0]
+    assert "cost with pruning: 10 candidate-steps (3x2 + 2x2) instead of 12" in report
+    assert len(h["outputs"]["7"]["images"]) == 1
