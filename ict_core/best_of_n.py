@@ -248,8 +248,7 @@ class Search:
             final = f"{self.final[i]:8.4f}" if _ok(self.final[i]) else f"{'-':>8}"
             lines.append(f"{pos:>4} {i:>3} {self.seeds[i]:>20} {early} {final}  {status}".rstrip())
         if self.kept:
-            lines.append("kept: " + ", ".join(f"seed {self.seeds[i]} ({self.final[i]:.4f})" for i in self.kept)
-                         + " -- a plain KSampler with that seed (batch 1) regenerates it")
+            lines.append("kept: " + ", ".join(f"seed {self.seeds[i]} ({self.final[i]:.4f})" for i in self.kept))
         a = self.audit()
         if a is not None:
             rho = "undefined (fewer than 2 distinct scores)" if a.spearman is None else f"{a.spearman:+.3f}"

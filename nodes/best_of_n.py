@@ -176,6 +176,7 @@ class ICTBestOfNSampler:
         order = sorted(finals)
         vals, images = score(torch.cat([finals[i] for i in order]))
         kept = search.set_final({i: v for i, v in zip(order, vals)})
+        search.notes.append(_reproducibility(plan, sampler_name))
         if steps_bar.done != plan.cost:  # e.g. a sampler that calls back more or less than once a step
             search.notes.append(f"the sampler reported {steps_bar.done} candidate-steps, the plan {plan.cost}")
         header = (f"{sampler_name}/{scheduler}, {steps} steps, cfg {cfg:g}, denoise {denoise:g}; "
@@ -189,6 +190,21 @@ class ICTBestOfNSampler:
         return {"ui": {"text": [report]},
                 "result": (out_latent, out_images, [search.seeds[i] for i in kept],
                            [float(search.final[i]) for i in kept], report)}
+
+
+# Measured (README, tests/comfyui_inproc.py sampler_split_table): these end a split run on the unsplit run's latent.
+EXACT_SPLIT = frozenset({"euler", "heun", "dpm_2", "ddim"})
+
+
+def _reproducibility(plan, sampler_name: str) -> str:
+    """What a plain KSampler run of a kept seed gives, for this sampler and chunk."""
+    if plan.prunes and sampler_name not in EXACT_SPLIT:
+        return (f"{sampler_name} restarts its multistep history or its noise at the split: a plain KSampler run of "
+                f"a kept seed gives a slightly different image (euler, heun, dpm_2, ddim or prune_at 1.0 reproduce)")
+    if plan.chunk > 1:
+        return (f"a plain KSampler with a kept seed (batch-1 latent) regenerates it up to the last bits "
+                f"(chunk {plan.chunk} samples in batches)")
+    return "a plain KSampler with a kept seed (batch-1 latent) regenerates it bit for bit"
 
 
 def _check_latent(latent) -> dict:

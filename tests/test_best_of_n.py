@@ -95,7 +95,7 @@ def test_pruned_search_keeps_the_best_survivors_and_reports_cost():
     rep = s.report()
     assert "pruned at step 3 of 10" in rep
     assert "cost with pruning: 39 candidate-steps (6x3 + 3x7) instead of 60" in rep
-    assert "kept: seed 41 (0.7000), seed 45 (0.6000)" in rep
+    assert "kept: seed 41 (0.7000), seed 45 (0.6000)\n" in rep + "\n"
     rows = [ln.split() for ln in rep.splitlines() if ln.split() and ln.split()[0].isdigit()]
     assert [r[1] for r in rows] == ["1", "5", "3", "2", "4", "0"]  # finished by final, then pruned by early
     assert [r[-1] for r in rows] == ["kept", "kept", "survivor", "pruned", "pruned", "pruned"]
@@ -176,3 +176,12 @@ def test_node_refuses_bad_input_before_sampling_with_one_line():
         with pytest.raises(InputError, match=msg) as e:
             node.sample(**(base | kw))
         assert str(e.value).startswith("ICTBestOfNSampler") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("sampler,chunk,prune_at,says", [
+    ("euler", 1, 0.5, "bit for bit"), ("dpmpp_2m", 1, 1.0, "bit for bit"), ("euler", 4, 0.5, "up to the last bits"),
+    ("dpmpp_2m", 1, 0.5, "restarts its multistep history"), ("euler_ancestral", 2, 0.5, "slightly different")])
+def test_report_says_when_a_plain_ksampler_regenerates_the_kept_image(sampler, chunk, prune_at, says):
+    from nodes.best_of_n import _reproducibility
+
+    assert says in _reproducibility(Plan.build(8, 1, 10, prune_at, 2, chunk), sampler)
