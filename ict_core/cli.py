@@ -97,7 +97,7 @@ def _score(args, need_hp: bool = False):
         bar.close()
     for r in results:
         if r.error:
-            print(f"ict: cannot score {r.label}: {r.error}", file=sys.stderr)
+            print(f"ict: cannot score: {r.error}", file=sys.stderr)  # one line per image; the error names it
     return scorer, results
 
 

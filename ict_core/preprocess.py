@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
+from .files import open_regular
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +27,16 @@ MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _PASS_BYTES = 64 * 1024 * 1024  # working-set cap of one resize pass (keeps 8000x8000 images cheap)
+_WINDOW_OUTPUTS = 4 * 1024 * 1024  # an enlarging pass past this many outputs computes only the kept window
+MAX_ASPECT = 50_000  # one resized line of a 1x50000 image is 134 MB of float32: past that, refused
 
 
 # ------------------------------------------------------------------------------------------ decoding to uint8
 def pil_to_uint8(img) -> torch.Tensor:
     """PIL image -> uint8 [3,H,W]. Alpha is dropped by PIL's convert('RGB'), as the official code's
     CLIPImageProcessor (transformers 4.x) does; transformers 5 composites onto white instead, which
-    would change the scores of transparent images. 16-bit and float images are scaled to 8 bits
-    instead of being clipped."""
+    would change the scores of transparent images. Wide modes are scaled by their defined range, never
+    by their content: integer modes (I;16*, I) by 65535, as tests/reference.py does, float (F) by 1."""
     from PIL import Image
 
     if img.mode in ("RGB", "L", "P", "RGBA", "LA", "CMYK", "YCbCr", "1", "PA", "La", "RGBa", "RGBX", "LAB", "HSV"):
@@ -42,10 +45,8 @@ def pil_to_uint8(img) -> torch.Tensor:
         wide = np.asarray(img)
         if wide.ndim == 3 and wide.shape[-1] >= 3:
             wide = wide[..., :3]
-        wide = wide.astype(np.float64)
-        top = 1.0 if np.issubdtype(np.asarray(img).dtype, np.floating) and wide.max(initial=0) <= 1.0 else (
-            255.0 if wide.max(initial=0) <= 255 else 65535.0)
-        eight = np.clip(np.floor(wide * (255.0 / top) + 0.5), 0, 255).astype(np.uint8)
+        top = 1.0 if np.issubdtype(wide.dtype, np.floating) else 65535.0
+        eight = np.clip(np.floor(wide.astype(np.float64) * (255.0 / top) + 0.5), 0, 255).astype(np.uint8)
         arr = np.asarray(Image.fromarray(eight).convert("RGB")) if eight.ndim == 2 else eight
     return torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1)
 
@@ -82,36 +83,69 @@ class ImageRef:
     label: str | None
     _load: Callable[[], torch.Tensor]
     _digest: Callable[[], str]
+    _both: Callable[[], tuple[torch.Tensor, str]] | None = None
 
     def load(self) -> torch.Tensor:
-        return self._load()
+        return check_shape(self._load(), self.label)
 
     def digest(self) -> str:
         """Content hash used by the image cache: sha256 of the file bytes, or of the 8-bit pixels."""
         return self._digest()
 
+    def load_with_digest(self) -> tuple[torch.Tensor, str]:
+        """The pixels and the hash of the very bytes they were decoded from (one read of the file)."""
+        if self._both is None:
+            t = self.load()
+            return t, _pixel_digest(t)
+        t, digest = self._both()
+        return check_shape(t, self.label), digest
 
-def _file_ref(path: Path) -> ImageRef:
-    def load():
-        from PIL import Image, UnidentifiedImageError
 
-        if not path.exists():
-            raise InputError(f"{path}: file not found")
+def check_shape(t: torch.Tensor, label: str | None = None) -> torch.Tensor:
+    """Refuse images so elongated that one resized line would not fit a bounded working set."""
+    h, w = t.shape[-2:]
+    if min(h, w) == 0 or max(h, w) > MAX_ASPECT * min(h, w):
+        raise InputError(f"{label or 'image'}: {w}x{h} pixels is {'empty' if min(h, w) == 0 else 'too elongated'} "
+                         f"to score (the long edge may be at most {MAX_ASPECT} times the short one)")
+    return t
+
+
+def _decode(path: Path, with_digest: bool) -> tuple[torch.Tensor, str | None]:
+    """Decode a regular file (a FIFO or a device is refused without blocking); any decoder failure,
+    a decompression bomb included, is an InputError for that image alone."""
+    from PIL import Image
+
+    try:
+        f = open_regular(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read image ({e.strerror or e})") from None
+    with f:
+        digest = None
         try:
-            with Image.open(path) as im:
+            if with_digest:
+                h = hashlib.sha256()
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+                digest = h.hexdigest()
+                f.seek(0)
+            with Image.open(f) as im:
                 im.load()
-                return pil_to_uint8(im)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+                return pil_to_uint8(im), digest
+        except Exception as e:  # DecompressionBombError is not an OSError; no decoder error may end a batch
             raise InputError(f"{path}: cannot read image ({type(e).__name__}: {str(e)[:100]})") from None
 
+
+def _file_ref(path: Path) -> ImageRef:
     def digest():
         h = hashlib.sha256()
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         return h.hexdigest()
 
-    return ImageRef(str(path), load, digest)
+    return ImageRef(str(path), lambda: _decode(path, False)[0], digest, lambda: _decode(path, True))
 
 
 def _pixel_digest(pixels: torch.Tensor) -> str:
@@ -180,32 +214,68 @@ def _round8(x: torch.Tensor) -> torch.Tensor:
     return torch.floor(x + 0.5).clamp_(0, 255)
 
 
-def _resize_pass(x: torch.Tensor, out_h: int, out_w: int, axis: int) -> torch.Tensor:
-    """One PIL-style bicubic pass along `axis` (3: width, 2: height), rounded to 8 bits like PIL's."""
-    n, c, h, w = x.shape
-    if (h, w) == (out_h, out_w):
-        return x.float()
-    # chunk along the axis that is not resized, so a huge image never needs a full float copy
-    rows = h if axis == 3 else w
-    per_row = n * c * (w if axis == 3 else h) * 4 * 2
-    step = max(1, min(rows, _PASS_BYTES // max(per_row, 1)))
+def _resize_pass(x: torch.Tensor, out_len: int, axis: int, keep: tuple[int, int]) -> torch.Tensor:
+    """One PIL-style bicubic pass along `axis` (3: width, 2: height), rounded to 8 bits like PIL's, of
+    which only positions keep[0]:keep[1] along `axis` are kept.
+
+    The pass never mixes lines of the other axis, so it runs in chunks of those lines, sized from the
+    input and output lengths (a 20000x1 image resizes to 4.5 million columns: one line at a time), and
+    each chunk is cropped at once. The crop of the first pass is exact because the second pass works
+    line by line across it; the crop of the second is the final centre crop. An enlargement that would
+    compute far more than it keeps (a 1x20000 image: 224 columns of 4.5 million rows) computes only the
+    kept window (_window_pass)."""
+    other = 2 if axis == 3 else 3
+    start, stop = keep
+    if x.shape[axis] == out_len:
+        return x.float().narrow(axis, start, stop - start)
+    lines = x.shape[other]
+    if x.shape[axis] < out_len and out_len > 4 * (stop - start) and lines * out_len > _WINDOW_OUTPUTS:
+        return _window_pass(x, out_len, axis, keep)
+    per_line = x.shape[0] * x.shape[1] * (x.shape[axis] + out_len) * 4
+    step = max(1, min(lines, _PASS_BYTES // per_line))
     outs = []
-    for s in range(0, rows, step):
-        part = x[:, :, s:s + step, :] if axis == 3 else x[:, :, :, s:s + step]
-        size = (part.shape[2], out_w) if axis == 3 else (out_h, part.shape[3])
-        outs.append(_round8(F.interpolate(part.float(), size=size, mode="bicubic", antialias=True,
-                                          align_corners=False)))
-    return torch.cat(outs, dim=2 if axis == 3 else 3) if len(outs) > 1 else outs[0]
+    for s in range(0, lines, step):
+        part = x.narrow(other, s, min(step, lines - s)).float()
+        size = (part.shape[2], out_len) if axis == 3 else (out_len, part.shape[3])
+        y = F.interpolate(part, size=size, mode="bicubic", antialias=True, align_corners=False)
+        outs.append(_round8(y.narrow(axis, start, stop - start)))
+    return torch.cat(outs, dim=other) if len(outs) > 1 else outs[0]
+
+
+def _cubic(t: torch.Tensor, a: float = -0.5) -> torch.Tensor:
+    t = t.abs()
+    near = ((a + 2) * t - (a + 3)) * t * t + 1
+    far = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+    return torch.where(t < 1, near, torch.where(t < 2, far, torch.zeros_like(t)))
+
+
+def _window_pass(x: torch.Tensor, out_len: int, axis: int, keep: tuple[int, int]) -> torch.Tensor:
+    """An enlarging pass computed only at output positions keep[0]:keep[1], with the taps and weights of
+    torch's (and PIL's) antialiased bicubic in float64: the same 8-bit values but for rare +-1 steps."""
+    in_len = x.shape[axis]
+    scale = in_len / out_len                       # < 1: enlarging, so the support is 2 input pixels
+    center = (torch.arange(*keep, dtype=torch.float64, device=x.device) + 0.5) * scale
+    lo = (center - 2 + 0.5).floor().clamp(min=0)
+    hi = (center + 2 + 0.5).floor().clamp(max=in_len)
+    taps = lo[:, None] + torch.arange(5, dtype=torch.float64, device=x.device)[None, :]
+    w = _cubic(taps - center[:, None] + 0.5) * (taps < hi[:, None])
+    w = w / w.sum(dim=1, keepdim=True)
+    idx = taps.clamp(max=in_len - 1).long()
+    picked = x.double().index_select(axis, idx.flatten())          # [n, c, k*5, L] or [n, c, L, k*5]
+    if axis == 3:
+        picked = picked.unflatten(3, idx.shape)                     # [n, c, L, k, 5]
+        return _round8((picked * w).sum(-1)).float()
+    picked = picked.unflatten(2, idx.shape)                         # [n, c, k, 5, L]
+    return _round8((picked * w[:, :, None]).sum(3)).float()
 
 
 def pixel_values(batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 [n,3,H,W] (all one size, on the scoring device) -> normalised [n,3,224,224] in `dtype`."""
     n, c, h, w = batch.shape
     nh, nw = resized_size(h, w)
-    x = _resize_pass(batch, h, nw, axis=3)      # PIL resamples horizontally first,
-    x = _resize_pass(x, nh, nw, axis=2)         # then vertically
     top, left = (nh - SIZE) // 2, (nw - SIZE) // 2
-    x = x[:, :, top:top + SIZE, left:left + SIZE]
+    x = _resize_pass(batch, nw, 3, (left, left + SIZE))     # PIL resamples horizontally first,
+    x = _resize_pass(x, nh, 2, (top, top + SIZE))           # then vertically
     mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
     x = (x * (1 / 255) - mean) / std

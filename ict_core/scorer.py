@@ -256,7 +256,7 @@ class Scorer:
                     ok.append(j)
                 except ICTError as e:
                     errors[j] = str(e)
-                    log.warning("image %s skipped: %s", refs[j].label or j, e)
+                    log.info("image %s skipped: %s", refs[j].label or j, e)  # the result row carries it
             if loaded:
                 feats, hp_raw = self._forward_split(loaded, with_ict)
                 out[ok] = feats

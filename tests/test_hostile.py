@@ -33,8 +33,8 @@ def one_error_line(p, *words):
     return lines[0]
 
 
-def score_with(model, image, *extra):
-    return ict("score", image, "--prompt", "a fox", "--model", model, "--quiet", "--no-cache", *extra)
+def score_with(model, *images_and_options):
+    return ict("score", *images_and_options, "--prompt", "a fox", "--model", model, "--quiet", "--no-cache")
 
 
 # ------------------------------------------------------------------------------------------ 1: own files
@@ -184,3 +184,95 @@ def test_convert_file_modes(tiny_models, tmp_path):
     old.chmod(0o640)
     assert ict("convert", tiny_models.ict_src, "--out", old, "--config", tiny_models.config, umask=0o022).returncode == 0
     assert old.stat().st_mode & 0o777 == 0o640 and old.read_bytes()[:1] != b"o"
+
+
+# ------------------------------------------------------------------------------------- 3, 4, 5, 11: images
+def _png_declaring(path: Path, width: int, height: int) -> Path:
+    """A tiny PNG whose header declares width x height (a decompression bomb, 69 bytes)."""
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bomb_is_an_error_row(tiny_models, images, tmp_path):
+    """Defect 3: DecompressionBombError is not an OSError and ended the whole batch."""
+    bomb = _png_declaring(tmp_path / "bomb.png", 50000, 50000)
+    p = score_with(tiny_models.ict, images[0], bomb, images[1], "--json")
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(p.stdout)["results"]
+    assert rows[0]["ict"] is not None and rows[2]["ict"] is not None
+    assert "DecompressionBomb" in rows[1]["error"] and rows[1]["ict"] is None
+    assert [l for l in p.stderr.splitlines() if "bomb.png" in l] == [f"ict: cannot score: {rows[1]['error']}"]
+
+
+def test_fifo_and_devices_are_refused_without_blocking(tiny_models, images, tmp_path):
+    """Defect 5: a FIFO or /dev/zero given as an image, or a FIFO as --model, hung forever."""
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    p = score_with(tiny_models.ict, fifo, "/dev/zero", images[0], "--json")
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(p.stdout)["results"]
+    assert "pipe (FIFO)" in rows[0]["error"] and "device" in rows[1]["error"] and rows[2]["ict"] is not None
+    one_error_line(score_with(fifo, images[0]), "pipe (FIFO)")
+    one_error_line(score_with("/dev/zero", images[0]), "device")
+
+
+_PEAK = ("import json, resource, sys\n"
+         "resource.setrlimit(resource.RLIMIT_DATA, (3 << 30, resource.RLIM_INFINITY))  # fail fast, not swap\n"
+         "from ict_core.cli import main\n"
+         "rc = main(sys.argv[2:])\n"
+         "open(sys.argv[1], 'w').write(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))\n"
+         "sys.exit(rc)\n")
+
+
+def _peak_rss(tiny_models, tmp_path, *images) -> tuple[int, dict]:
+    out = tmp_path / "peak.json"
+    p = subprocess.run([sys.executable, "-c", _PEAK, str(out), "score", *map(str, images), "--prompt", "a fox",
+                        "--model", str(tiny_models.ict), "--no-cache", "--quiet", "--json"], capture_output=True,
+                       text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(out.read_text()), json.loads(p.stdout)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_DATA and ru_maxrss in bytes/KiB: Linux")
+def test_extreme_aspect_images_stay_small(tiny_models, tmp_path):
+    """Defect 4: a 20000x1 image asked for 7.5 GB in one block (1000x1 peaked at 2.6 GB). Peak memory of a
+    whole `ict score` process (ru_maxrss) with 20000x1 and 1x20000 images stays within 300 MB of the same
+    process scoring a 64x64 image; a 3 GB data limit makes the old code fail fast instead of swapping."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, (h, w) in {"small": (64, 64), "wide": (1, 20000), "tall": (20000, 1)}.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
+        paths.append(tmp_path / f"{name}.png")
+    base, _ = _peak_rss(tiny_models, tmp_path, paths[0])
+    peak, data = _peak_rss(tiny_models, tmp_path, *paths)
+    assert all(r["ict"] is not None for r in data["results"]), data
+    assert peak - base < 300e6, f"peak {peak / 1e6:.0f} MB vs {base / 1e6:.0f} MB for a 64x64 image"
+
+
+def test_16_bit_images_are_scaled_by_their_range_not_their_content(tiny_models, tmp_path):
+    """Defect 11: a uniform 16-bit image (200) with one pixel at 255 was read as 8-bit 200; with that pixel at
+    256 it turned black. I;16 is 0..65535: both equal the 8-bit image round(v * 255 / 65535), all 1."""
+    import numpy as np
+    from PIL import Image
+
+    files = []
+    for top in (255, 256):
+        arr = np.full((40, 60), 200, dtype=np.uint16)
+        arr[0, 0] = top
+        Image.fromarray(arr).save(tmp_path / f"top{top}.png")
+        files.append(tmp_path / f"top{top}.png")
+    eight = np.full((40, 60), 1, dtype=np.uint8)  # round(200 * 255 / 65535) = round(256 * 255 / 65535) = 1
+    Image.fromarray(eight).convert("RGB").save(tmp_path / "eight.png")
+    p = score_with(tiny_models.ict, *files, tmp_path / "eight.png", "--json")
+    assert p.returncode == 0, p.stderr
+    a, b, ref = (r["ict"] for r in json.loads(p.stdout)["results"])
+    assert a == b == ref

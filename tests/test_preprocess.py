@@ -89,3 +89,58 @@ def test_long_prompt_is_cut_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="ict_core.text"):
         tokenize(["a short prompt"])
     assert not caplog.records
+
+
+def _two_pass_then_crop(batch: torch.Tensor) -> torch.Tensor:
+    """The definition: both whole passes (each rounded to 8 bits), then the centre crop, then normalise."""
+    F = torch.nn.functional
+    n, c, h, w = batch.shape
+    nh, nw = preprocess.resized_size(h, w)
+    x = batch.float()
+    for size, changed in (((h, nw), w != nw), ((nh, nw), h != nh)):
+        if changed:
+            x = torch.floor(F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False) + 0.5)
+            x = x.clamp_(0, 255)
+    top, left = (nh - 224) // 2, (nw - 224) // 2
+    x = x[:, :, top:top + 224, left:left + 224]
+    mean, std = torch.tensor(preprocess.MEAN).view(1, 3, 1, 1), torch.tensor(preprocess.STD).view(1, 3, 1, 1)
+    return (x * (1 / 255) - mean) / std
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 512, 512), (2, 3, 768, 512), (1, 3, 300, 640), (1, 3, 1, 1),
+                                   (1, 3, 230, 1000), (1, 3, 3, 1000), (1, 3, 1000, 13), (1, 3, 513, 7),
+                                   (1, 3, 224, 500), (3, 3, 100, 90), (1, 3, 1500, 1100)])
+def test_cropping_inside_the_passes_is_bit_identical(shape):
+    """Cropping each pass as it runs (issue 10, defect 4) changes no bit of ordinary images."""
+    batch = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(sum(shape)))
+    assert torch.equal(preprocess.pixel_values(batch), _two_pass_then_crop(batch))
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 3, 1000), (1, 3, 1000, 3), (1, 3, 300, 1), (2, 3, 50, 100)])
+def test_window_pass_is_the_same_resize(shape, monkeypatch):
+    """The kept-window path of very elongated enlargements agrees with torch's whole pass to 8-bit steps,
+    with only rare one-step differences (float64 weights instead of float32)."""
+    batch = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
+    exact = preprocess.pixel_values(batch)
+    monkeypatch.setattr(preprocess, "_WINDOW_OUTPUTS", 0)
+    window = preprocess.pixel_values(batch)
+    steps = (exact - window).abs() * 255 * torch.tensor(preprocess.STD).view(1, 3, 1, 1)
+    assert steps.max() <= 2.01 and (steps > 0.5).float().mean() < 0.005
+
+
+def test_absurd_aspect_ratios_are_refused_per_image(tmp_path):
+    Image.new("RGB", (preprocess.MAX_ASPECT + 1, 1)).save(tmp_path / "line.png")
+    ref = preprocess.as_refs([tmp_path / "line.png"])[0]
+    with pytest.raises(InputError, match="too elongated"):
+        ref.load()
+    Image.new("RGB", (preprocess.MAX_ASPECT, 1)).save(tmp_path / "ok.png")
+    assert preprocess.as_refs([tmp_path / "ok.png"])[0].load().shape == (3, 1, preprocess.MAX_ASPECT)
+
+
+def test_load_with_digest_hashes_the_decoded_bytes(tmp_path):
+    import hashlib
+
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "a.png")
+    pixels, digest = preprocess.as_refs([tmp_path / "a.png"])[0].load_with_digest()
+    assert digest == hashlib.sha256((tmp_path / "a.png").read_bytes()).hexdigest()
+    assert pixels[:, 0, 0].tolist() == [1, 2, 3]
