@@ -37,14 +37,14 @@ def open_regular(path: str | Path) -> BinaryIO:
 
     O_NONBLOCK makes opening a FIFO return at once (instead of waiting for a writer); the check is
     made on the opened descriptor, so a path swapped after a stat cannot slip through."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    f = open(path, "rb", opener=lambda p, flags: os.open(p, flags | getattr(os, "O_NONBLOCK", 0)))
     try:
-        mode = os.fstat(fd).st_mode
+        mode = os.fstat(f.fileno()).st_mode
         if not stat.S_ISREG(mode):
             raise OSError(f"{path} is {_kind(mode)}")
         if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
+            os.set_blocking(f.fileno(), True)
+        return f
     except BaseException:
-        os.close(fd)
+        f.close()
         raise

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .files import open_regular
+from .files import open_regular, regular_file_problem
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +113,13 @@ def check_shape(t: torch.Tensor, label: str | None = None) -> torch.Tensor:
 def _decode(path: Path, with_digest: bool) -> tuple[torch.Tensor, str | None]:
     """Decode a regular file (a FIFO or a device is refused without blocking); any decoder failure,
     a decompression bomb included, is an InputError for that image alone."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
+    problem = regular_file_problem(path)
+    if problem is not None:
+        raise InputError(f"{path}: file not found" if problem == "not found" else f"{path}: {problem}")
     try:
         f = open_regular(path)
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read image ({e.strerror or e})") from None
     with f:
@@ -133,6 +134,8 @@ def _decode(path: Path, with_digest: bool) -> tuple[torch.Tensor, str | None]:
             with Image.open(f) as im:
                 im.load()
                 return pil_to_uint8(im), digest
+        except UnidentifiedImageError:
+            raise InputError(f"{path}: cannot read image (not an image format Pillow knows)") from None
         except Exception as e:  # DecompressionBombError is not an OSError; no decoder error may end a batch
             raise InputError(f"{path}: cannot read image ({type(e).__name__}: {str(e)[:100]})") from None
 
@@ -269,13 +272,18 @@ def _window_pass(x: torch.Tensor, out_len: int, axis: int, keep: tuple[int, int]
     return _round8((picked * w[:, :, None]).sum(3)).float()
 
 
-def pixel_values(batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 [n,3,H,W] (all one size, on the scoring device) -> normalised [n,3,224,224] in `dtype`."""
+def crop_values(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 [n,3,H,W] -> float [n,3,224,224] of whole numbers 0..255: the resize and centre crop alone."""
     n, c, h, w = batch.shape
     nh, nw = resized_size(h, w)
     top, left = (nh - SIZE) // 2, (nw - SIZE) // 2
     x = _resize_pass(batch, nw, 3, (left, left + SIZE))     # PIL resamples horizontally first,
-    x = _resize_pass(x, nh, 2, (top, top + SIZE))           # then vertically
+    return _resize_pass(x, nh, 2, (top, top + SIZE))        # then vertically
+
+
+def pixel_values(batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [n,3,H,W] (all one size, on the scoring device) -> normalised [n,3,224,224] in `dtype`."""
+    x = crop_values(batch)
     mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
     x = (x * (1 / 255) - mean) / std

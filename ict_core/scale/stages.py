@@ -27,12 +27,7 @@ SIZE = preprocess.SIZE
 
 def crop_uint8(img: torch.Tensor) -> torch.Tensor:
     """uint8 [3,H,W] -> uint8 [3,224,224]: pixel_values() up to (not including) its normalisation."""
-    _, h, w = img.shape
-    nh, nw = preprocess.resized_size(h, w)
-    x = preprocess._resize_pass(img.unsqueeze(0), h, nw, axis=3)  # PIL resamples horizontally first,
-    x = preprocess._resize_pass(x, nh, nw, axis=2)                # then vertically
-    top, left = (nh - SIZE) // 2, (nw - SIZE) // 2
-    return x[0, :, top:top + SIZE, left:left + SIZE].to(torch.uint8)
+    return preprocess.crop_values(img.unsqueeze(0))[0].to(torch.uint8)
 
 
 def read_bytes(path: str) -> bytes:
