@@ -165,8 +165,8 @@ class ScorerHolder:
                 self.unload()
             if self._scorer is None:
                 wait, run = self.placement.devices(device)
-                log.info("ICT reward: loading %s%s (scoring on %s, waiting on %s, precision %s)", ict_path,
-                         f" + {hp_path}" if hp_path else "", run, wait, precision)
+                log.info("ICT reward: loading %s%s (scoring on %s, waiting on %s, precision %s, placed by %s)",
+                         ict_path, f" + {hp_path}" if hp_path else "", run, wait, precision, self.placement.name)
                 scorer = self._loader(ict_path, hp_path, wait, precision, run)
                 self._handle = self.placement.adopt(scorer, run, wait)
                 self._scorer, self._run, self._key = scorer, run, key

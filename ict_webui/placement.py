@@ -46,7 +46,7 @@ def activation_bytes(scorer: Any, chunk: int | None = None) -> int:
 class TorchPlacement:
     """Automatic1111 (or any host without a memory manager): weights in RAM, on the GPU while scoring."""
 
-    name = "webui"
+    name = "the webui's device (no memory manager)"
 
     def __init__(self, host_device: Callable[[], Any] | None = None):
         self.host_device = host_device       # the webui's device for this task (honours --use-cpu)
@@ -135,13 +135,13 @@ def host_placement(host_device: Callable[[], Any] | None = None):
     try:
         from backend import memory_management as mm            # Forge main, Forge Neo
         from backend.patcher.base import ModelPatcher
-        return ManagedPlacement(mm, ModelPatcher, "Forge")
+        return ManagedPlacement(mm, ModelPatcher, "Forge's memory manager (backend.memory_management)")
     except ImportError:
         pass
     try:
         import ldm_patched.modules.model_management as mm         # Forge Classic (and Forge before 2024-08)
         from ldm_patched.modules.model_patcher import ModelPatcher
-        return ManagedPlacement(mm, ModelPatcher, "Forge")
+        return ManagedPlacement(mm, ModelPatcher, "Forge's memory manager (ldm_patched model_management)")
     except ImportError:
         pass
     return TorchPlacement(host_device)
