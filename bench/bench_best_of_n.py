@@ -10,7 +10,7 @@ Per round the two configurations alternate (A = prune_at 1.0, a plain best-of-8;
 process with the models loaded once (a warm-up run first), so the ratios B/A within a round cancel the
 drift of a shared machine; the median over rounds is reported.  Model evaluations are counted per
 candidate with ComfyUI's unet function wrapper (tests/comfyui_inproc.CallCounter), independently of the
-node's own count.  Results: bench/out/best_of_n.json; --render writes the table into docs/BENCHMARKS.md.
+node's own count.  Results: bench/out/best_of_n_chunk{C}.json; --render writes their tables into docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench" / "out" / "best_of_n.json"
+OUT_DIR = ROOT / "bench" / "out"  # best_of_n_chunk{C}.json, one per chunk size
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 BEGIN, END = "<!-- best_of_n:begin -->", "<!-- best_of_n:end -->"
 PROMPT = "a red fox standing in fresh snow at sunrise, photograph"
@@ -112,14 +112,15 @@ def main():
     p.add_argument("--render", action="store_true", help="only rewrite docs/BENCHMARKS.md from the last results")
     args = p.parse_args()
     if args.render:
-        write_doc(render(json.loads(OUT.read_text())))
+        write_doc("\n\n".join(render(json.loads(f.read_text()))
+                                for f in sorted(OUT_DIR.glob("best_of_n_chunk*.json"), reverse=True)))
         return
     res = measure(args)
     res["command"] = "python bench/bench_best_of_n.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in res["args"].items()
         if k in ("n", "steps", "prune_at", "survivors", "chunk", "size", "rounds"))
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(res, indent=1))
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    (OUT_DIR / f"best_of_n_chunk{args.chunk}.json").write_text(json.dumps(res, indent=1))
     print(render(res))
 
 

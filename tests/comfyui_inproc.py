@@ -149,6 +149,7 @@ def best_of_n_acceptance(job: dict) -> dict:
         out[name] = {"seeds": seeds, "scores": scores, "report": report, "ui_text": r["ui"]["text"][0],
                      "model_calls": counter.calls, "candidate_evals": counter.candidate_evals,
                      "equal_to_plain": same, "max_abs_diff_to_plain": diffs,
+                     "plain_abs_max": [float(plain[s - seed].abs().max()) for s in seeds],
                      "image_shape": list(imgs.shape), "latent_shape": list(lat["samples"].shape)}
 
     run("no_pruning", k=n, prune_at=1.0, survivors=n, chunk=1, audit=False)
