@@ -5,12 +5,13 @@ import argparse
 import csv
 import json
 import logging
-import shutil
+import math
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from . import __version__, paths, ranking
+from .cli_output import check_copy_to, copy_new, json_safe, tolerant_stdout
 from .errors import ICTError, InputError
 
 log = logging.getLogger("ict_core")
@@ -109,8 +110,9 @@ def _fmt(x):
 def cmd_score(args) -> int:
     scorer, results = _score(args)
     if args.json:
-        json.dump({"model": str(scorer.paths[0]), "hp_model": str(scorer.paths[1]) if scorer.paths[1] else None,
-                   "results": [r.as_dict() for r in results], "cache": scorer.last_cache_stats},
+        json.dump(json_safe({"model": str(scorer.paths[0]),
+                             "hp_model": str(scorer.paths[1]) if scorer.paths[1] else None,
+                             "results": [r.as_dict() for r in results], "cache": scorer.last_cache_stats}),
                   sys.stdout, indent=2)
         print()
     elif args.csv:
@@ -126,6 +128,8 @@ def cmd_score(args) -> int:
                 ict = f"\tict={r.ict:.4f}" if r.ict is not None else ""
                 hp = f"\thp={r.hp:.4f}" if r.hp is not None else ""
                 print(f"{r.label}{ict}{hp}\tscore={r.score:.4f}")
+    if all(r.error for r in results):
+        raise InputError("no image could be scored; see the line of each image above")
     return 0
 
 
@@ -134,24 +138,28 @@ def cmd_rank(args) -> int:
     if args.prompt is None and by != "hp":
         raise InputError(f"--by {by} needs --prompt (ICT compares each image with its prompt); without a prompt "
                          f"only --by hp works")
+    if args.min_score is not None and math.isnan(args.min_score):
+        raise InputError("--min-score nan is not a number any score can reach; give a number such as 0.25")
+    if args.copy_to:
+        check_copy_to(Path(args.copy_to), args.images)
     scorer, results = _score(args, need_hp=by != "ict")
     k = args.top_k if args.top_k is not None else len(results)
     sel = ranking.select(results, by, k=k, min_score=args.min_score)
     for note in sel.notes:
         log.warning("%s", note)
+    copies = {}
     if args.copy_to:
-        dest = Path(args.copy_to)
-        dest.mkdir(parents=True, exist_ok=True)
         for pos, i in enumerate(sel.indices, 1):
             src = Path(results[i].label)
-            shutil.copy2(src, dest / f"{pos:03d}_{src.name}")
+            copies[i] = str(copy_new(src, Path(args.copy_to), f"{pos:03d}_{src.name}"))
     if args.json:
         rows = []
         for pos, (i, v) in enumerate(zip(sel.indices, sel.values), 1):
-            rows.append({"rank": pos, "index": i, **results[i].as_dict(), "value": v})
+            rows.append({"rank": pos, "index": i, **results[i].as_dict(), "value": v,
+                         **({"copied_to": copies[i]} if i in copies else {})})
         failed = [r.as_dict() for r in results if r.error]
-        json.dump({"by": by, "results": rows, "failed": failed, "notes": sel.notes,
-                   "cache": scorer.last_cache_stats}, sys.stdout, indent=2)
+        json.dump(json_safe({"by": by, "results": rows, "failed": failed, "notes": sel.notes,
+                             "cache": scorer.last_cache_stats}), sys.stdout, indent=2)
         print()
     else:
         print(ranking.report(results, by, sel))
@@ -177,8 +185,16 @@ def cmd_fetch(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------- parser
+def _shown(default, *args) -> str:
+    """A default folder for --help; the error itself is raised only by a command that needs it."""
+    try:
+        return str(default(*args))
+    except ICTError:
+        return "none: set HOME"
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help=f"converted ICT .safetensors (default: {paths.default_model('ict')})")
+    p.add_argument("--model", help=f"converted ICT .safetensors (default: {_shown(paths.default_model, 'ict')})")
     p.add_argument("--hp-model", help="converted HP .safetensors (default: the fetched one, if present)")
     p.add_argument("--no-hp", action="store_true", help="do not load the HP model even if one is installed")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto)")
@@ -186,7 +202,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="auto = fp32, the official numbers; fp16/bf16 are faster on CUDA")
     p.add_argument("--config", help="transformers CLIPConfig JSON, to check the files' architecture")
     p.add_argument("--cache-dir", help=f"embedding cache folder (default ${paths.CACHE_ENV} or "
-                                       f"{paths.default_cache_dir()})")
+                                       f"{_shown(paths.default_cache_dir)})")
     p.add_argument("--no-cache", action="store_true", help="do not use the embedding cache")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
@@ -229,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fetch", help="download 8y/ICT (and 8y/HP) and convert them")
     p.add_argument("--hp", action="store_true", help="also fetch the HP model")
-    p.add_argument("--dest", help=f"models folder (default {paths.default_models_dir()})")
+    p.add_argument("--dest", help=f"models folder (default {_shown(paths.default_models_dir)})")
     p.set_defaults(func=cmd_fetch)
 
     try:
@@ -245,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    tolerant_stdout()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

@@ -15,15 +15,36 @@ def _windows() -> bool:
     return sys.platform == "win32"
 
 
+def _home() -> Path:
+    """The user's home folder. An empty or relative $HOME (HOME="") would put models and caches under
+    the current folder: the account's home from the password database is used instead, else an error."""
+    home = os.environ.get("HOME")
+    if home is None or os.path.isabs(home):
+        return Path.home()
+    try:
+        import pwd
+
+        home = pwd.getpwuid(os.getuid()).pw_dir
+    except (ImportError, KeyError):
+        home = ""
+    if not os.path.isabs(home):
+        from .errors import InputError
+
+        raise InputError(f"HOME is {os.environ.get('HOME')!r} and no home folder is known; set HOME, or "
+                         f"{MODELS_ENV} and {CACHE_ENV}")
+    return Path(home)
+
+
 def _base(xdg_var: str, fallback: str, windows_sub: str) -> Path:
-    """$XDG_* when set; else %LOCALAPPDATA%\\ict-reward\\<windows_sub> on Windows (where per-user data
-    and caches belong there), else ~/<fallback>/ict-reward."""
+    """$XDG_* when set to an absolute path (the XDG spec ignores relative ones); else
+    %LOCALAPPDATA%\\ict-reward\\<windows_sub> on Windows (where per-user data and caches belong there),
+    else ~/<fallback>/ict-reward."""
     base = os.environ.get(xdg_var)
-    if base:
+    if base and os.path.isabs(base):
         return Path(base) / "ict-reward"
     if _windows() and os.environ.get("LOCALAPPDATA"):
         return Path(os.environ["LOCALAPPDATA"]) / "ict-reward" / windows_sub
-    return Path.home() / fallback / "ict-reward"
+    return _home() / fallback / "ict-reward"
 
 
 def default_models_dir() -> Path:

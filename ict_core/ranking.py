@@ -37,18 +37,25 @@ def values(results: Sequence, by: str) -> list[float | None]:
             groups.setdefault(r.prompt, []).append(i)
     out: list[float | None] = [None] * len(results)
     for idx in groups.values():
-        top = max(results[i].hp_raw for i in idx)
-        exps = [math.exp(results[i].hp_raw - top) for i in idx]
-        total = sum(exps)
-        for i, e in zip(idx, exps):
-            out[i] = results[i].ict * (e / total)
+        finite = [i for i in idx if math.isfinite(results[i].hp_raw)]
+        top = max((results[i].hp_raw for i in finite), default=0.0)
+        exps = {i: math.exp(results[i].hp_raw - top) for i in finite}
+        total = sum(exps.values())
+        for i in idx:  # an image whose HP is not a number has no share of the softmax: NaN, ranked last
+            out[i] = results[i].ict * (exps[i] / total) if i in exps else math.nan
     return out
 
 
+def _is_nan(v: float | None) -> bool:
+    return v is not None and v != v
+
+
 def rank(results: Sequence, by: str) -> list[int]:
-    """Indices best first; ties keep input order; failed images come last, in input order."""
+    """Indices best first; ties keep input order; NaN values come after every number, then failed
+    images, each in input order."""
     vals = values(results, by)
-    return sorted(range(len(vals)), key=lambda i: (vals[i] is None, -(vals[i] or 0.0), i))
+    return sorted(range(len(vals)), key=lambda i: (vals[i] is None, _is_nan(vals[i]),
+                                                   0.0 if vals[i] is None or _is_nan(vals[i]) else -vals[i], i))
 
 
 @dataclass
@@ -63,6 +70,8 @@ def select(results: Sequence, by: str, k: int = 1, min_score: float | None = Non
     if none reaches min_score the single best is kept and a note says so."""
     if k < 1:
         raise InputError(f"k must be at least 1, got {k}")
+    if min_score is not None and _is_nan(min_score):
+        raise InputError("min_score is NaN, which no score reaches; give a number (or none to keep all)")
     order = rank(results, by)
     vals = values(results, by)
     scorable = [i for i in order if vals[i] is not None]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import unicodedata
 
 import torch
 
@@ -22,10 +23,15 @@ def _tokenizer():
 
 
 def check_prompt(prompt: object, where: str = "prompt") -> str:
+    """The prompt, unchanged, if it has at least one visible character. One made only of spaces,
+    zero-width or control characters would be scored as the empty text: refused instead."""
     if not isinstance(prompt, str):
         raise InputError(f"{where} must be text, got {type(prompt).__name__}")
     if not prompt.strip():
         raise InputError(f"{where} is empty; give the text the image should contain")
+    if all(ch.isspace() or unicodedata.category(ch)[0] in "CZ" for ch in prompt):
+        raise InputError(f"{where} has no visible characters (only zero-width, control or format characters); "
+                         f"give the text the image should contain")
     return prompt
 
 

@@ -276,3 +276,130 @@ def test_16_bit_images_are_scaled_by_their_range_not_their_content(tiny_models, 
     assert p.returncode == 0, p.stderr
     a, b, ref = (r["ict"] for r in json.loads(p.stdout)["results"])
     assert a == b == ref
+
+
+# ------------------------------------------------------------------------------------------ 7: --copy-to
+def _rank(tiny_models, *args, **kw):
+    return ict("rank", *args, "--prompt", "a fox", "--quiet", "--no-cache", **kw)
+
+
+def test_copy_to_never_overwrites(tiny_models, images, tmp_path):
+    """Defect 7: files with the target names were overwritten silently; free names are taken instead."""
+    dest = tmp_path / "best"
+    dest.mkdir()
+    p = _rank(tiny_models, *images[:3], "--model", tiny_models.ict, "--top-k", 1, "--json", "--copy-to", dest)
+    assert p.returncode == 0, p.stderr
+    first = json.loads(p.stdout)["results"][0]
+    name = f"001_{Path(first['image']).name}"
+    (dest / name).write_bytes(b"keep me")
+    p = _rank(tiny_models, *images[:3], "--model", tiny_models.ict, "--top-k", 1, "--json", "--copy-to", dest)
+    assert p.returncode == 0, p.stderr
+    copied = Path(json.loads(p.stdout)["results"][0]["copied_to"])
+    assert (dest / name).read_bytes() == b"keep me"
+    assert copied.parent == dest and copied.name != name and copied.read_bytes() == Path(first["image"]).read_bytes()
+
+
+def test_copy_to_an_input_folder_is_refused_before_scoring(tiny_models, images, tmp_path):
+    """Defect 7: with --copy-to equal to the input folder, an input named 001_a.png was overwritten by the
+    copy of a.png before being copied itself. Refused before any scoring (here: before the missing model
+    is even looked at), nothing written."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(images[0], folder / "a.png")
+    shutil.copy(images[1], folder / "001_a.png")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    p = _rank(tiny_models, folder, "--model", tmp_path / "no-model.safetensors", "--copy-to", folder)
+    one_error_line(p, "--copy-to", "input folder")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_copy_to_a_file_is_refused_before_scoring(tiny_models, images, tmp_path):
+    """Defect 7: --copy-to a regular file gave a traceback after all the scoring."""
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    p = _rank(tiny_models, *images[:2], "--model", tmp_path / "no-model.safetensors", "--copy-to", target)
+    one_error_line(p, "--copy-to", "is a file")
+    p = _rank(tiny_models, *images[:2], "--model", tmp_path / "no-model.safetensors", "--copy-to", target / "sub")
+    one_error_line(p, "--copy-to", "is a file")
+    assert target.read_text() == "mine"
+
+
+# --------------------------------------------------------------------------------- 8: non-UTF-8 file names
+def test_non_utf8_file_names_in_text_and_csv(tiny_models, images, tmp_path):
+    """Defect 8: a file name that is not UTF-8 crashed text and CSV output under a strict UTF-8 stdout.
+    Text and CSV now carry the name's own bytes (as `ls` does); JSON escapes it."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    shutil.copy(images[0], os.fsencode(folder) + b"/caf\xe9.png")
+    strict = {"PYTHONIOENCODING": "utf-8:strict"}
+    for fmt in ([], ["--csv"]):
+        p = ict("score", folder, "--prompt", "a fox", "--model", tiny_models.ict, "--quiet", "--no-cache", *fmt,
+                env=strict)
+        assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+        assert "caf\\xe9.png" in p.stdout  # the raw byte 0xe9, shown here escaped by the test's decoding
+    p = ict("rank", folder, "--prompt", "a fox", "--model", tiny_models.ict, "--quiet", "--no-cache", env=strict)
+    assert p.returncode == 0 and "caf\\xe9.png" in p.stdout, p.stderr
+
+
+# -------------------------------------------------------------------------------------------- 10: NaN
+def _nan_model(tiny_models, path: Path) -> Path:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(tiny_models.ict), "pt") as f:
+        meta = f.metadata()
+    sd = load_file(tiny_models.ict)
+    sd["visual_projection.weight"][0, 0] = float("nan")
+    save_file(sd, path, metadata=meta)
+    return path
+
+
+def _strict_json(text: str):
+    def refuse(name):
+        raise ValueError(f"bare {name} in JSON output")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_nan_scores_are_json_null(tiny_models, images, tmp_path):
+    """Defect 10: a NaN score was written as a bare NaN, which is not JSON."""
+    model = _nan_model(tiny_models, tmp_path / "nan.safetensors")
+    p = score_with(model, *images[:2], "--json")
+    assert p.returncode == 0, p.stderr
+    rows = _strict_json(p.stdout)["results"]
+    assert all(r["ict"] is None and r["score"] is None and "error" not in r for r in rows)
+    p = _rank(tiny_models, *images[:2], "--model", model, "--json")
+    assert p.returncode == 0, p.stderr
+    assert all(r["value"] is None for r in _strict_json(p.stdout)["results"])
+
+
+# ----------------------------------------------------------------------------------------- contract points
+def test_score_exits_non_zero_when_no_image_could_be_scored(tiny_models, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    p = score_with(tiny_models.ict, bad, tmp_path / "missing.png", "--json")
+    assert p.returncode == 1, p.stderr
+    lines = p.stderr.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("ict: cannot score: ") and "broken.png" in lines[0]
+    assert "missing.png" in lines[1] and lines[2].startswith("ict: error: no image could be scored")
+    assert len(json.loads(p.stdout)["results"]) == 2  # the rows are still written
+
+
+@pytest.mark.parametrize("case", ["min_score_nan", "zero_width_prompt", "control_prompt"])
+def test_meaningless_values_are_one_line(tiny_models, images, tmp_path, case):
+    args = {"min_score_nan": ["rank", images[0], "--prompt", "a fox", "--min-score", "nan"],
+            "zero_width_prompt": ["score", images[0], "--prompt", "\u200b\u200d\ufeff"],
+            "control_prompt": ["score", images[0], "--prompt", "\x07\x1b"]}[case]
+    p = ict(*args, "--model", tiny_models.ict, "--quiet", "--no-cache")
+    one_error_line(p, "nan" if case == "min_score_nan" else "no visible characters")
+
+
+def test_empty_home_never_means_the_current_folder(tiny_models, images, tmp_path):
+    """HOME="" made the default folders relative to the current folder; the account's home is used."""
+    env = {"HOME": "", "ICT_MODELS_DIR": "", "ICT_CACHE_DIR": "", "XDG_DATA_HOME": "", "XDG_CACHE_HOME": "rel"}
+    p = ict("score", images[0], "--prompt", "a fox", "--quiet", cwd=tmp_path, env=env)
+    line = one_error_line(p, "no ICT model")
+    shown = line.split(" in ", 1)[1].split(" ")[0]
+    assert Path(shown).is_absolute() and not Path(shown).is_relative_to(tmp_path), line
+    assert ict("score", "--help", cwd=tmp_path, env=env).returncode == 0
+    assert list(tmp_path.iterdir()) == []

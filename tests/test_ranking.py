@@ -77,3 +77,27 @@ def test_hp_alone_ranks_by_hp_only():
             ranking.values(rs, by)
     lines = ranking.report(rs, "hp").splitlines()
     assert len(lines) == 4 and lines[1].split()[:3] == ["1", "1", "-"]
+
+
+def test_nan_sorts_last_everywhere():
+    """Issue 10, defect 10: with [0.2, nan, 0.9, 0.5], select(k=1) picked 0.2 (NaN compares false)."""
+    nan = float("nan")
+    rs = [R(0, 0.2, 0.0), R(1, nan, 0.0), R(2, 0.9, 0.0), R(3, 0.5, 0.0), R(4, 0.1, error="bad")]
+    assert ranking.rank(rs, "ict") == [2, 3, 0, 1, 4]
+    assert ranking.select(rs, "ict", k=1).indices == [2]
+    assert ranking.select(rs, "ict", k=2, min_score=0.3).indices == [2, 3]
+    assert ranking.select(rs, "ict*hp", k=1).indices == [2]
+    lines = ranking.report(rs, "ict").splitlines()
+    assert [l.split()[1] for l in lines[1:]] == ["2", "3", "0", "1", "4"]
+    with pytest.raises(InputError, match="NaN"):
+        ranking.select(rs, "ict", min_score=nan)
+
+
+def test_group_rule_with_a_nan_hp():
+    """An image whose HP is NaN takes no share of its group's softmax; the others keep theirs."""
+    nan = float("nan")
+    rs = [R(0, 0.3, 1.0), R(1, 0.4, nan), R(2, 0.2, 0.0)]
+    vals = ranking.values(rs, "group")
+    z = math.exp(1.0) + math.exp(0.0)
+    assert vals[0] == pytest.approx(0.3 * math.exp(1.0) / z) and vals[2] == pytest.approx(0.2 / z)
+    assert math.isnan(vals[1]) and ranking.rank(rs, "group") == [0, 2, 1]
