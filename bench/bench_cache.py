@@ -1,169 +1,226 @@
-"""Embedding-cache benchmark: prompt-hit latency and gallery search over random unit vectors.
+"""Embedding-cache benchmark: this tree's cache against another commit's, side by side.
 
-Why: a prompt hit replaces a text-tower forward (~2.8 s on a 2-core CPU for ViT-H) and a gallery
-search replaces one image-tower forward per image; these numbers show what the cache costs instead.
+Why: the cache must stay an accelerator (a prompt hit far below a text forward; indexing bound by the
+image tower) and search galleries of a million images on a 2-core CPU. Each figure comes from a fresh
+process; the two implementations alternate round by round (run under `flock /work/bench.lock`).
 
-    python bench/bench_cache.py                 # 1,000 prompts; 100,000 images, width 1024
-    python bench/bench_cache.py --images 20000  # smaller gallery
+    python bench/bench_cache.py --old-root /work/wt/cache-old --sizes 100000 1000000 --old-sizes 100000
 
-Prints a markdown table (paste into docs/BENCHMARKS.md). Uses a temporary folder unless --cache-dir.
+Synthetic galleries (never all in RAM: generated in chunks): unit 1024-d vectors drawn around CLUSTERS
+random centres (cosine ~0.7 to the centre, like many takes of a few prompts), queries drawn the same way;
+`--uniform` draws i.i.d. uniform directions instead (no structure: the worst case of an IVF index).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
-import platform
+import shutil
+import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import machine, median, run_child  # noqa: E402
+
+CLUSTERS, NOISE, DIM, CHUNK = 2000, 1.0, 1024, 10_000
+PROMPT = "a red fox standing in fresh snow at sunrise"
 
 
-def _light_import():
-    """Load ict_core.cache without ict_core/__init__ (which imports torch): the cache alone is measured."""
-    import types
+def unit(rng, n, d=DIM):
+    v = rng.standard_normal((n, d), dtype=np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
 
-    if "ict_core" not in sys.modules:
-        pkg = types.ModuleType("ict_core")
-        pkg.__path__ = [str(Path(__file__).resolve().parents[1] / "ict_core")]
-        sys.modules["ict_core"] = pkg
-    from ict_core import cache
+
+def rows(start, stop, seed, uniform):
+    """Rows [start, stop) of the synthetic set `seed`, the same whatever the chunking."""
+    centers = unit(np.random.default_rng(12345), CLUSTERS)
+    out = []
+    for s in range(start - start % CHUNK, stop, CHUNK):
+        rng = np.random.default_rng([seed, s])
+        v = unit(rng, CHUNK) if uniform else centers[rng.integers(0, CLUSTERS, CHUNK)] + NOISE * unit(rng, CHUNK)
+        out.append((v / np.linalg.norm(v, axis=1, keepdims=True))[max(0, start - s): stop - s])
+    return np.concatenate(out).astype(np.float32)
+
+
+def load(root):
+    root = Path(root).resolve()
+    sys.path.insert(0, str(root))
+    for name in [m for m in sys.modules if m == "ict_core" or m.startswith("ict_core.")]:
+        del sys.modules[name]  # _common imported this tree's
+    import ict_core.cache as cache  # noqa: PLC0415
+
+    assert Path(cache.__file__).is_relative_to(root), cache.__file__
 
     return cache
 
 
-def unit_rows(rng, n, d, chunk=10_000):
-    out = np.empty((n, d), np.float32)
-    for s in range(0, n, chunk):
-        v = rng.standard_normal((min(chunk, n - s), d), dtype=np.float32)
-        out[s:s + len(v)] = v / np.linalg.norm(v, axis=1, keepdims=True)
+def p50(fn, times):
+    samples = []
+    for i in range(times):
+        t = time.perf_counter()
+        fn(i)
+        samples.append(time.perf_counter() - t)
+    return float(np.median(samples)) * 1e3
+
+
+# ------------------------------------------------------------------------------------------------ children
+def child_build(a, cache):
+    c, t = cache.EmbeddingCache(a.dir, max_images=10 ** 7), time.perf_counter()
+    for s in range(0, a.n, CHUNK):
+        v = rows(s, min(a.n, s + CHUNK), 0, a.uniform)
+        c.put_images(a.key, {f"{i:064x}": (v[i - s], 0.5, f"/g/{i:07d}.png") for i in range(s, s + len(v))})
+        c.flush()
+    stored = time.perf_counter() - t
+    c.put_prompts(a.prompt_key, {PROMPT: rows(0, 1, 1, a.uniform)[0]})
+    c.flush()
+    t = time.perf_counter()
+    c.search(a.key, rows(0, 1, 2, a.uniform)[0], top_k=10)  # the new cache builds its IVF index here
+    return {"store_s": stored, "first_search_s": time.perf_counter() - t,
+            "disk_bytes": sum(f.stat().st_size for f in Path(a.dir).rglob("*") if f.is_file())}
+
+
+def child_search(a, cache):
+    t = time.perf_counter()
+    c = cache.EmbeddingCache(a.dir, max_images=10 ** 7)
+    q = rows(0, a.queries, 3, a.uniform)
+    first = c.search(a.key, q[0], top_k=10)
+    out = {"fresh_first_search_s": time.perf_counter() - t}
+    fast = []
+    out["top10_p50_ms"] = p50(lambda i: fast.append(c.search(a.key, q[i], top_k=10)), a.queries)
+    if a.exact:
+        exact = []
+        kw = {"exact": True}
+        out["exact_top10_p50_ms"] = p50(lambda i: exact.append(c.search(a.key, q[i], top_k=10, **kw)), a.exact)
+        out["recall_at_10"] = float(np.mean([len({h.hash for h in f} & {h.hash for h in e}) / 10
+                                             for f, e in zip(fast, exact)]))
+        out["values_exact"] = all(h.ict == g.ict for f, e in zip(fast, exact) for h in f for g in e if h.hash == g.hash)
+    del first
     return out
 
 
-def percentiles(samples):
-    a = np.asarray(samples) * 1e3
-    return float(np.percentile(a, 50)), float(np.percentile(a, 95))
+def child_prompt(a, cache):
+    c = cache.EmbeddingCache(a.dir)
+    v = rows(0, 1000, 4, False)
+    c.put_prompts("bench" * 5, {f"prompt {i}": v[i] for i in range(1000)})
+    c.flush()
+    c = cache.EmbeddingCache(a.dir)
+    return {"prompt_hit_p50_ms": p50(lambda i: c.get_prompts("bench" * 5, [f"prompt {i % 1000}"]), 2000)}
 
 
-def timed(fn):
+def child_index_cost(a, cache):
+    """What `ict index` spends in the cache per image: hash ~1 MB of file bytes, look the hash up,
+    store the features, save (rounds of 64, into the big gallery)."""
+    c = cache.EmbeddingCache(a.dir, max_images=10 ** 7)
+    blob, v = os.urandom(1 << 20), rows(0, 64, 5, False)
     t = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t, out
+    for r in range(a.rounds):
+        digests = [hashlib.sha256(blob + bytes([r, i])).hexdigest() for i in range(64)]
+        c.get_images(a.key, digests)
+        c.put_images(a.key, {d: (v[i], 0.5, f"/new/{r}-{i}.png") for i, d in enumerate(digests)})
+        c.flush()
+    return {"cache_ms_per_image": (time.perf_counter() - t) / (64 * a.rounds) * 1e3}
 
 
-def main(argv=None) -> int:
+# ------------------------------------------------------------------------------------------------ driver
+def tiny_model(work: Path) -> Path:
+    """A converted tiny ICT file: `ict search` needs a model file for its keys (the prompt is cached)."""
+    path = work / "tiny-ict.safetensors"
+    if not path.exists():
+        sys.path.insert(0, str(HERE.parent / "tests"))
+        from conftest import TinyModels  # noqa: PLC0415
+
+        (work / "tiny").mkdir(exist_ok=True)
+        shutil.copy(TinyModels(work / "tiny").ict, path)
+    return path
+
+
+def keys(root: Path, model: Path) -> tuple[str, str]:
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from ict_core.weights import fingerprint; "
+            "from ict_core.cache import gallery_key, prompt_key; fp = fingerprint(sys.argv[2]); "
+            "print(gallery_key(fp, None), prompt_key(fp))")
+    return tuple(subprocess.run([sys.executable, "-c", code, str(root), str(model)], capture_output=True, text=True,
+                                check=True).stdout.split())
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", type=int, default=1000, help="prompts stored before measuring hits")
-    ap.add_argument("--images", type=int, default=100_000, help="gallery size")
-    ap.add_argument("--dim", type=int, default=1024)
-    ap.add_argument("--repeats", type=int, default=2000, help="prompt lookups timed")
-    ap.add_argument("--searches", type=int, default=30, help="searches timed per row")
-    ap.add_argument("--cache-dir", help="folder to use (default: a temporary one)")
-    args = ap.parse_args(argv)
-    cache_mod = _light_import()
-    rng = np.random.default_rng(0)
-    rows = []
+    ap.add_argument("--child", choices=("build", "search", "prompt", "index_cost"))
+    ap.add_argument("--root", default=str(HERE.parent))
+    ap.add_argument("--old-root", help="a worktree of the commit to compare with")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000])
+    ap.add_argument("--old-sizes", type=int, nargs="+", help="sizes the old cache is run at (default --sizes)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--queries", type=int, default=30)
+    ap.add_argument("--exact", type=int, default=0, help="exact searches timed (new cache)")
+    ap.add_argument("--uniform", action="store_true")
+    ap.add_argument("--work", default="/tmp/ict-bench-cache")
+    ap.add_argument("--dir"), ap.add_argument("--key"), ap.add_argument("--prompt-key"), ap.add_argument("--n", type=int)
+    ap.add_argument("--result")
+    a = ap.parse_args()
+    if a.child:
+        cache = load(a.root)
+        out = globals()[f"child_{a.child}"](a, cache)
+        with open("/proc/self/status") as f:  # ru_maxrss would carry the driver's peak over exec
+            out["peak_rss_bytes"] = next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmHWM"))
+        Path(a.result).write_text(json.dumps(out))
+        return 0
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model = tiny_model(work)
+    impls = {"new": Path(a.root)} | ({"old": Path(a.old_root)} if a.old_root else {})
+    res: dict = {"machine": machine(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": {}}
+    me = Path(__file__).resolve()
 
-    def row(what, p50, p95=None, note=""):
-        rows.append((what, p50, p95, note))
+    key_of = {impl: keys(root, model) for impl, root in impls.items()}
 
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(args.cache_dir or tmp)
-        fp = "bench0000000000000000000"
-        # ---- prompts
-        pvec = unit_rows(rng, args.prompts, args.dim)
-        prompts = {f"prompt number {i}: a photo of something" : pvec[i] for i in range(args.prompts)}
-        names = list(prompts)
-        c = cache_mod.EmbeddingCache(folder)
-        dt, _ = timed(lambda: c.put_prompts(fp, prompts))
-        row(f"put {args.prompts:,} prompts (memory)", dt * 1e3)
-        dt, _ = timed(c.flush)
-        size = os.path.getsize(next((folder / "prompts").glob("*.ictc")))
-        row(f"flush {args.prompts:,} prompts to disk", dt * 1e3, note=f"file {size / 1e6:.1f} MB")
-        dt, _ = timed(c.flush)
-        row("flush when clean", dt * 1e3)
-        c2 = cache_mod.EmbeddingCache(folder)
-        dt, got = timed(lambda: c2.get_prompts(fp, [names[0]]))
-        assert got[names[0]].tobytes() == prompts[names[0]].tobytes()
-        row("first hit in a new process (loads the file)", dt * 1e3)
-        samples = []
-        order = rng.integers(0, args.prompts, args.repeats)
-        for i in order:
-            t = time.perf_counter()
-            c2.get_prompts(fp, [names[i]])
-            samples.append(time.perf_counter() - t)
-        row("prompt hit, 1 prompt", *percentiles(samples), f"{args.repeats} lookups")
-        samples = []
-        for _ in range(200):
-            t = time.perf_counter()
-            c2.get_prompts(fp, ["never stored prompt"])
-            samples.append(time.perf_counter() - t)
-        row("prompt miss, 1 prompt", *percentiles(samples))
+    def child(impl, mode, *extra, n, tag=""):
+        gal, pkey = key_of[impl]
+        folder = work / f"{impl}-{tag or n}{'-uniform' if a.uniform else ''}"
+        args = ["--child", mode, "--root", str(impls[impl]), "--dir", str(folder), "--key", gal, "--prompt-key", pkey,
+                "--n", str(n), *(["--uniform"] if a.uniform else []), *extra]
+        res = run_child(me, args, work / "child.json", env={"PYTHONPATH": ""})
+        with open(work / "child.json") as f:
+            return {**res, "peak_rss_bytes": json.load(f)["peak_rss_bytes"]}
 
-        # ---- gallery
-        n, d = args.images, args.dim
-        gvec = unit_rows(rng, n, d)
-        hp = rng.normal(0, 1.5, n).astype(np.float32)
-        gkey = cache_mod.gallery_key(fp, "hpbench0000000000000000")
-        entries = {f"{i:064x}": (gvec[i], float(hp[i]), f"/images/{i:06d}.png") for i in range(n)}
-        g = cache_mod.EmbeddingCache(folder)
-        dt, _ = timed(lambda: g.put_images(gkey, entries))
-        row(f"put {n:,} images (memory)", dt * 1e3)
-        del entries
-        dt, _ = timed(g.flush)
-        size = os.path.getsize(next((folder / "images").glob("*.ictc")))
-        row(f"flush {n:,} images to disk", dt * 1e3, note=f"file {size / 1e6:.0f} MB")
-        g2 = cache_mod.EmbeddingCache(folder)
-        dt, count = timed(lambda: g2.image_count(gkey))
-        assert count == n
-        row(f"load {n:,}-image gallery (checksum + parse)", dt * 1e3)
-        queries = unit_rows(rng, args.searches + 2, d)
-        faiss_on = cache_mod._faiss() is not None
-        for by in ("ict", "ict*hp"):  # a fresh table scans in fp32 once, codes itself at the second search
-            dt, _ = timed(lambda: g2.search(gkey, queries[-1], top_k=10, by=by))
-            row(f"first top-10 search by {by} in a new process (fp32 scan)", dt * 1e3)
-            if faiss_on:
-                dt, _ = timed(lambda: g2.search(gkey, queries[-2], top_k=10, by=by))
-                row(f"second top-10 search by {by} (codes the {'rows' if by == 'ict' else 'hp-scaled rows'})",
-                    dt * 1e3)
-        for label, kw in (("search top 10, by ict", dict(top_k=10)),
-                          ("search top 10, by ict*hp", dict(top_k=10, by="ict*hp")),
-                          ("search all, by ict", dict()),
-                          ("search all, by ict*hp", dict(by="ict*hp"))):
-            samples = []
-            for q in queries[: args.searches]:
+    for n in a.sizes:
+        for impl in impls:
+            if impl == "old" and n not in (a.old_sizes or a.sizes):
+                continue
+            folder = work / f"{impl}-{n}{'-uniform' if a.uniform else ''}"
+            shutil.rmtree(folder, ignore_errors=True)
+            res["runs"][f"{impl} {n} build"] = child(impl, "build", n=n)
+        for r in range(a.rounds):
+            for impl in impls:
+                if impl == "old" and n not in (a.old_sizes or a.sizes):
+                    continue
+                extra = ["--queries", str(a.queries)] + (["--exact", str(a.exact)] if impl == "new" else [])
+                res["runs"].setdefault(f"{impl} {n} search", []).append(child(impl, "search", *extra, n=n))
+                folder = work / f"{impl}-{n}{'-uniform' if a.uniform else ''}"
+                cmd = [sys.executable, "-m", "ict_core", "search", PROMPT, "--top-k", "10", "--model", str(model),
+                       "--no-hp", "--cache-dir", str(folder)]
                 t = time.perf_counter()
-                hits = g2.search(gkey, q, **kw)
-                samples.append(time.perf_counter() - t)
-            row(f"{label} ({n:,} x {d})", *percentiles(samples), f"{len(hits):,} results")
-        # same searches without faiss, for comparison
-        os.environ[cache_mod.NO_FAISS_ENV] = "1"
-        try:
-            samples = []
-            for q in queries[: args.searches]:
-                t = time.perf_counter()
-                g2.search(gkey, q, top_k=10)
-                samples.append(time.perf_counter() - t)
-            row(f"numpy fallback, top 10 ({n:,} x {d})", *percentiles(samples))
-        finally:
-            os.environ.pop(cache_mod.NO_FAISS_ENV, None)
-
-    print(f"\nEmbedding cache, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), "
-          f"numpy {np.__version__}, faiss {_faiss_version(cache_mod)}\n")
-    print("| operation | p50 / time (ms) | p95 (ms) | note |")
-    print("|---|---:|---:|---|")
-    for what, p50, p95, note in rows:
-        print(f"| {what} | {p50:.3f} | {'' if p95 is None else f'{p95:.3f}'} | {note} |")
+                out = subprocess.run(cmd, cwd=impls[impl], capture_output=True, text=True,
+                                     env={**os.environ, "PYTHONPATH": str(impls[impl])})
+                assert out.returncode == 0 and len(out.stdout.splitlines()) == 11, out.stderr
+                res["runs"].setdefault(f"{impl} {n} ict search wall", []).append(time.perf_counter() - t)
+    for impl in impls:
+        n = a.sizes[0]
+        res["runs"][f"{impl} prompt"] = [child(impl, "prompt", n=0, tag=f"prompts{r}") for r in range(a.rounds)]
+        res["runs"][f"{impl} {n} index cost"] = child(impl, "index_cost", "--rounds", "20", n=n)
+    (work / "results.json").write_text(json.dumps(res, indent=1))
+    for k, v in res["runs"].items():
+        if isinstance(v, list) and v and isinstance(v[0], dict):
+            v = {f: median([x.get(f) for x in v]) for f in v[0]}
+        elif isinstance(v, list):
+            v = median(v)
+        print(f"{k}: {v}")
     return 0
-
-
-def _faiss_version(cache_mod) -> str:
-    mod = cache_mod._faiss()
-    return getattr(mod, "__version__", "?") if mod is not None else "not installed"
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import stat
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,31 +39,39 @@ def add_subcommands(sub, model_args, *, model_path, expand_images, progress) -> 
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     model_args(p)
     p.set_defaults(func=cmd_search)
-    p = sub.add_parser("cache", help="show or clear the embedding cache")
-    actions = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
-    s = actions.add_parser("stats", help="where the cache is and what it holds")
-    s.add_argument("--json", action="store_true")
-    s.add_argument("--cache-dir", help="embedding cache folder (default $ICT_CACHE_DIR or ~/.cache/ict-reward)")
-    s.set_defaults(func=cmd_cache_stats)
-    s = actions.add_parser("clear", help="delete cached prompts and/or gallery images (all models)")
-    which = s.add_mutually_exclusive_group()
+    actions = sub.add_parser("cache", help="show or clear the embedding cache").add_subparsers(
+        dest="cache_command", required=True, metavar="ACTION")
+    stats = actions.add_parser("stats", help="where the cache is and what it holds")
+    stats.add_argument("--json", action="store_true")
+    clear = actions.add_parser("clear", help="delete cached prompts and/or gallery images (all models)")
+    which = clear.add_mutually_exclusive_group()
     which.add_argument("--prompts", action="store_true", help="only the prompt features")
     which.add_argument("--images", action="store_true", help="only the image gallery")
-    s.add_argument("--cache-dir", help="embedding cache folder (default $ICT_CACHE_DIR or ~/.cache/ict-reward)")
-    s.set_defaults(func=cmd_cache_clear)
+    for s, func in ((stats, cmd_cache_stats), (clear, cmd_cache_clear)):
+        s.add_argument("--cache-dir", help="embedding cache folder (default $ICT_CACHE_DIR or ~/.cache/ict-reward)")
+        s.set_defaults(func=func)
 
 
 def _open(args):
     """(cache, ICT path, HP path or None, gallery key) for these options."""
     from .cache import EmbeddingCache, gallery_key
-    from .weights import fingerprint
 
     if getattr(args, "no_cache", False):
         raise InputError(f"`ict {args.command}` works on the embedding cache; drop --no-cache")
     ict = _host.model_path(args.model, "ict", True)
     hp = None if args.no_hp else _host.model_path(args.hp_model, "hp", getattr(args, "by", "ict") in ("hp", "ict*hp"))
-    return (EmbeddingCache(args.cache_dir), ict, hp,
-            gallery_key(fingerprint(ict), fingerprint(hp) if hp else None, _dtype(args)))
+    cache = EmbeddingCache(args.cache_dir)
+    return cache, ict, hp, gallery_key(_fingerprint(cache, ict), hp and _fingerprint(cache, hp), _dtype(args))
+
+
+def _fingerprint(cache, path: str) -> str:
+    """The model file's fingerprint, remembered by the cache (no torch import when it is known)."""
+    found = cache.fingerprint(path)
+    if found is None:
+        from .weights import fingerprint
+
+        found = fingerprint(path)  # raises the one-line error of a missing or bad file
+    return found
 
 
 def _dtype(args) -> str:
@@ -82,10 +88,9 @@ def _snapshot(path: str):
     image's features under another's hash. Only regular files are read (a FIFO would hang)."""
     from . import preprocess
     from .cache import hash_bytes
+    from .files import open_regular
 
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise OSError(f"{path}: not a regular file")
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         data = fh.read()
 
     def load():
@@ -156,14 +161,14 @@ def cmd_index(args) -> int:
 def query_vector(cache, ict_path: str, prompt: str, args):
     """The prompt's text feature: from the prompt cache (no model load at all), else encoded once."""
     from .cache import prompt_key
-    from .text import check_prompt
-    from .weights import fingerprint
 
-    prompt = check_prompt(prompt)
-    hit = cache.get_prompts(prompt_key(fingerprint(ict_path), _dtype(args)), [prompt]).get(prompt)
-    if hit is not None:
+    hit = cache.get_prompts(prompt_key(_fingerprint(cache, ict_path), _dtype(args)), [prompt]).get(prompt)
+    if hit is not None:  # text the scorer encoded (and checked) before
         return hit
     from .scorer import Scorer
+    from .text import check_prompt
+
+    prompt = check_prompt(prompt)
 
     scorer = Scorer.load(ict_path, None, device=args.device, precision=args.precision, cache=cache,
                          config=args.config)

@@ -165,7 +165,7 @@ def test_damaged_file_is_moved_aside_once_and_cache_restarts(tmp_path, caplog, h
         assert c2.get_prompts(FP, list(feats)) == {}
     warns = cache_warnings(caplog)
     assert len(warns) == 1 and "unusable" in warns[0].getMessage()
-    assert len(list(tmp_path.glob("*.corrupt-*"))) == 1
+    assert len([p for p in tmp_path.glob("*.corrupt-*") if not p.name.endswith(("-wal", "-shm"))]) == 1
     c2.put_prompts(FP, {"new": feats["p0"]})  # and it keeps working
     c2.flush()
     assert set(EmbeddingCache(tmp_path).get_prompts(FP, ["new", "p1"])) == {"new"}

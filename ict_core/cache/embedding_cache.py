@@ -2,9 +2,9 @@
 
 Why: the ViT-H text tower costs ~2.8 s per prompt on a 2-core CPU and the image tower far more; a
 workflow that re-scores with the same prompt, or a gallery searched by many prompts, should pay that
-once. The cache is an accelerator, never a point of failure: every fault is one logging warning and
-a cache that keeps working (store.Store); nothing here raises into the scorer. Storage: store (SQLite
-in the cache folder); search: gallery_search (faiss, imported lazily; this module needs no torch).
+once. The cache is an accelerator, never a point of failure: a fault is one warning and a cache that
+keeps working (store); nothing here raises into the scorer. Storage: store (SQLite); search:
+gallery_search (faiss, imported on the first search; this module needs no torch).
 """
 from __future__ import annotations
 
@@ -28,11 +28,9 @@ log = logging.getLogger("ict_core.cache")
 NO_FAISS_ENV = "ICT_CACHE_NO_FAISS"
 BY = ("ict", "hp", "ict*hp")
 KINDS = {"p": "prompts", "i": "images"}
-
 SearchHit = namedtuple("SearchHit", "label hash ict hp_raw value")
 SearchHit.__doc__ = """One ranked gallery image: value is ict, sigmoid(hp_raw) for by='hp', or
 ict*sigmoid(hp_raw) for by='ict*hp'; ict is NaN when by='hp' was asked without a query."""
-
 _faiss_state = {"tried": False, "mod": None}
 _live: "weakref.WeakSet[EmbeddingCache]" = weakref.WeakSet()
 
@@ -62,24 +60,19 @@ def _flush_at_exit():
 
 
 def _guard(default):
-    """Hot-path methods never raise: an unexpected error is logged once and yields `default`."""
-
+    """Hot-path methods never raise: an unexpected error is logged once and yields default()."""
     def wrap(fn):
         def inner(self, *args, **kwargs):
             try:
                 return fn(self, *args, **kwargs)
-            except (KeyboardInterrupt, SystemExit):
-                raise
             except Exception as exc:
                 if fn.__name__ not in self._warned:
                     self._warned.add(fn.__name__)
                     log.warning("ict-reward cache: %s failed (%s: %s); carrying on without the cache",
                                 fn.__name__, type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
                 return default()
-
         inner.__name__, inner.__doc__, inner.__wrapped__ = fn.__name__, fn.__doc__, fn
         return inner
-
     return wrap
 
 
@@ -92,14 +85,13 @@ class EmbeddingCache:
     """Prompt-feature cache and image gallery on disk; see the module docstring.
 
     max_prompts / max_images cap each table (one model's prompts, one gallery); past the cap the least
-    recently used entries are evicted. memory_only=True never touches the disk. Thread-safe; any
-    number of processes may share a folder.
+    recently used entries go. memory_only=True never touches the disk. Thread-safe; any number of
+    processes may share a folder.
     """
 
-    #: Use times of hits are written at most this often (flush(force=True) does not wait) ...
-    lru_flush_interval = 60.0
-    #: ... and only for tables at least this full (fraction of the cap): below, they evict nothing.
-    LRU_PERSIST_FILL = 0.8
+    #: Use times of hits are written at most this often (flush(force=True) does not wait) and only
+    #: for tables at least LRU_PERSIST_FILL full (below that they evict nothing).
+    lru_flush_interval, LRU_PERSIST_FILL = 60.0, 0.8
 
     def __init__(self, cache_dir=None, max_prompts: int = 100_000, max_images: int = 1_000_000,
                  *, memory_only: bool = False):
@@ -109,10 +101,8 @@ class EmbeddingCache:
         self._lock = threading.RLock()
         self._pending: dict = {}  # (kind, key) -> {name: item} not written yet (the database was locked)
         self._used: dict = {}  # (kind, key) -> {id: time} of hits not written yet
-        self._rows: dict = {}  # gallery -> (state, (ids, vectors, hp_raw)) of a small gallery
         self._ivf: dict = {}  # gallery -> gallery_search.Ivf
-        self._used_saved = time.monotonic()
-        self._warned: set = set()
+        self._used_saved, self._warned = time.monotonic(), set()
         self.reset_counters()
         _live.add(self)
 
@@ -127,7 +117,7 @@ class EmbeddingCache:
     @lock_timeout.setter
     def lock_timeout(self, seconds: float) -> None:
         self._store.timeout = float(seconds)
-        self._store.close()  # reconnect with the new timeout
+        self._store.close()  # reconnects with it
 
     @property
     def counters(self) -> dict:
@@ -155,17 +145,38 @@ class EmbeddingCache:
     @_guard(lambda: None)
     def put_prompts(self, fingerprint: str, features: dict) -> None:
         """Store {prompt: float32 vector}; non-finite vectors are skipped."""
-        self._put("p", fingerprint, [(p, v, None, None) for p, v in features.items()], self.max_prompts)
+        self._put("p", fingerprint, [(p, v, None, None) for p, v in features.items()])
 
     @_guard(lambda: None)
     def put_images(self, gallery: str, entries: dict) -> None:
         """Store {hash: (vector, hp_raw or None/NaN, label)}; non-finite vectors are skipped."""
         self._put("i", gallery, [(d, v, hp, "" if label is None else str(label))
-                                 for d, (v, hp, label) in entries.items()], self.max_images)
+                                 for d, (v, hp, label) in entries.items()])
 
     def image_count(self, gallery: str) -> int:
         with self._lock:
             return self._store.meta("i", gallery)["n"]
+
+    def fingerprint(self, path) -> str | None:
+        """ict_core.weights.fingerprint of a model file, remembered by its path, size, mtime and inode:
+        a search whose prompt is cached then imports no torch. None if the file cannot be seen."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None  # the caller's own look at the file says what is wrong
+        key = f"fingerprint\0{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}"
+        with self._lock:
+            found = None
+            try:
+                found = self._store.memo(key)
+                if found is None:
+                    from ..weights import fingerprint
+
+                    found = fingerprint(path)
+                    self._store.memo(key, found)
+            except Busy:
+                pass
+            return found
 
     def _get(self, kind: str, key: str, names, counter: str) -> dict:
         _check_key(key)
@@ -184,7 +195,7 @@ class EmbeddingCache:
             self._counters[f"{counter}_misses"] += len(names) - len(out)
             return out
 
-    def _put(self, kind: str, key: str, items: list, cap: int) -> None:
+    def _put(self, kind: str, key: str, items: list) -> None:
         _check_key(key)
         with self._lock:
             pending = self._pending.setdefault((kind, key), {})
@@ -199,13 +210,14 @@ class EmbeddingCache:
                     continue
                 dim = vec.shape[0]
                 pending[name] = (name, vec.copy(), np.nan if hp is None else float(hp), label)
-            self._write(kind, key, cap)
+            self._write(kind, key)
 
-    def _write(self, kind: str, key: str, cap: int) -> None:
+    def _write(self, kind: str, key: str) -> None:
         """Write a table's pending entries and use times (these first: they decide what is evicted)."""
         pending = self._pending.get((kind, key))
         if not pending:
             return
+        cap = self.max_prompts if kind == "p" else self.max_images
         try:
             self._store.put(kind, key, list(pending.values()), time.time(), cap, self._used.get((kind, key), {}))
         except Busy as exc:
@@ -214,7 +226,7 @@ class EmbeddingCache:
                 log.warning("ict-reward cache: %s stayed locked for %.0f s (%s); saving later",
                             self._store.file, self.lock_timeout, exc)
             return
-        self._pending.pop((kind, key))
+        del self._pending[(kind, key)]
         self._used.pop((kind, key), None)
 
     # ---- search ----------------------------------------------------------------------------------
@@ -224,7 +236,7 @@ class EmbeddingCache:
         ict is the fp32 inner product (== ICT cosine of normalised features); by='ict*hp' multiplies
         by sigmoid(hp_raw), the order the engine's ranking uses; by='hp' ranks by sigmoid(hp_raw) alone
         and needs no query (query_vec None: ict is NaN). Ties go to the image stored first; NaN values
-        rank last. A top k by ict of a big gallery comes from the IVF index unless exact=True
+        rank last. A top k by ict of a big gallery comes from its IVF index unless exact=True
         (gallery_search). Returns [SearchHit]. Raises ValueError on bad arguments.
         """
         if by not in BY:
@@ -233,13 +245,12 @@ class EmbeddingCache:
             raise ValueError(f"by={by!r} needs a query vector; only by='hp' ranks without one")
         q = None if query_vec is None else np.ascontiguousarray(query_vec, dtype=np.float32).reshape(-1)
         with self._lock:
-            self._write("i", gallery, self.max_images)
-            meta = self._store.meta("i", gallery)
+            self._write("i", gallery)
+            meta, faiss = self._store.meta("i", gallery), _faiss()
             if meta["n"] == 0 or (top_k is not None and top_k <= 0):
                 return []
             if q is not None and q.shape[0] != meta["dim"]:
                 raise ValueError(f"query width {q.shape[0]} does not match stored width {meta['dim']}")
-            faiss = _faiss()
             if by == "hp":
                 ids, hp = self._store.hp_column(gallery)
                 ids, _, value = gs.ranked(ids, hp, gs.sigmoid(hp), top_k)
@@ -255,40 +266,25 @@ class EmbeddingCache:
                 ict = gs.exact_scores(vecs, q)
                 ids, ict, value = gs.ranked(ids, ict, gs.values(ict, hp, by), top_k)
             else:
-                ids, ict, value = gs.exact_search(faiss, self._chunks(gallery, meta), q, top_k, by, meta["xmax"])
+                ids, ict, value = gs.exact_search(faiss, self._chunks(gallery), q, top_k, by, meta["xmax"])
             info = self._store.describe(ids)
             return [SearchHit(info[i][1], info[i][0], c, info[i][2], v)
                     for i, c, v in zip(ids.tolist(), ict.tolist(), value.tolist()) if i in info]
 
-    def _chunks(self, gallery: str, meta: dict):
-        """The gallery's rows in chunks; a small gallery's are held between searches."""
-        state = (meta["n"], meta["edits"], meta["seq"])
-        held = self._rows.get(gallery)
-        if held is not None and held[0] == state:
-            yield held[1]
-            return
-        chunks, after = [], -1
-        while True:
-            chunk = self._store.scan(gallery, after)
-            if not len(chunk[0]):
-                break
-            after = chunk[0][-1]
-            if meta["n"] >= gs.IVF_MIN:
-                yield chunk
-            else:
-                chunks.append(chunk)
-        if chunks:
-            self._rows[gallery] = (state, tuple(np.concatenate(c) for c in zip(*chunks)))
-            yield self._rows[gallery][1]
+    def _chunks(self, gallery: str):
+        chunk = self._store.scan(gallery)
+        while len(chunk[0]):
+            yield chunk
+            chunk = self._store.scan(gallery, chunk[0][-1])
 
     # ---- housekeeping ----------------------------------------------------------------------------
     @_guard(lambda: None)
     def flush(self, force: bool = False) -> None:
-        """Write what is pending now. Use times of hits wait lru_flush_interval unless force, and are
-        kept only for tables near their cap."""
+        """Write what is pending. Use times of hits wait lru_flush_interval unless force, and are kept
+        only for tables near their cap."""
         with self._lock:
             for kind, key in list(self._pending):
-                self._write(kind, key, self.max_prompts if kind == "p" else self.max_images)
+                self._write(kind, key)
             if not force and time.monotonic() - self._used_saved < self.lru_flush_interval:
                 return
             for (kind, key), used in list(self._used.items()):
@@ -298,7 +294,7 @@ class EmbeddingCache:
                         self._store.touch(used)
                     except Busy:
                         continue
-                self._used.pop((kind, key))
+                del self._used[(kind, key)]
             self._used_saved = time.monotonic()
 
     def close(self) -> None:
@@ -314,41 +310,25 @@ class EmbeddingCache:
             tables = [{"kind": KINDS[kind], "key": key, "count": n, "dim": dim or 0, "bytes": n * (dim or 0) * 4,
                        "file": None if self.memory_only else str(self._store.file)}
                       for kind, key, n, dim in self._store.tables()]
-            size = 0
-            for folder in (self.path, self.path / "faiss"):
-                try:
-                    size += sum(e.stat().st_size for e in os.scandir(folder) if e.is_file())
-                except OSError:
-                    pass
-            fingerprints = set()
-            for t in tables:
-                fingerprints.update([t["key"]] if t["kind"] == "prompts" else
-                                    (p for p in t["key"].split("+") if p != "none"))
-            return {
-                "path": str(self.path),
-                "prompts": sum(t["count"] for t in tables if t["kind"] == "prompts"),
-                "images": sum(t["count"] for t in tables if t["kind"] == "images"),
-                "bytes": size, "fingerprints": sorted(fingerprints),
-                "galleries": sorted(t["key"] for t in tables if t["kind"] == "images"),
-                "tables": tables, "max_prompts": self.max_prompts, "max_images": self.max_images,
-                "memory_only": self.memory_only, "counters": self.counters,
-            }
+            size = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file()) if self.path.is_dir() else 0
+            fingerprints = {p for t in tables for p in ([t["key"]] if t["kind"] == "prompts" else t["key"].split("+"))}
+            return {"path": str(self.path), "prompts": sum(t["count"] for t in tables if t["kind"] == "prompts"),
+                    "images": sum(t["count"] for t in tables if t["kind"] == "images"), "bytes": size,
+                    "fingerprints": sorted(fingerprints - {"none"}),
+                    "galleries": sorted(t["key"] for t in tables if t["kind"] == "images"), "tables": tables,
+                    "max_prompts": self.max_prompts, "max_images": self.max_images,
+                    "memory_only": self.memory_only, "counters": self.counters}
 
     def clear(self, prompts: bool = True, images: bool = True) -> None:
         """Forget every table of the chosen kinds (all models), for every process sharing the folder."""
         kinds = [k for k, on in (("p", prompts), ("i", images)) if on]
         with self._lock:
-            for held in (self._pending, self._used):
-                for k in [k for k in held if k[0] in kinds]:
+            for held in (self._pending, self._used) + ((self._ivf,) if images else ()):
+                for k in [k for k in held if k[0] in kinds or held is self._ivf]:
                     del held[k]
-            if "i" in kinds:
-                self._rows.clear()
-                self._ivf.clear()
             try:
                 self._store.clear(kinds)
             except Busy:
-                log.warning("ict-reward cache: %s is locked by another process; not cleared", self._store.file)
-                return
-            if "i" in kinds and not self.memory_only:
-                for entry in os.scandir(self.path / "faiss") if (self.path / "faiss").is_dir() else ():
-                    os.unlink(entry.path)
+                return log.warning("ict-reward cache: %s is locked by another process; not cleared", self._store.file)
+            for f in (self.path / "faiss").glob("*") if images and not self.memory_only else ():
+                f.unlink()

@@ -1,4 +1,4 @@
-"""Names in the cache: its folder, the keys of prompt tables and galleries, and image content hashes.
+"""Names in the cache: its folder, the keys of prompt tables and galleries, image content hashes.
 
 Why here: the scorer, the CLI and the hosts must compute the same keys, or a lookup misses.
 """
@@ -16,11 +16,11 @@ CACHE_DIR_ENV = "ICT_CACHE_DIR"
 def resolve_cache_dir(explicit=None) -> Path:
     """Cache folder: explicit, else ict_core.paths.default_cache_dir ($ICT_CACHE_DIR, the XDG or
     Windows default). Nothing is created here: the folder is made on the first save."""
-    if explicit not in (None, ""):
-        return Path(os.path.expanduser(os.fspath(explicit)))
-    from ..paths import default_cache_dir
+    if explicit in (None, ""):
+        from ..paths import default_cache_dir
 
-    return Path(os.path.expanduser(str(default_cache_dir())))
+        explicit = default_cache_dir()
+    return Path(os.path.expanduser(os.fspath(explicit)))
 
 
 def _precision_tag(dtype: str) -> str:
@@ -44,18 +44,16 @@ def hash_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def hash_file(path, chunk: int = 1 << 20) -> str:
-    """hash_bytes of a file, read in chunks."""
+def hash_file(path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
+        for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
 def hash_pixels(pixels) -> str:
-    """sha256 of in-memory uint8 pixels and their shape (so a reshaped buffer differs); the same
-    digest as the engine's for a uint8 CHW tensor (ict_core.preprocess)."""
+    """sha256 of uint8 pixels and their shape: the engine's digest of a CHW tensor (ict_core.preprocess)."""
     arr = np.ascontiguousarray(np.asarray(pixels))
     digest = hashlib.sha256(str(tuple(int(x) for x in arr.shape)).encode())
     digest.update(arr.tobytes())
@@ -63,6 +61,6 @@ def hash_pixels(pixels) -> str:
 
 
 def safe_name(key: str) -> str:
-    """A file name for a key: its readable part plus a hash of the whole key."""
+    """A file name for a key: its readable part and a hash of the whole key."""
     stem = "".join(c if c.isascii() and (c.isalnum() or c in "+-_") else "_" for c in key)[:40]
     return f"{stem}-{hashlib.sha256(key.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}"

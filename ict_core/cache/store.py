@@ -1,17 +1,16 @@
 """The cache's storage: one SQLite database (WAL) of prompt features and image galleries.
 
-Why SQLite: atomic commits, crash safety, many readers and writers across processes and ordered
-eviction come from the database, not from hand-written files and locks. Every fault becomes one
-warning and a store that keeps working: a damaged database is set aside and a new one started; a
-folder that cannot be written (read-only, full, not a folder) turns the store memory-only (an
-in-memory copy of what could be read); a database locked past the timeout raises Busy, and the
-caller keeps its write for later.
+Why SQLite: atomic commits, crash safety, readers and writers in many processes and ordered eviction
+come from the database, not from hand-written files and locks. A fault is one warning and a store that
+keeps working: a damaged database is set aside and a new one started; a folder that cannot be written
+(read-only, full, not a folder) turns the store memory-only (a copy of what could be read); a write
+that waits past the timeout raises Busy (the caller keeps it for later).
 
 entries: one row per prompt (kind 'p', key = prompt_key, name = the text) or image (kind 'i', key =
-gallery_key, name = content hash). id grows with each new row: it is insertion order (the tie-break
-of rankings) and the row's id in the faiss index. crc is the crc32 of the vector, which catches
-damage SQLite cannot see (it has no page checksums). meta: per table, the vector width, the row
-count, the count of in-place changes and evictions (they make a faiss index stale), the index state.
+gallery_key, name = content hash). id grows with each new row: insertion order (the tie-break of
+rankings) and the row's id in the faiss index. crc is the vector's crc32: SQLite has no checksums of
+its own. meta: per table the width, row count, count of in-place changes and evictions (they make a
+faiss index stale), largest vector norm and the faiss index's state.
 """
 from __future__ import annotations
 
@@ -22,7 +21,6 @@ import os
 import sqlite3
 import time
 import zlib
-from pathlib import Path
 
 import numpy as np
 
@@ -34,15 +32,16 @@ CREATE TABLE IF NOT EXISTS entries(id INTEGER PRIMARY KEY AUTOINCREMENT, kind TE
     name BLOB NOT NULL, vec BLOB NOT NULL, crc INTEGER NOT NULL, hp REAL, label BLOB, used REAL NOT NULL,
     UNIQUE(kind, key, name));
 CREATE INDEX IF NOT EXISTS lru ON entries(kind, key, used, id);
+CREATE TABLE IF NOT EXISTS memo(key BLOB PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS meta(kind TEXT, key TEXT, dim INTEGER, n INTEGER DEFAULT 0, edits INTEGER DEFAULT 0,
     xmax REAL DEFAULT 0, ix TEXT, PRIMARY KEY(kind, key));
 """
-#: Rows read per query when scanning a gallery (bounds memory: 8192 x 1024 x 4 B = 32 MB).
+#: Rows per query when a gallery is read whole (8192 x 1024 x 4 B = 32 MB at a time).
 CHUNK = 8192
 
 
 class Busy(Exception):
-    """The database stayed locked by another process past the timeout."""
+    """The database stayed locked by another process's write past the timeout."""
 
 
 class Damaged(Exception):
@@ -54,13 +53,17 @@ def text(s: str) -> bytes:
 
 
 def untext(b) -> str:
-    return bytes(b).decode("utf-8", "surrogatepass")
+    return bytes(b or b"").decode("utf-8", "surrogatepass")
 
 
 def vector(blob, crc: int) -> np.ndarray:
     if zlib.crc32(blob) != crc:
         raise Damaged("a stored vector fails its checksum")
     return np.frombuffer(blob, np.float32).copy()
+
+
+def _nan(x) -> float:
+    return math.nan if x is None else x
 
 
 def _fault(exc: Exception) -> str:
@@ -70,20 +73,15 @@ def _fault(exc: Exception) -> str:
     return "busy" if "locked" in msg or "busy" in msg else "unwritable"
 
 
-def _in(n: int) -> str:
-    return ",".join("?" * n)
-
-
 class Store:
     """The database of one cache folder; not thread-safe (EmbeddingCache locks)."""
 
-    def __init__(self, folder: Path, timeout: float, memory_only: bool = False):
+    def __init__(self, folder, timeout: float, memory_only: bool = False):
         self.folder, self.file, self.timeout = folder, folder / DB_NAME, timeout
         self.conn, self.writable, self.memory_only = None, False, False
         if memory_only:
             self._go_memory(None)
 
-    # ---- connections and faults ------------------------------------------------------------------
     def _connect(self, write: bool):
         """(connection, writable); (None, False) when there is no database to read yet."""
         if not write and not self.file.exists():
@@ -101,23 +99,22 @@ class Store:
             conn.close()
             if write or _fault(exc) != "unwritable":
                 raise
-        # a read-only folder: WAL readers need a -shm file they cannot make, so read the file as it is
+        # a read-only folder: a WAL reader needs a -shm file it cannot make, so read the file as it is
         conn = sqlite3.connect(f"{self.file.resolve().as_uri()}?immutable=1", uri=True, check_same_thread=False,
                                isolation_level=None)
         conn.execute("SELECT count(*) FROM meta").fetchone()
         return conn, False
 
     def run(self, fn, write: bool = False):
-        """fn(connection), in one transaction when writing, with the faults handled (module
-        docstring); None when there is nothing to read. Raises Busy."""
+        """fn(connection), in one transaction when writing, faults handled (see the module docstring);
+        None when there is nothing to read. Raises Busy."""
         for _ in range(3):
             try:
                 if self.conn is None or (write and not self.writable):
                     conn, writable = self._connect(write)
                     if conn is None:
                         return None
-                    if self.conn is not None:
-                        self.conn.close()
+                    self.close()
                     self.conn, self.writable = conn, writable
                 if not write:
                     return fn(self.conn)
@@ -138,16 +135,23 @@ class Store:
                 fault = _fault(exc)
                 if fault == "busy":
                     raise Busy(str(exc)) from None
-                if fault == "damaged" and not self.memory_only:
-                    self._set_aside(exc)
-                elif not self.memory_only:
-                    self._go_memory(exc)
-                else:
+                if self.memory_only:
                     raise
+                self._set_aside(exc) if fault == "damaged" else self._go_memory(exc)
         raise RuntimeError("the cache database keeps failing")
 
     def write(self, fn):
         return self.run(fn, write=True)
+
+    def select(self, sql: str, *params, each=None) -> list:
+        """Rows of a query, each(row) if given (inside run: a damaged vector is handled there)."""
+        return self.run(lambda c: [each(r) if each else r for r in c.execute(sql, params)]) or []
+
+    def _by(self, sql: str, keys: list, *params, each=None) -> list:
+        """select() with `IN (?)` in sql standing for the keys, 500 at a time."""
+        return [row for s in range(0, len(keys), 500)
+                for row in self.select(sql.replace("?)", ",".join("?" * len(keys[s:s + 500])) + ")"),
+                                       *params, *keys[s:s + 500], each=each)]
 
     def _go_memory(self, exc) -> None:
         mem = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
@@ -164,9 +168,7 @@ class Store:
                         self.folder, exc)
 
     def _set_aside(self, exc) -> None:
-        if self.conn is not None:
-            self.conn.close()
-        self.conn, self.writable = None, False
+        self.close()
         aside = f"{DB_NAME}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         try:
             for suffix in ("", "-wal", "-shm"):
@@ -178,15 +180,14 @@ class Store:
                     self.file, exc, aside)
 
     def _set_aside_old_format(self) -> None:
-        """Tables of the first cache format (*.ictc files) are not read: moved aside once."""
+        """A cache of the first format (*.ictc files) is not read: moved aside, once."""
         old = [self.folder / d for d in ("prompts", "images") if any((self.folder / d).glob("*.ictc"))]
+        for d in old:
+            (self.folder / "old-format").mkdir(exist_ok=True)
+            os.replace(d, self.folder / "old-format" / d.name)
         if old:
-            aside = self.folder / "old-format"
-            aside.mkdir(exist_ok=True)
-            for d in old:
-                os.replace(d, aside / d.name)
-            log.warning("ict-reward cache: %s holds a cache of an older format; moved it to %s (re-run "
-                        "`ict index` for your galleries; prompts are encoded again once)", self.folder, aside)
+            log.warning("ict-reward cache: %s held a cache of an older format, now in old-format/ (run `ict index` "
+                        "again for your galleries; prompts are encoded again once)", self.folder)
 
     def close(self) -> None:
         if self.conn is not None and not self.memory_only:
@@ -196,82 +197,57 @@ class Store:
     # ---- reads -----------------------------------------------------------------------------------
     def get(self, kind: str, key: str, names: list) -> dict:
         """{name: (id, vector, hp_raw or NaN)} for the stored names."""
-        def fn(conn):
-            out = {}
-            for s in range(0, len(names), 500):
-                part = names[s:s + 500]
-                for name, id_, vec, crc, hp in conn.execute(
-                        f"SELECT name, id, vec, crc, hp FROM entries WHERE kind=? AND key=? AND name IN ({_in(len(part))})",
-                        [kind, key, *map(text, part)]):
-                    out[untext(name)] = (id_, vector(vec, crc), math.nan if hp is None else hp)
-            return out
-        return self.run(fn) or {}
+        return dict(self._by("SELECT name, id, vec, crc, hp FROM entries WHERE kind=? AND key=? AND name IN (?)",
+                             [text(n) for n in names], kind, key,
+                             each=lambda r: (untext(r[0]), (r[1], vector(r[2], r[3]), _nan(r[4])))))
 
     def meta(self, kind: str, key: str) -> dict:
-        row = self.run(lambda c: c.execute(
-            "SELECT dim, n, edits, xmax, ix, (SELECT seq FROM sqlite_sequence WHERE name='entries') FROM meta "
-            "WHERE kind=? AND key=?", (kind, key)).fetchone())
-        dim, n, edits, xmax, ix, seq = row or (None, 0, 0, 0.0, None, 0)
+        row = self.select("SELECT dim, n, edits, xmax, ix, (SELECT seq FROM sqlite_sequence WHERE name='entries') "
+                          "FROM meta WHERE kind=? AND key=?", kind, key)
+        dim, n, edits, xmax, ix, seq = row[0] if row else (None, 0, 0, 0.0, None, 0)
         return {"dim": dim, "n": n, "edits": edits, "xmax": xmax, "ix": json.loads(ix) if ix else None, "seq": seq}
 
     def tables(self) -> list:
-        return self.run(lambda c: c.execute("SELECT kind, key, n, dim FROM meta WHERE n > 0 ORDER BY kind, key")
-                        .fetchall()) or []
+        return self.select("SELECT kind, key, n, dim FROM meta WHERE n > 0 ORDER BY kind, key")
 
-    def scan(self, gallery: str, after: int = -1, limit: int = CHUNK):
-        """(ids, vectors, hp_raw) of the next rows of a gallery with id > after, in id order."""
-        rows = self.run(lambda c: c.execute(
-            "SELECT id, vec, crc, hp FROM entries NOT INDEXED WHERE id>? AND kind='i' AND key=? ORDER BY id LIMIT ?",
-            (int(after), gallery, limit)).fetchall()) or []
-        return self._arrays(rows)
+    def scan(self, gallery: str, after: int = -1) -> tuple:
+        """(ids, vectors, hp_raw) of the next CHUNK rows of a gallery with id > after."""
+        return _arrays(self.select("SELECT id, vec, crc, hp FROM entries NOT INDEXED WHERE id>? AND kind='i' AND key=? "
+                                   "ORDER BY id LIMIT ?", int(after), gallery, CHUNK, each=_row))
 
     def fetch(self, gallery: str, ids) -> tuple:
-        """(ids, vectors, hp_raw) of the given rows that still exist, in id order."""
-        ids, rows = sorted(int(i) for i in ids), []
-        for s in range(0, len(ids), 500):
-            part = ids[s:s + 500]
-            rows += self.run(lambda c: c.execute(
-                f"SELECT id, vec, crc, hp FROM entries WHERE kind='i' AND key=? AND id IN ({_in(len(part))}) "
-                "ORDER BY id", [gallery, *part]).fetchall()) or []
-        return self._arrays(rows)
+        """(ids, vectors, hp_raw) of those rows that still exist, in id order."""
+        return _arrays(sorted(self._by("SELECT id, vec, crc, hp FROM entries NOT INDEXED WHERE kind='i' AND key=? "
+                                       "AND id IN (?)", sorted(int(i) for i in ids), gallery, each=_row)))
 
-    @staticmethod
-    def _arrays(rows):
-        ids = np.array([r[0] for r in rows], np.int64)
-        vecs = np.stack([vector(r[1], r[2]) for r in rows]) if rows else np.empty((0, 0), np.float32)
-        hp = np.array([np.nan if r[3] is None else r[3] for r in rows], np.float32)
-        return ids, vecs, hp
-
-    def hp_column(self, gallery: str):
+    def hp_column(self, gallery: str) -> tuple:
         """(ids, hp_raw) of every row of a gallery, in id order."""
-        rows = self.run(lambda c: c.execute("SELECT id, hp FROM entries WHERE kind='i' AND key=? ORDER BY id",
-                                            (gallery,)).fetchall()) or []
-        return (np.array([r[0] for r in rows], np.int64),
-                np.array([np.nan if r[1] is None else r[1] for r in rows], np.float32))
+        rows = self.select("SELECT id, hp FROM entries WHERE kind='i' AND key=? ORDER BY id", gallery)
+        return np.array([r[0] for r in rows], np.int64), np.array([_nan(r[1]) for r in rows], np.float32)
 
     def describe(self, ids) -> dict:
-        """{id: (name, label, hp_raw or NaN)} for building search results."""
-        out = {}
-        ids = [int(i) for i in ids]
-        for s in range(0, len(ids), 500):
-            part = ids[s:s + 500]
-            for id_, name, label, hp in self.run(lambda c: c.execute(
-                    f"SELECT id, name, label, hp FROM entries WHERE id IN ({_in(len(part))})", part).fetchall()) or []:
-                out[id_] = (untext(name), untext(label or b""), math.nan if hp is None else hp)
-        return out
+        """{id: (name, label, hp_raw or NaN)}, for search results."""
+        rows = self._by("SELECT id, name, label, hp FROM entries NOT INDEXED WHERE id IN (?)", [int(i) for i in ids])
+        return {id_: (untext(name), untext(label), _nan(hp)) for id_, name, label, hp in rows}
+
+    def memo(self, key: str, value: str | None = None):
+        """A remembered value (None if unknown); with value, remember it."""
+        if value is not None:
+            return self.write(lambda c: c.execute("INSERT OR REPLACE INTO memo VALUES(?, ?)", (text(key), value)))
+        row = self.select("SELECT value FROM memo WHERE key=?", text(key))
+        return row[0][0] if row else None
 
     # ---- writes ----------------------------------------------------------------------------------
     def put(self, kind: str, key: str, items: list, now: float, cap: int, used: dict) -> None:
-        """Record use times {id: time}, insert or replace (name, vector, hp_raw or None, label or None)
-        items, then evict the least recently used rows (ties: oldest first) past `cap`."""
-        rows = [(v.tobytes(), zlib.crc32(v), None if hp is None or math.isnan(hp) else float(hp),
-                 None if label is None else text(label), now, kind, key, text(name)) for name, v, hp, label in items]
-
-        xmax = max(float(np.sqrt(np.dot(v.astype(np.float64), v))) for _, v, _, _ in items)
+        """Record use times {id: time}, insert or replace (name, vector, hp_raw, label or None) items,
+        then evict the least recently used rows (ties: oldest first) past `cap`."""
+        rows = [(v.tobytes(), zlib.crc32(v), None if math.isnan(hp) else hp, None if label is None else text(label),
+                 now, kind, key, text(name)) for name, v, hp, label in items]
+        xmax = max(float(np.linalg.norm(v.astype(np.float64))) for _, v, _, _ in items)
 
         def fn(conn):
             conn.execute("INSERT INTO meta(kind, key, dim) VALUES(?, ?, ?) ON CONFLICT DO NOTHING",
-                         (kind, key, int(items[0][1].shape[0])))
+                         (kind, key, len(items[0][1])))
             self._touch(conn, used)
             before = conn.total_changes
             conn.executemany("UPDATE entries SET vec=?, crc=?, hp=?, label=?, used=? WHERE kind=? AND key=? AND name=?",
@@ -280,17 +256,15 @@ class Store:
             conn.executemany("INSERT OR IGNORE INTO entries(vec, crc, hp, label, used, kind, key, name) "
                              "VALUES(?, ?, ?, ?, ?, ?, ?, ?)", rows)
             added = conn.total_changes - before
-            (n,) = conn.execute("SELECT n FROM meta WHERE kind=? AND key=?", (kind, key)).fetchone()
-            evicted = max(0, n + added - cap)
-            if evicted:
-                conn.execute("DELETE FROM entries WHERE id IN (SELECT id FROM entries WHERE kind=? AND key=? "
-                             "ORDER BY used, id LIMIT ?)", (kind, key, evicted))
+            evicted = max(0, conn.execute("SELECT n FROM meta WHERE kind=? AND key=?", (kind, key)).fetchone()[0]
+                          + added - cap)
+            conn.execute("DELETE FROM entries WHERE id IN (SELECT id FROM entries WHERE kind=? AND key=? "
+                         "ORDER BY used, id LIMIT ?)", (kind, key, evicted))
             conn.execute("UPDATE meta SET n=n+?, edits=edits+?, xmax=max(xmax, ?) WHERE kind=? AND key=?",
                          (added - evicted, replaced + evicted, xmax, kind, key))
         self.write(fn)
 
     def touch(self, used: dict) -> None:
-        """Record use times {id: time}."""
         self.write(lambda c: self._touch(c, used))
 
     @staticmethod
@@ -301,11 +275,18 @@ class Store:
         self.write(lambda c: c.execute("UPDATE meta SET ix=? WHERE kind='i' AND key=?", (json.dumps(state), gallery)))
 
     def clear(self, kinds: list) -> None:
-        def fn(conn):
-            conn.execute(f"DELETE FROM entries WHERE kind IN ({_in(len(kinds))})", kinds)
-            conn.execute(f"DELETE FROM meta WHERE kind IN ({_in(len(kinds))})", kinds)
-        self.write(fn)
+        self.write(lambda c: [c.execute(f"DELETE FROM {t} WHERE kind IN ({','.join('?' * len(kinds))})", kinds)
+                              for t in ("entries", "meta")])
         try:
             self.conn.execute("VACUUM")  # give the space back
         except sqlite3.Error:
             pass
+
+
+def _row(r) -> tuple:
+    return r[0], vector(r[1], r[2]), _nan(r[3])
+
+
+def _arrays(rows) -> tuple:
+    return (np.array([r[0] for r in rows], np.int64), np.stack([r[1] for r in rows]) if rows else np.empty((0, 0)),
+            np.array([r[2] for r in rows], np.float32))
