@@ -1,9 +1,8 @@
 """`ict index`, `ict search` and `ict cache stats|clear`: the image gallery from the command line.
 
-Why a gallery: the image tower is the expensive part (~5 s per image on a 2-core CPU). `ict index` pays
-it once per image; `ict search` then ranks the gallery for any prompt with one text encode (none at
-all when the prompt is cached, and then no model load). ict_core.cli calls add_subcommands() and
-hands in what this module needs from it (no import back); errors are ICTError (one line).
+Why: `ict index` pays the image tower once per image; `ict search` then ranks the gallery for any prompt
+with one text encode (none, and no model load, when the prompt is cached). ict_core.cli calls
+add_subcommands() with what this module needs from it (no import back); errors are ICTError (one line).
 """
 from __future__ import annotations
 
@@ -55,23 +54,12 @@ def add_subcommands(sub, model_args, *, model_path, expand_images, progress) -> 
 def _open(args):
     """(cache, ICT path, HP path or None, gallery key) for these options."""
     from .cache import EmbeddingCache, gallery_key
-
     if getattr(args, "no_cache", False):
         raise InputError(f"`ict {args.command}` works on the embedding cache; drop --no-cache")
     ict = _host.model_path(args.model, "ict", True)
     hp = None if args.no_hp else _host.model_path(args.hp_model, "hp", getattr(args, "by", "ict") in ("hp", "ict*hp"))
     cache = EmbeddingCache(args.cache_dir)
-    return cache, ict, hp, gallery_key(_fingerprint(cache, ict), hp and _fingerprint(cache, hp), _dtype(args))
-
-
-def _fingerprint(cache, path: str) -> str:
-    """The model file's fingerprint, remembered by the cache (no torch import when it is known)."""
-    found = cache.fingerprint(path)
-    if found is None:
-        from .weights import fingerprint
-
-        found = fingerprint(path)  # raises the one-line error of a missing or bad file
-    return found
+    return cache, ict, hp, gallery_key(cache.fingerprint(ict), hp and cache.fingerprint(hp), _dtype(args))
 
 
 def _dtype(args) -> str:
@@ -79,7 +67,6 @@ def _dtype(args) -> str:
     if args.precision in ("auto", "fp32"):
         return "float32"
     from .scorer import resolve_device, resolve_dtype
-
     return str(resolve_dtype(args.precision, resolve_device(args.device)))
 
 
@@ -89,13 +76,11 @@ def _snapshot(path: str):
     from . import preprocess
     from .cache import hash_bytes
     from .files import open_regular
-
     with open_regular(path) as fh:
         data = fh.read()
 
     def load():
         from PIL import Image
-
         try:
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
@@ -110,7 +95,6 @@ def _snapshot(path: str):
 def cmd_index(args) -> int:
     """Encode the images not yet in the gallery of this (ICT, HP) pair and store them."""
     from .scorer import Scorer
-
     cache, ict_path, hp_path, gallery = _open(args)
     files, failed, added, already, known, scorer = _host.expand_images(args.paths), 0, 0, 0, set(), None
     bar = _host.progress(args.quiet, "indexing")
@@ -120,13 +104,11 @@ def cmd_index(args) -> int:
             for f in files[start:start + INDEX_ROUND]:
                 try:
                     digest, ref = _snapshot(f)
+                    todo.update({} if digest in known else {digest: ref})
+                    known.add(digest)
                 except OSError as e:
                     failed += 1
                     print(f"ict: cannot index {f}: {e.strerror or e}", file=sys.stderr)
-                    continue
-                if digest not in known:
-                    todo[digest] = ref
-                known.add(digest)
             stored, count = cache.get_images(gallery, list(todo)), len(todo)
             todo = {d: r for d, r in todo.items() if d not in stored or (hp_path and math.isnan(stored[d][1]))}
             already += count - len(todo)
@@ -134,14 +116,12 @@ def cmd_index(args) -> int:
                 scorer = scorer or Scorer.load(ict_path, hp_path, device=args.device, precision=args.precision,
                                                cache=None, config=args.config)
                 feats = scorer.encode_images(None, refs=list(todo.values()))
-                entries = {}
-                for i, (digest, ref) in enumerate(todo.items()):
+                entries = {d: (feats.ict[i].numpy(), None if feats.hp_raw is None else float(feats.hp_raw[i]), r.label)
+                           for i, (d, r) in enumerate(todo.items()) if feats.errors[i] is None}
+                for i, ref in enumerate(todo.values()):
                     if feats.errors[i] is not None:
                         failed += 1
                         print(f"ict: cannot index {ref.label}: {feats.errors[i]}", file=sys.stderr)
-                    else:
-                        hp_raw = float(feats.hp_raw[i]) if feats.hp_raw is not None else None
-                        entries[digest] = (feats.ict[i].numpy(), hp_raw, ref.label)
                 cache.put_images(gallery, entries)
                 added += len(entries)
             bar(min(start + INDEX_ROUND, len(files)), len(files))
@@ -161,18 +141,14 @@ def cmd_index(args) -> int:
 def query_vector(cache, ict_path: str, prompt: str, args):
     """The prompt's text feature: from the prompt cache (no model load at all), else encoded once."""
     from .cache import prompt_key
-
-    hit = cache.get_prompts(prompt_key(_fingerprint(cache, ict_path), _dtype(args)), [prompt]).get(prompt)
+    hit = cache.get_prompts(prompt_key(cache.fingerprint(ict_path), _dtype(args)), [prompt]).get(prompt)
     if hit is not None:  # text the scorer encoded (and checked) before
         return hit
     from .scorer import Scorer
     from .text import check_prompt
-
-    prompt = check_prompt(prompt)
-
     scorer = Scorer.load(ict_path, None, device=args.device, precision=args.precision, cache=cache,
                          config=args.config)
-    return scorer.encode_prompts([prompt])[0].numpy()
+    return scorer.encode_prompts([check_prompt(prompt)])[0].numpy()
 
 
 def _num(x):
@@ -193,7 +169,6 @@ def cmd_search(args) -> int:
     if cache.image_count(gallery) == 0:
         raise InputError(_empty_gallery_hint(cache, gallery, hp_path))
     from .cache.gallery_search import sigmoid
-
     query = query_vector(cache, ict_path, args.prompt, args) if args.prompt is not None else None
     rows = []
     for pos, h in enumerate(cache.search(gallery, query, top_k=args.top_k, by=args.by, exact=args.exact), 1):
@@ -203,9 +178,8 @@ def cmd_search(args) -> int:
                      "score": _num((ict * hp if hp is not None else ict) if ict is not None else hp)})
     cache.flush()
     if args.json:
-        json.dump({"prompt": args.prompt, "by": args.by, "gallery": gallery, "count": cache.image_count(gallery),
-                   "results": rows, "cache": cache.counters}, sys.stdout, indent=2, allow_nan=False)
-        print()
+        print(json.dumps({"prompt": args.prompt, "by": args.by, "gallery": gallery, "count": cache.image_count(gallery),
+                          "results": rows, "cache": cache.counters}, indent=2, allow_nan=False))
         return 0
     has_hp = any(r["hp"] is not None for r in rows)
     cell = lambda x: f"{x:7.4f}" if x is not None else f"{'-':>7}"  # noqa: E731
@@ -217,35 +191,27 @@ def cmd_search(args) -> int:
 
 
 def _empty_gallery_hint(cache, gallery: str, hp_path) -> str:
-    others = [g for g in cache.stats()["galleries"] if g.split("+")[0] == gallery.split("+")[0] and g != gallery]
-    if others and hp_path is None:
-        return "the gallery of this ICT model was indexed with an HP model; pass the same --hp-model to search it"
-    if others:
-        return "the gallery of this ICT model was indexed with another HP model (or none); use the same one here"
+    if any(g.split("+")[0] == gallery.split("+")[0] for g in cache.stats()["galleries"]):
+        return ("the gallery of this ICT model was indexed with " + ("an HP model; pass the same --hp-model to "
+                "search it" if hp_path is None else "another HP model (or none); use the same one here"))
     return f"no images are indexed for this model in {cache.path}; run `ict index FOLDER` with the same models first"
 
 
 def cmd_cache_stats(args) -> int:
     from .cache import EmbeddingCache
-
     stats = EmbeddingCache(args.cache_dir).stats()
     stats.pop("counters", None)
     if args.json:
-        json.dump(stats, sys.stdout, indent=2)
-        print()
+        print(json.dumps(stats, indent=2))
         return 0
     print(f"path:     {stats['path']}\nprompts:  {stats['prompts']}\nimages:   {stats['images']}\n"
-          f"size:     {stats['bytes'] / 2 ** 20:.1f} MiB")
-    for t in stats["tables"]:
-        print(f"  {t['kind']:<8} {t['count']:>8}  {t['key']}")
-    if stats["memory_only"]:
-        print("note: the folder cannot be written; this run kept the cache in memory only")
+          f"size:     {stats['bytes'] / 2 ** 20:.1f} MiB", *(f"  {t['kind']:<8} {t['count']:>8}  {t['key']}"
+                                                         for t in stats["tables"]), sep="\n")
     return 0
 
 
 def cmd_cache_clear(args) -> int:
     from .cache import EmbeddingCache
-
     prompts, images = (not args.images), (not args.prompts)
     cache = EmbeddingCache(args.cache_dir)
     before = cache.stats()

@@ -320,8 +320,7 @@ def test_lock_held_elsewhere_defers_save(tmp_path, caplog):
     import sqlite3
 
     EmbeddingCache(tmp_path).put_prompts(FP2, prompts_of(1))
-    c = EmbeddingCache(tmp_path)
-    c.lock_timeout = 0.2
+    c = EmbeddingCache(tmp_path, lock_timeout=0.2)
     other = sqlite3.connect(db_file(tmp_path), isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # another process writing for a long time
     c.put_prompts(FP, prompts_of(2))
@@ -620,3 +619,31 @@ def test_prompt_hit_never_runs_text_encoder(engine, tiny_models, images, tmp_pat
     assert len(calls) == 1 and feats.shape[0] == 2
     cached = again.cache.get_prompts(again.ict_fingerprint, ["a red fox in the snow"])
     assert cached["a red fox in the snow"].tobytes() == feats[0].numpy().tobytes()
+
+
+def test_read_only_mount(tmp_path):
+    """A read-only file system (a bind mount, so that root is refused too): reads work, the first
+    write turns the cache memory-only with one warning."""
+    import shutil
+
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+        pytest.skip("needs `unshare -m` (mount namespaces)")
+    src, ro = tmp_path / "src", tmp_path / "ro"
+    ro.mkdir()
+    c = EmbeddingCache(src)
+    c.put_prompts(FP, prompts_of(2))
+    c.close()
+    code = PRELUDE + textwrap.dedent(f"""
+        import logging; logging.basicConfig()
+        c = EmbeddingCache({str(ro)!r})
+        assert len(c.get_prompts({FP!r}, ["p0", "p1"])) == 2 and not c.memory_only
+        c.put_prompts({FP!r}, {{"new": np.ones(16, np.float32)}})
+        c.flush()
+        assert c.memory_only and len(c.get_prompts({FP!r}, ["p0", "p1", "new"])) == 3
+    """)
+    script = tmp_path / "ro.py"
+    script.write_text(code)
+    out = subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind {src} {ro} && mount -o remount,bind,ro {ro} && "
+                          f"{sys.executable} {script}"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("WARNING") == 1 and "memory only" in out.stderr

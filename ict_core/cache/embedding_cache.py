@@ -1,14 +1,13 @@
-"""EmbeddingCache: prompt features and image galleries kept per model, and gallery search.
+"""EmbeddingCache: prompt features and image galleries per model, and gallery search.
 
-Why: the ViT-H text tower costs ~2.8 s per prompt on a 2-core CPU and the image tower far more; a
-workflow that re-scores with the same prompt, or a gallery searched by many prompts, should pay that
-once. The cache is an accelerator, never a point of failure: a fault is one warning and a cache that
-keeps working (store); nothing here raises into the scorer. Storage: store (SQLite); search:
-gallery_search (faiss, imported on the first search; this module needs no torch).
+Why: a text or image forward costs seconds on a CPU; a prompt or image seen before should not. The cache
+is an accelerator, never a point of failure: a fault is one warning and a cache that keeps working
+(store); nothing here raises into the scorer. Needs no torch; faiss is imported by the first search.
 """
 from __future__ import annotations
 
 import atexit
+import importlib
 import logging
 import os
 import threading
@@ -37,26 +36,19 @@ _live: "weakref.WeakSet[EmbeddingCache]" = weakref.WeakSet()
 
 def _faiss():
     """faiss, or None (then numpy searches; one warning when it is missing)."""
-    if os.environ.get(NO_FAISS_ENV, "") not in ("", "0"):
-        return None
-    if not _faiss_state["tried"]:
+    if not _faiss_state["tried"] and os.environ.get(NO_FAISS_ENV, "") in ("", "0"):
         _faiss_state["tried"] = True
         try:
-            import faiss  # noqa: PLC0415  (lazy: `import ict_core` must stay light)
-
-            _faiss_state["mod"] = faiss
+            _faiss_state["mod"] = importlib.import_module("faiss")  # lazily: `import ict_core` stays light
         except Exception as exc:
             log.warning("faiss is not importable (%s); gallery search uses numpy (same ranking, slower)", exc)
-    return _faiss_state["mod"]
+    return None if os.environ.get(NO_FAISS_ENV, "") not in ("", "0") else _faiss_state["mod"]
 
 
 @atexit.register
 def _flush_at_exit():
     for cache in list(_live):
-        try:
-            cache.flush(force=True)
-        except Exception:  # never fail interpreter shutdown
-            pass
+        cache.flush(force=True)  # guarded: never fails
 
 
 def _guard(default):
@@ -76,28 +68,20 @@ def _guard(default):
     return wrap
 
 
-def _check_key(key) -> None:
-    if not isinstance(key, str) or not key:
-        raise ValueError("cache key (fingerprint) must be a non-empty string")
-
-
 class EmbeddingCache:
-    """Prompt-feature cache and image gallery on disk; see the module docstring.
-
-    max_prompts / max_images cap each table (one model's prompts, one gallery); past the cap the least
-    recently used entries go. memory_only=True never touches the disk. Thread-safe; any number of
-    processes may share a folder.
-    """
+    """Prompt features and image galleries on disk. max_prompts / max_images cap each table (one model's
+    prompts, one gallery): past them the least recently used go. memory_only=True never touches the disk.
+    Thread-safe; any number of processes may share a folder."""
 
     #: Use times of hits are written at most this often (flush(force=True) does not wait) and only
     #: for tables at least LRU_PERSIST_FILL full (below that they evict nothing).
     lru_flush_interval, LRU_PERSIST_FILL = 60.0, 0.8
 
     def __init__(self, cache_dir=None, max_prompts: int = 100_000, max_images: int = 1_000_000,
-                 *, memory_only: bool = False):
+                 *, memory_only: bool = False, lock_timeout: float = 30.0):
         self.path = resolve_cache_dir(cache_dir)
         self.max_prompts, self.max_images = int(max_prompts), int(max_images)
-        self._store = Store(self.path, 30.0, memory_only)
+        self._store = Store(self.path, lock_timeout, memory_only)
         self._lock = threading.RLock()
         self._pending: dict = {}  # (kind, key) -> {name: item} not written yet (the database was locked)
         self._used: dict = {}  # (kind, key) -> {id: time} of hits not written yet
@@ -105,19 +89,6 @@ class EmbeddingCache:
         self._used_saved, self._warned = time.monotonic(), set()
         self.reset_counters()
         _live.add(self)
-
-    def __repr__(self):
-        return f"EmbeddingCache({str(self.path)!r}{', memory-only' if self.memory_only else ''})"
-
-    @property
-    def lock_timeout(self) -> float:
-        """Seconds to wait for another process's write before keeping ours for the next flush."""
-        return self._store.timeout
-
-    @lock_timeout.setter
-    def lock_timeout(self, seconds: float) -> None:
-        self._store.timeout = float(seconds)
-        self._store.close()  # reconnects with it
 
     @property
     def counters(self) -> dict:
@@ -130,7 +101,6 @@ class EmbeddingCache:
     def memory_only(self) -> bool:
         return self._store.memory_only
 
-    # ---- prompts and images ----------------------------------------------------------------------
     @_guard(dict)
     def get_prompts(self, fingerprint: str, prompts) -> dict:
         """Cached text features of the given prompts (hits only), bit-identical to what was put.
@@ -157,29 +127,19 @@ class EmbeddingCache:
         with self._lock:
             return self._store.meta("i", gallery)["n"]
 
-    def fingerprint(self, path) -> str | None:
+    def fingerprint(self, path) -> str:
         """ict_core.weights.fingerprint of a model file, remembered by its path, size, mtime and inode:
-        a search whose prompt is cached then imports no torch. None if the file cannot be seen."""
+        a search whose prompt is cached then imports no torch."""
+        compute = lambda: importlib.import_module("ict_core.weights").fingerprint(path)  # noqa: E731
         try:
             st = os.stat(path)
         except OSError:
-            return None  # the caller's own look at the file says what is wrong
-        key = f"fingerprint\0{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}"
+            return compute()  # which says what is wrong with the file
         with self._lock:
-            found = None
-            try:
-                found = self._store.memo(key)
-                if found is None:
-                    from ..weights import fingerprint
-
-                    found = fingerprint(path)
-                    self._store.memo(key, found)
-            except Busy:
-                pass
-            return found
+            return self._store.memo(f"fp\0{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}",
+                                    compute)
 
     def _get(self, kind: str, key: str, names, counter: str) -> dict:
-        _check_key(key)
         with self._lock:
             names = list(dict.fromkeys(n for n in names if isinstance(n, str)))
             pending = self._pending.get((kind, key), {})
@@ -196,7 +156,8 @@ class EmbeddingCache:
             return out
 
     def _put(self, kind: str, key: str, items: list) -> None:
-        _check_key(key)
+        if not isinstance(key, str) or not key:
+            raise ValueError("cache key (fingerprint) must be a non-empty string")
         with self._lock:
             pending = self._pending.setdefault((kind, key), {})
             dim = self._store.meta(kind, key)["dim"] or next((len(p[1]) for p in pending.values()), None)
@@ -224,12 +185,11 @@ class EmbeddingCache:
             if "busy" not in self._warned:
                 self._warned.add("busy")
                 log.warning("ict-reward cache: %s stayed locked for %.0f s (%s); saving later",
-                            self._store.file, self.lock_timeout, exc)
+                            self._store.file, self._store.timeout, exc)
             return
         del self._pending[(kind, key)]
         self._used.pop((kind, key), None)
 
-    # ---- search ----------------------------------------------------------------------------------
     def search(self, gallery: str, query_vec, top_k=None, by: str = "ict", *, exact: bool = False) -> list:
         """Rank the images of a gallery for one text feature, best first.
 
@@ -277,7 +237,6 @@ class EmbeddingCache:
             yield chunk
             chunk = self._store.scan(gallery, chunk[0][-1])
 
-    # ---- housekeeping ----------------------------------------------------------------------------
     @_guard(lambda: None)
     def flush(self, force: bool = False) -> None:
         """Write what is pending. Use times of hits wait lru_flush_interval unless force, and are kept

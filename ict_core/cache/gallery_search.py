@@ -1,26 +1,19 @@
 """Gallery search through faiss: exact for small galleries (or when asked), IVF from IVF_MIN rows.
 
-Scores: a row's ict is its fp32 inner product with the query as exact_scores computes it (numpy einsum,
-row by row: unlike BLAS sgemv, a row's last bit does not depend on the rows it comes with). faiss only
-proposes candidates; every value returned is exact_scores', so all paths agree bit for bit.
-
-Exact: the rows are read in chunks (memory: one chunk). By ict, a faiss IndexFlatIP gives a chunk's
-best candidates; they stand if no row left out can reach the k-th exact value (faiss's and numpy's sums
-differ by at most 2 d u |q| |x|, u = 2^-24), else the chunk is scored row by row. Full rankings and
-rankings by ict*hp score every row.
-
-Fast (a top k by ict of IVF_MIN rows or more): an IndexIVFScalarQuantizer (8-bit codes: a quarter of the
-fp32 bytes) saved as faiss/<gallery>.faiss beside the database and memory-mapped by searches. Rows added
-since it was built are appended at the next search (saved once they are APPEND_SAVE of it); it is rebuilt
-when in-place changes and evictions reach STALE of its rows or the gallery doubled since its training.
-NPROBE_SHARE of the lists are scanned; the best candidates(k) are read from SQLite in fp32 and rescored.
-With faiss-gpu and a GPU, the index is searched on GPU 0 (untested: no GPU where this was written).
+faiss proposes candidates; every value returned is exact_scores' (numpy einsum row by row: unlike BLAS
+sgemv, a row's last bit does not depend on the rows it comes with), so all paths agree bit for bit.
+Exact: chunk by chunk, a faiss IndexFlatIP's candidates stand if no row left out can reach the k-th
+exact value (the sums differ by at most 2 d u |q| |x|, u = 2^-24), else the chunk is scored whole.
+Fast: an IndexIVFScalarQuantizer (8-bit codes) saved as faiss/<gallery>.faiss and memory-mapped; rows
+added since are appended at the next search; rebuilt when changes in place and evictions reach STALE
+of it or the gallery doubled. faiss-gpu with a GPU searches on GPU 0 (untested: no GPU here).
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -29,13 +22,17 @@ log = logging.getLogger("ict_core.cache")
 #: Rows from which a top k by ict uses the IVF index (docs/BENCHMARKS.md).
 IVF_MIN = 20_000
 STALE, APPEND_SAVE = 0.05, 0.01
-#: IVF lists per sqrt(rows), training rows per list, share of the lists scanned per query.
-LISTS_PER_SQRT, TRAIN_PER_LIST, NPROBE_SHARE = 1.0, 40, 1 / 16
+#: IVF lists per sqrt(rows), training rows per list; lists scanned per query: this share, at least NPROBE_MIN.
+LISTS_PER_SQRT, TRAIN_PER_LIST, NPROBE_SHARE, NPROBE_MIN = 1.0, 40, 1 / 16, 48
 _gpu = {}
 
 
 def exact_scores(vectors: np.ndarray, q: np.ndarray) -> np.ndarray:
     return np.einsum("ij,j->i", vectors, q)
+
+
+def candidates(k: int) -> int:
+    return max(10 * k, 100)
 
 
 def sigmoid(x) -> np.ndarray:
@@ -44,10 +41,6 @@ def sigmoid(x) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):
         z = np.exp(-np.abs(x))
         return np.where(x >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
-
-
-def candidates(k: int) -> int:
-    return max(10 * k, 100)
 
 
 def values(ict, hp, by: str) -> np.ndarray:
@@ -90,14 +83,14 @@ def exact_search(faiss, chunks, q, k, by, xmax):
 
 
 class Ivf:
-    """A gallery's IVF index and its state: upto (last id added), edits (the gallery's when it was
-    built), ntotal, trained (rows when trained), saved (ntotal when saved)."""
+    """An IVF index; state: upto (last id in it), edits (the gallery's at its build), ntotal, trained
+    (rows at its training), saved (ntotal when saved)."""
 
     def __init__(self, index, state: dict, keep=None, mapped=False):
         self.index, self.state, self._keep, self.gpu, self.mapped = index, state, keep, None, mapped
 
     def search(self, faiss, q: np.ndarray, k: int) -> np.ndarray:
-        self.index.nprobe = max(1, math.ceil(self.index.nlist * NPROBE_SHARE))
+        self.index.nprobe = min(self.index.nlist, max(NPROBE_MIN, math.ceil(self.index.nlist * NPROBE_SHARE)))
         if self.gpu is None:
             self.gpu = False
             try:
@@ -113,7 +106,7 @@ class Ivf:
 def ivf_index(faiss, store, gallery: str, meta: dict, path, held: Ivf | None) -> Ivf:
     """The gallery's IVF index, up to date: this process's copy, else the saved one, else a new one."""
     ix = held or _load(faiss, meta, path)
-    if ix is None or meta["edits"] - ix.state["edits"] > STALE * max(ix.state["ntotal"], 1) \
+    if ix is None or meta["edits"] - ix.state["edits"] > STALE * ix.state["ntotal"] \
             or meta["n"] > 2 * ix.state["trained"]:
         ix = _build(faiss, store, gallery, meta)
     ids, vecs, _ = store.scan(gallery, ix.state["upto"])
@@ -134,8 +127,7 @@ def ivf_index(faiss, store, gallery: str, meta: dict, path, held: Ivf | None) ->
             ix.state["saved"] = ix.state["ntotal"]
         except Exception as exc:  # the index is an accelerator: kept in memory only
             log.debug("faiss index not saved to %s (%s)", path, exc)
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            Path(tmp).unlink(missing_ok=True)
     return ix
 
 
@@ -147,14 +139,15 @@ def _load(faiss, meta, path):
     except RuntimeError as exc:
         log.debug("faiss index %s unreadable (%s); rebuilding it", path, exc)
         return None
-    return Ivf(index, meta["ix"], mapped=True) if (index.ntotal, index.d) == (meta["ix"]["ntotal"], meta["dim"]) else None
+    same = (index.ntotal, index.d) == (meta["ix"]["ntotal"], meta["dim"])
+    return Ivf(index, meta["ix"], mapped=True) if same else None
 
 
 def _build(faiss, store, gallery, meta):
     dim, n = meta["dim"], meta["n"]
     nlist = max(1, int(LISTS_PER_SQRT * math.sqrt(n)))
-    ids, _ = store.hp_column(gallery)
-    _, train, _ = store.fetch(gallery, np.random.default_rng(0).choice(ids, min(len(ids), TRAIN_PER_LIST * nlist), False))
+    ids = store.hp_column(gallery)[0]
+    _, train, _ = store.fetch(gallery, np.random.default_rng(0).choice(ids, min(len(ids), TRAIN_PER_LIST * nlist), 0))
     quantizer = faiss.IndexFlatIP(dim)
     index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit,
                                           faiss.METRIC_INNER_PRODUCT)

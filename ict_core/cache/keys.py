@@ -18,7 +18,6 @@ def resolve_cache_dir(explicit=None) -> Path:
     Windows default). Nothing is created here: the folder is made on the first save."""
     if explicit in (None, ""):
         from ..paths import default_cache_dir
-
         explicit = default_cache_dir()
     return Path(os.path.expanduser(os.fspath(explicit)))
 
@@ -45,11 +44,7 @@ def hash_bytes(data: bytes) -> str:
 
 
 def hash_file(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return hash_bytes(Path(path).read_bytes())
 
 
 def hash_pixels(pixels) -> str:

@@ -1,16 +1,14 @@
 """The cache's storage: one SQLite database (WAL) of prompt features and image galleries.
 
-Why SQLite: atomic commits, crash safety, readers and writers in many processes and ordered eviction
-come from the database, not from hand-written files and locks. A fault is one warning and a store that
-keeps working: a damaged database is set aside and a new one started; a folder that cannot be written
-(read-only, full, not a folder) turns the store memory-only (a copy of what could be read); a write
-that waits past the timeout raises Busy (the caller keeps it for later).
+Why SQLite: atomic commits, crash safety, many processes and ordered eviction come from the database.
+A fault is one warning and a store that keeps working: a damaged database is set aside and a new one
+started; a folder that cannot be written (read-only, full, not a folder) turns the store memory-only
+(a copy of what could be read); a write waiting past the timeout raises Busy (kept for later).
 
-entries: one row per prompt (kind 'p', key = prompt_key, name = the text) or image (kind 'i', key =
-gallery_key, name = content hash). id grows with each new row: insertion order (the tie-break of
-rankings) and the row's id in the faiss index. crc is the vector's crc32: SQLite has no checksums of
-its own. meta: per table the width, row count, count of in-place changes and evictions (they make a
-faiss index stale), largest vector norm and the faiss index's state.
+entries: a prompt (kind 'p', key = prompt_key, name = its text) or an image (kind 'i', key = gallery_key,
+name = its hash); id is insertion order (the rankings' tie-break) and the faiss id; crc is the vector's
+crc32 (SQLite has no checksums). meta per table: width, rows, in-place changes and evictions (they make
+a faiss index stale), largest norm, faiss index state.
 """
 from __future__ import annotations
 
@@ -44,10 +42,6 @@ class Busy(Exception):
     """The database stayed locked by another process's write past the timeout."""
 
 
-class Damaged(Exception):
-    """A stored vector fails its checksum."""
-
-
 def text(s: str) -> bytes:
     return s.encode("utf-8", "surrogatepass")  # prompts and file names may hold lone surrogates
 
@@ -56,19 +50,19 @@ def untext(b) -> str:
     return bytes(b or b"").decode("utf-8", "surrogatepass")
 
 
-def vector(blob, crc: int) -> np.ndarray:
-    if zlib.crc32(blob) != crc:
-        raise Damaged("a stored vector fails its checksum")
-    return np.frombuffer(blob, np.float32).copy()
-
-
 def _nan(x) -> float:
     return math.nan if x is None else x
 
 
+def vector(blob, crc: int) -> np.ndarray:
+    if zlib.crc32(blob) != crc:
+        raise sqlite3.DatabaseError("database disk image is malformed (a stored vector fails its checksum)")
+    return np.frombuffer(blob, np.float32).copy()
+
+
 def _fault(exc: Exception) -> str:
     msg = str(exc).lower()
-    if isinstance(exc, Damaged) or "malformed" in msg or "not a database" in msg:
+    if "malformed" in msg or "not a database" in msg:
         return "damaged"
     return "busy" if "locked" in msg or "busy" in msg else "unwritable"
 
@@ -89,19 +83,16 @@ class Store:
         if write:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._set_aside_old_format()
-        conn = sqlite3.connect(self.file, timeout=self.timeout, check_same_thread=False, isolation_level=None)
+        conn = sqlite3.connect(self.file, timeout=self.timeout, check_same_thread=False, isolation_level="IMMEDIATE")
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(SCHEMA)
+            conn.executescript("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;" + SCHEMA)
             return conn, True
         except sqlite3.Error as exc:
             conn.close()
             if write or _fault(exc) != "unwritable":
                 raise
         # a read-only folder: a WAL reader needs a -shm file it cannot make, so read the file as it is
-        conn = sqlite3.connect(f"{self.file.resolve().as_uri()}?immutable=1", uri=True, check_same_thread=False,
-                               isolation_level=None)
+        conn = sqlite3.connect(f"{self.file.resolve().as_uri()}?immutable=1", uri=True, check_same_thread=False)
         conn.execute("SELECT count(*) FROM meta").fetchone()
         return conn, False
 
@@ -118,20 +109,11 @@ class Store:
                     self.conn, self.writable = conn, writable
                 if not write:
                     return fn(self.conn)
-                self.conn.execute("BEGIN IMMEDIATE")
-                try:
-                    out = fn(self.conn)
-                    self.conn.execute("COMMIT")
-                    return out
-                except BaseException:
-                    try:
-                        self.conn.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
-                    raise
+                with self.conn:  # one transaction (BEGIN IMMEDIATE), rolled back on any error
+                    return fn(self.conn)
             except (sqlite3.ProgrammingError, sqlite3.InterfaceError):
                 raise  # a bug here, not a fault of the disk
-            except (sqlite3.Error, OSError, Damaged) as exc:
+            except (sqlite3.Error, OSError) as exc:
                 fault = _fault(exc)
                 if fault == "busy":
                     raise Busy(str(exc)) from None
@@ -154,7 +136,7 @@ class Store:
                                        *params, *keys[s:s + 500], each=each)]
 
     def _go_memory(self, exc) -> None:
-        mem = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+        mem = sqlite3.connect(":memory:", check_same_thread=False, isolation_level="IMMEDIATE")
         if self.conn is not None:
             try:
                 self.conn.backup(mem)  # keep what could be read
@@ -194,7 +176,6 @@ class Store:
             self.conn.close()
             self.conn, self.writable = None, False
 
-    # ---- reads -----------------------------------------------------------------------------------
     def get(self, kind: str, key: str, names: list) -> dict:
         """{name: (id, vector, hp_raw or NaN)} for the stored names."""
         return dict(self._by("SELECT name, id, vec, crc, hp FROM entries WHERE kind=? AND key=? AND name IN (?)",
@@ -230,14 +211,18 @@ class Store:
         rows = self._by("SELECT id, name, label, hp FROM entries NOT INDEXED WHERE id IN (?)", [int(i) for i in ids])
         return {id_: (untext(name), untext(label), _nan(hp)) for id_, name, label, hp in rows}
 
-    def memo(self, key: str, value: str | None = None):
-        """A remembered value (None if unknown); with value, remember it."""
-        if value is not None:
-            return self.write(lambda c: c.execute("INSERT OR REPLACE INTO memo VALUES(?, ?)", (text(key), value)))
+    def memo(self, key: str, compute) -> str:
+        """The value remembered for key, else compute()'s (then remembered, if the database lets us)."""
         row = self.select("SELECT value FROM memo WHERE key=?", text(key))
-        return row[0][0] if row else None
+        if row:
+            return row[0][0]
+        value = compute()
+        try:
+            self.write(lambda c: c.execute("INSERT OR REPLACE INTO memo VALUES(?, ?)", (text(key), value)))
+        except Busy:
+            pass
+        return value
 
-    # ---- writes ----------------------------------------------------------------------------------
     def put(self, kind: str, key: str, items: list, now: float, cap: int, used: dict) -> None:
         """Record use times {id: time}, insert or replace (name, vector, hp_raw, label or None) items,
         then evict the least recently used rows (ties: oldest first) past `cap`."""
