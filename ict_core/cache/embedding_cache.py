@@ -226,16 +226,10 @@ class EmbeddingCache:
                 ict = gs.exact_scores(vecs, q)
                 ids, ict, value = gs.ranked(ids, ict, gs.values(ict, hp, by), top_k)
             else:
-                ids, ict, value = gs.exact_search(faiss, self._chunks(gallery), q, top_k, by, meta["xmax"])
+                ids, ict, value = gs.exact_search(faiss, self._store.chunks(gallery), q, top_k, by, meta["xmax"])
             info = self._store.describe(ids)
             return [SearchHit(info[i][1], info[i][0], c, info[i][2], v)
                     for i, c, v in zip(ids.tolist(), ict.tolist(), value.tolist()) if i in info]
-
-    def _chunks(self, gallery: str):
-        chunk = self._store.scan(gallery)
-        while len(chunk[0]):
-            yield chunk
-            chunk = self._store.scan(gallery, chunk[0][-1])
 
     @_guard(lambda: None)
     def flush(self, force: bool = False) -> None:

@@ -109,14 +109,12 @@ def ivf_index(faiss, store, gallery: str, meta: dict, path, held: Ivf | None) ->
     if ix is None or meta["edits"] - ix.state["edits"] > STALE * ix.state["ntotal"] \
             or meta["n"] > 2 * ix.state["trained"]:
         ix = _build(faiss, store, gallery, meta)
-    ids, vecs, _ = store.scan(gallery, ix.state["upto"])
-    while len(ids):  # rows added since: appended
+    for ids, vecs, _ in store.chunks(gallery, ix.state["upto"]):  # rows added since: appended
         if ix.mapped:  # a mapped file cannot grow: read it into memory
             ix = Ivf(faiss.read_index(str(path)), ix.state)
         ix.index.add_with_ids(vecs, ids)
         ix.state.update(upto=int(ids[-1]), ntotal=int(ix.index.ntotal))
         ix.gpu = None
-        ids, vecs, _ = store.scan(gallery, ix.state["upto"])
     if not store.memory_only and ix.state["ntotal"] - ix.state["saved"] > APPEND_SAVE * ix.state["ntotal"]:
         tmp = f"{path}.tmp-{os.getpid()}"
         try:

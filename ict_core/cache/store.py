@@ -191,10 +191,13 @@ class Store:
     def tables(self) -> list:
         return self.select("SELECT kind, key, n, dim FROM meta WHERE n > 0 ORDER BY kind, key")
 
-    def scan(self, gallery: str, after: int = -1) -> tuple:
-        """(ids, vectors, hp_raw) of the next CHUNK rows of a gallery with id > after."""
-        return _arrays(self.select("SELECT id, vec, crc, hp FROM entries NOT INDEXED WHERE id>? AND kind='i' AND key=? "
-                                   "ORDER BY id LIMIT ?", int(after), gallery, CHUNK, each=_row))
+    def chunks(self, gallery: str, after: int = -1):
+        """(ids, vectors, hp_raw) of the rows of a gallery with id > after, CHUNK rows at a time."""
+        while len((chunk := _arrays(self.select("SELECT id, vec, crc, hp FROM entries NOT INDEXED WHERE id>? AND "
+                                                "kind='i' AND key=? ORDER BY id LIMIT ?", int(after), gallery, CHUNK,
+                                                each=_row)))[0]):
+            yield chunk
+            after = chunk[0][-1]
 
     def fetch(self, gallery: str, ids) -> tuple:
         """(ids, vectors, hp_raw) of those rows that still exist, in id order."""
