@@ -110,7 +110,7 @@ def child_prompt(a, cache):
     c.put_prompts("bench" * 5, {f"prompt {i}": v[i] for i in range(1000)})
     c.flush()
     c = cache.EmbeddingCache(a.dir)
-    return {"prompt_hit_p50_ms": p50(lambda i: c.get_prompts("bench" * 5, [f"prompt {i % 1000}"]), 2000)}
+    return {"prompt_hit_p50_ms": p50(lambda i: c.get_prompts("bench" * 5, [f"prompt {i % 1000}"]), a.repeats)}
 
 
 def child_index_cost(a, cache):
@@ -161,8 +161,15 @@ def main() -> int:
     ap.add_argument("--uniform", action="store_true")
     ap.add_argument("--work", default="/tmp/ict-bench-cache")
     ap.add_argument("--dir"), ap.add_argument("--key"), ap.add_argument("--prompt-key"), ap.add_argument("--n", type=int)
+    ap.add_argument("--images", type=int, help="one gallery size (bench_cpu.py's form of --sizes)")
+    ap.add_argument("--repeats", type=int, default=2000, help="prompt lookups timed")
+    ap.add_argument("--render", help="print the table of a results.json")
     ap.add_argument("--result")
     a = ap.parse_args()
+    if a.render:
+        print(table(json.loads(Path(a.render).read_text())))
+        return 0
+    a.sizes = [a.images] if a.images else a.sizes
     if a.child:
         cache = load(a.root)
         out = globals()[f"child_{a.child}"](a, cache)
@@ -183,7 +190,7 @@ def main() -> int:
         gal, pkey = key_of[impl]
         folder = work / f"{impl}-{tag or n}{'-uniform' if a.uniform else ''}"
         args = ["--child", mode, "--root", str(impls[impl]), "--dir", str(folder), "--key", gal, "--prompt-key", pkey,
-                "--n", str(n), *(["--uniform"] if a.uniform else []), *extra]
+                "--n", str(n), "--repeats", str(a.repeats), *(["--uniform"] if a.uniform else []), *extra]
         res = run_child(me, args, work / "child.json", env={"PYTHONPATH": ""})
         with open(work / "child.json") as f:
             return {**res, "peak_rss_bytes": json.load(f)["peak_rss_bytes"]}
@@ -217,13 +224,40 @@ def main() -> int:
         res["runs"][f"{impl} prompt"] = [child(impl, "prompt", n=0, tag=f"prompts{r}") for r in range(a.rounds)]
         res["runs"][f"{impl} {n} index cost"] = child(impl, "index_cost", "--rounds", "20", n=n)
     (work / "results.json").write_text(json.dumps(res, indent=1))
-    for k, v in res["runs"].items():
-        if isinstance(v, list) and v and isinstance(v[0], dict):
-            v = {f: median([x.get(f) for x in v]) for f in v[0]}
-        elif isinstance(v, list):
-            v = median(v)
-        print(f"{k}: {v}")
+    print(table(res))
     return 0
+
+
+def table(res: dict) -> str:
+    """A markdown table of the medians over rounds, one column per implementation and size."""
+    runs, cols = res["runs"], []
+    for k in runs:
+        impl, n, *_ = k.split(" ")
+        if n.isdigit() and (impl, int(n)) not in cols:
+            cols.append((impl, int(n)))
+
+    def med(impl, n, what, field, scale=1.0):
+        v = runs.get(f"{impl} {n} {what}" if n is not None else f"{impl} {what}")
+        v = [x.get(field) if isinstance(x, dict) else x for x in (v if isinstance(v, list) else [v])] if v else []
+        v = median(v)
+        return "" if v is None else f"{v * scale:.3g}"
+
+    rows = [("store the gallery (s)", "build", "store_s", 1), ("first search: faiss index built (s)", "build",
+            "first_search_s", 1), ("disk (GB)", "build", "disk_bytes", 1e-9),
+            ("fresh process: open + first top-10 search (ms)", "search", "fresh_first_search_s", 1e3),
+            ("top-10 search p50 (ms)", "search", "top10_p50_ms", 1),
+            ("top-10 search p50, exact (ms)", "search", "exact_top10_p50_ms", 1),
+            ("recall@10 of the default vs exact", "search", "recall_at_10", 1),
+            ("peak RSS of the search process (GB)", "search", "peak_rss_bytes", 1e-9),
+            ("`ict search` wall, fresh process, cached prompt (s)", "ict search wall", None, 1),
+            ("index: cache time per image (ms)", "index cost", "cache_ms_per_image", 1)]
+    out = ["| | " + " | ".join(f"{i} {n:,}" for i, n in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for label, what, field, scale in rows:
+        out.append(f"| {label} | " + " | ".join(med(i, n, what, field, scale) for i, n in cols) + " |")
+    for impl in dict.fromkeys(i for i, _ in cols):
+        out.append(f"| prompt hit p50, {impl} (ms) | " + med(impl, None, "prompt", "prompt_hit_p50_ms") + " |"
+                   + " |" * (len(cols) - 1))
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -90,16 +90,11 @@ class EmbeddingCache:
         self.reset_counters()
         _live.add(self)
 
-    @property
-    def counters(self) -> dict:
-        return dict(self._counters)
+    counters = property(lambda self: dict(self._counters))
+    memory_only = property(lambda self: self._store.memory_only)
 
     def reset_counters(self) -> None:
         self._counters = dict(prompt_hits=0, prompt_misses=0, image_hits=0, image_misses=0)
-
-    @property
-    def memory_only(self) -> bool:
-        return self._store.memory_only
 
     @_guard(dict)
     def get_prompts(self, fingerprint: str, prompts) -> dict:

@@ -123,7 +123,7 @@ class Store:
         raise RuntimeError("the cache database keeps failing")
 
     def write(self, fn):
-        return self.run(fn, write=True)
+        return self.run(fn, True)
 
     def select(self, sql: str, *params, each=None) -> list:
         """Rows of a query, each(row) if given (inside run: a damaged vector is handled there)."""
