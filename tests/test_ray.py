@@ -128,7 +128,7 @@ def ray_session(tmp_path_factory):
         pytest.skip("Ray is an optional extra: pip install -e '.[ray]'")
     fault = tmp_path_factory.mktemp("fault") / "armed"
     os.environ[FAULT_ENV] = str(fault)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",  # never a cluster
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
                                        FAULT_ENV: str(fault), "OMP_NUM_THREADS": "1"},
                           "worker_process_setup_hook": _fault_hook})
