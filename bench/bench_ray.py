@@ -7,13 +7,13 @@ input sizes, so that the fixed cost (start + load) and the marginal cost per ima
 
     per image = (wall(N) - wall(N0)) / (N - N0)      fixed = wall(N0) - N0 * per image
 
-    python bench/bench_ray.py                      # tiny CLIP (ICT+HP) and ViT-H-14 (ICT), ~25 min
-    python bench/bench_ray.py --shapes tiny        # ~4 min
+    python bench/bench_ray.py                      # tiny CLIP (ICT+HP) and ViT-H-14 (ICT), ~40 min
+    python bench/bench_ray.py --shapes tiny        # ~15 min
     flock /work/bench.lock python bench/bench_ray.py   # on a shared machine
 
 Modes: plain, ray with 1 actor, ray with 2 actors, run in turn (plain, ray1, ray2, plain, ...) so a
 shared machine's drift hits all alike. Every ray run also checks its Parquet against the plain
-run's JSON (max |difference| of ict/hp/score). Results: bench/out/ray.json and a markdown table.
+run's JSON (max |difference| of ict/hp/score). Results: bench/out/ray-SHAPES.json and a markdown table.
 """
 from __future__ import annotations
 
@@ -100,21 +100,39 @@ def measure(shape: str, work: Path, n: int, n0: int, rounds: int, batch: int, hp
                           + (f", max |diff| {res['max_abs_diff_vs_plain']:.2e}" if mode != "plain" else ""),
                           flush=True)
                     runs.append(res)
+    return {"shape": shape, "n": n, "n0": n0, "rounds": rounds, "batch": batch, "hp": hp, "runs": runs,
+            "summary": summarise(runs, n0, n)}
+
+
+def summarise(runs: list[dict], n0: int, n: int) -> dict:
+    """Per mode, from the median walls at N0 and N over the rounds (robust to one slow run on a shared
+    machine): marginal cost per image, fixed cost, and the median within-round wall ratio to plain."""
     summary = {}
     for mode in MODES:
-        per_img, fixed, walls = [], [], []
-        for r in range(rounds):
-            w0 = next(x["wall_s"] for x in runs if x["mode"] == mode and x["round"] == r and x["n"] == n0)
-            w1 = next(x["wall_s"] for x in runs if x["mode"] == mode and x["round"] == r and x["n"] == n)
-            per_img.append((w1 - w0) / (n - n0))
-            fixed.append(w0 - n0 * per_img[-1])
-            walls.append(w1)
-        summary[mode] = {"per_image_s": median(per_img), "images_per_s": 1 / median(per_img) if median(per_img) > 0
-                         else None, "fixed_s": median(fixed), f"wall_{n}_s": median(walls),
+        w0 = median([x["wall_s"] for x in runs if x["mode"] == mode and x["n"] == n0])
+        w1 = median([x["wall_s"] for x in runs if x["mode"] == mode and x["n"] == n])
+        per_image = (w1 - w0) / (n - n0)
+        ratios = [x["wall_s"] / p["wall_s"] for x in runs for p in runs if x["mode"] == mode and
+                  p["mode"] == "plain" and x["n"] == p["n"] == n and x["round"] == p["round"]]
+        summary[mode] = {"per_image_s": per_image, "images_per_s": 1 / per_image if per_image > 0 else None,
+                         "fixed_s": w0 - n0 * per_image, "wall_n_s": w1, "wall_ratio_vs_plain": median(ratios),
+                         "rounds": len(ratios),
                          "max_abs_diff_vs_plain": max((x.get("max_abs_diff_vs_plain", 0) for x in runs
                                                        if x["mode"] == mode), default=0)}
-    return {"shape": shape, "n": n, "n0": n0, "rounds": rounds, "batch": batch, "hp": hp, "runs": runs,
-            "summary": summary}
+    return summary
+
+
+def merge(files: list[str]) -> list[dict]:
+    """The runs of several result files, per shape, summarised together (rounds renumbered)."""
+    merged: dict[str, dict] = {}
+    for f in files:
+        for res in json.loads(Path(f).read_text())["results"]:
+            m = merged.setdefault(res["shape"], dict(res, runs=[], rounds=0))
+            m["runs"] += [dict(x, round=x["round"] + m["rounds"]) for x in res["runs"]]
+            m["rounds"] += res["rounds"]
+    for m in merged.values():
+        m["summary"] = summarise(m["runs"], m["n0"], m["n"])
+    return list(merged.values())
 
 
 def crop_cost(work: Path, rounds: int = 3) -> dict:
@@ -137,16 +155,18 @@ def crop_cost(work: Path, rounds: int = 3) -> dict:
 
 def table(results: list[dict]) -> str:
     lines = ["| shape | mode | images/s (marginal) | s per image | fixed s (start + load) | wall for N | "
-             "max \\|diff\\| vs plain |", "|---|---|---|---|---|---|---|"]
+             "wall / plain's (median of rounds) | max \\|diff\\| vs plain |", "|---|---|---|---|---|---|---|---|"]
     names = {"plain": "plain `ict score`", "ray1": "`--ray`, 1 actor", "ray2": "`--ray`, 2 actors"}
     for res in results:
         base = res["summary"]["plain"]["per_image_s"]
         for mode in MODES:
             s = res["summary"][mode]
-            rel = "" if mode == "plain" else f" ({base / s['per_image_s']:.2f}x plain)"
+            rel = "" if mode == "plain" or s["per_image_s"] <= 0 else f" ({base / s['per_image_s']:.2f}x plain)"
             lines.append(f"| {res['shape']} ({'ICT+HP' if res['hp'] else 'ICT'}), N={res['n']} | {names[mode]} | "
-                         f"{s['images_per_s']:.2f}{rel} | {s['per_image_s']:.3f} | {s['fixed_s']:.1f} | "
-                         f"{s[f'wall_{res['n']}_s']:.1f} s | {s['max_abs_diff_vs_plain']:.1e} |")
+                         f"{s['images_per_s'] or float('nan'):.2f}{rel} | {s['per_image_s']:.3f} | "
+                         f"{s['fixed_s']:.1f} | "
+                         f"{s['wall_n_s']:.1f} s | {s['wall_ratio_vs_plain']:.2f} ({s['rounds']} rounds) | "
+                         f"{s['max_abs_diff_vs_plain']:.1e} |")
     return "\n".join(lines)
 
 
@@ -155,9 +175,15 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="tiny,vith", help="tiny and/or vith (comma-separated)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--work", default="/tmp/ict-bench-ray", help="work folders go in WORK-tiny, WORK-vith")
-    ap.add_argument("--tiny-n", default="32,256", help="N0,N images for the tiny shape")
+    ap.add_argument("--tiny-n", default="16,64", help="N0,N images for the tiny shape")
     ap.add_argument("--vith-n", default="4,12", help="N0,N images for ViT-H (about 5 s each on 2 cores)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="only print the table of earlier result files, "
+                                                               "their rounds pooled per shape")
+    ap.add_argument("--result", help="JSON file for the raw runs (default bench/out/ray-SHAPES.json)")
     args = ap.parse_args(argv)
+    if args.merge:
+        print(table(merge(args.merge)))
+        return 0
     setup_logging()
     results = []
     for shape in args.shapes.split(","):
@@ -165,9 +191,11 @@ def main(argv=None) -> int:
         work = Path(f"{args.work}-{shape}")
         ensure_work(work, tiny=shape == "tiny")
         # ViT-H: ICT alone, so that two actors (two model copies, ~4 GB each) fit a shared 24 GB machine
-        results.append(measure(shape, work, n, n0, args.rounds, batch=8, hp=shape == "tiny"))
+        # batches of 8 (tiny) and 4 (ViT-H): N gives 2 actors several batches to share
+        results.append(measure(shape, work, n, n0, args.rounds, batch=8 if shape == "tiny" else 4,
+                               hp=shape == "tiny"))
     crop = crop_cost(Path(f"{args.work}-{args.shapes.split(',')[0]}"))
-    out = ROOT / "bench" / "out" / "ray.json"
+    out = Path(args.result) if args.result else ROOT / "bench" / "out" / f"ray-{args.shapes.replace(',', '-')}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"machine": machine(), "crop_stage": crop, "results": results}, indent=1))
     print(table(results))

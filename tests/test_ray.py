@@ -244,12 +244,14 @@ def test_a_killed_job_resumes_where_it_stopped(scored, inputs, tiny_models, tmp_
     assert (out / "_broken-cut-1.parquet").exists()
 
 
-def test_index_feeds_the_gallery(ray_session, tiny_models, inputs, tmp_path, capsys):
+def test_index_feeds_the_gallery(ray_session, tiny_models, inputs, tmp_path, capsys, monkeypatch):
     """`ict index --ray` writes embeddings + raw HP, stores them in the gallery, and `ict search`
-    ranks them as it ranks a plain `ict index`; --ingest reads the same Parquet into another cache."""
+    ranks them as it ranks a plain `ict index`; --ingest reads the same Parquet into another cache.
+    A relative --out is the driver's (Ray workers run elsewhere)."""
     folder, _ = inputs
     opts = _models(tiny_models, tmp_path)
-    assert cli.main(["index", str(folder), *opts, "--ray", "--out", str(tmp_path / "out"), "--batch-size", "4"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["index", str(folder), *opts, "--ray", "--out", "out", "--batch-size", "4"]) == 0
     n = len(list(folder.iterdir())) - 1  # all but corrupt.png
     assert f"gallery: {n} image(s) stored" in capsys.readouterr().out
     rows = _rows(tmp_path / "out")

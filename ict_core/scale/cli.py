@@ -33,8 +33,10 @@ def register(subparsers, *, model_path) -> None:
                             "joins a cluster. Needs --out. Model files must be at the same path on every node")
         g.add_argument("--out", metavar="DIR", help="with --ray: Parquet folder, one row per image; a re-run "
                                                     "skips the images already in it")
-        g.add_argument("--actors", type=int, help="with --ray: scorer actors (default one per GPU, else 1)")
-        g.add_argument("--batch-size", type=int, help="with --ray: images per batch (default 32 on GPU, 8 on CPU)")
+        g.add_argument("--actors", type=int, metavar="N",
+                       help="with --ray: scorer actors (default one per GPU, else 1)")
+        g.add_argument("--batch-size", type=int, metavar="B",
+                       help="with --ray: images per batch (default 32 on GPU, 8 on CPU)")
         if name == "index":
             g.add_argument("--ingest", action="store_true",
                            help="the DIRs are --out folders of `ict index --ray`: add their rows to the gallery "
@@ -80,7 +82,8 @@ def _run(args, items) -> int:
     from .job import Job, import_ray, run
 
     if not args.out:
-        raise InputError(f"--ray writes its results as Parquet: pass --out DIR (ict {args.command} --ray --out DIR ...)")
+        raise InputError(f"--ray writes its results as Parquet: pass --out DIR "
+                         f"(ict {args.command} --ray --out DIR ...)")
     if getattr(args, "json", False) or getattr(args, "csv", False):
         raise InputError("--json/--csv print results of the plain path; with --ray the results are the Parquet "
                          "files in --out")
@@ -88,8 +91,8 @@ def _run(args, items) -> int:
     prompt = getattr(args, "prompt", None)
     prompt = check_prompt(prompt) if prompt is not None else None
     ict, hp = _models(args, need_hp=args.command == "score" and prompt is None)
-    job = Job(args.command, inputs.expand(items), Path(args.out), ict, hp, prompt, args.device, args.precision,
-              getattr(args, "config", None), args.actors, args.batch_size, args.quiet)
+    job = Job(args.command, inputs.expand(items), Path(args.out).resolve(), ict, hp, prompt, args.device,
+              args.precision, getattr(args, "config", None), args.actors, args.batch_size, args.quiet)
     job.manifest = {"command": args.command, "prompt": prompt, "ict": fingerprint(ict),
                     "hp": fingerprint(hp) if hp else None, "precision": args.precision}
     address = None if args.ray == "local" else args.ray

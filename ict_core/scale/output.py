@@ -111,7 +111,8 @@ def ingest(out: Path, cache, batch_rows: int = 4096) -> tuple[int, int]:
     added = failed = 0
     for f in files:
         pf = pq.ParquetFile(f)
-        missing = [c for c in ("hash", "path", "gallery", "embedding", "hp_raw", "error") if c not in pf.schema_arrow.names]
+        names = pf.schema_arrow.names
+        missing = [c for c in ("hash", "path", "gallery", "embedding", "hp_raw", "error") if c not in names]
         if missing:
             raise InputError(f"{f} is not an `ict index --ray` output (no {', '.join(missing)} column); "
                              f"--ingest takes the --out folder of `ict index --ray`")
