@@ -75,6 +75,7 @@ def same(a, b):
 @pytest.mark.parametrize("top_k", [1, 10, 50])
 def test_exact_search_through_faiss_gives_the_fp32_answer(tmp_path, flat_calls, monkeypatch, ivf_from, top_k):
     rng = np.random.default_rng(1)
+    ivf_from(10 ** 6)
     c = EmbeddingCache(tmp_path)
     fill(c, unit(rng, 18_000, 64))
     for q in unit(rng, 2, 64):

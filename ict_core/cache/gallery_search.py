@@ -19,8 +19,9 @@ import numpy as np
 
 log = logging.getLogger("ict_core.cache")
 
-#: Rows from which a top k by ict uses the IVF index (docs/BENCHMARKS.md).
-IVF_MIN = 20_000
+#: Rows from which a top k by ict uses the IVF index: an exact search reads every row from SQLite, about
+#: 22 us each here, so 5,000 rows take ~0.1 s (docs/BENCHMARKS.md).
+IVF_MIN = 5_000
 STALE, APPEND_SAVE = 0.05, 0.01
 #: IVF lists per sqrt(rows), training rows per list; lists scanned per query: this share, at least NPROBE_MIN.
 LISTS_PER_SQRT, TRAIN_PER_LIST, NPROBE_SHARE, NPROBE_MIN = 1.0, 40, 1 / 16, 48
