@@ -85,6 +85,9 @@ def test_node_ids_inputs_and_outputs_are_the_public_contract():
     assert list(rr["required"]) == ["model", "images", "prompt", "score_by"]
     assert list(rr["optional"]) == ["latent", "mask"]
     assert m["ICTRerank"].RETURN_NAMES == ("images", "latent", "mask", "order", "scores", "report")
+    for name in ("ICTScore", "ICTSelectBest", "ICTRerank"):
+        assert m[name].OUTPUT_NODE is True  # ComfyUI sends their table again when it takes them from its cache
+        assert m[name].INPUT_TYPES()["hidden"] == {"extra_pnginfo": "EXTRA_PNGINFO"}  # scores into saved PNGs
 
 
 def test_pack_root_imports_like_comfyui_loads_it():
