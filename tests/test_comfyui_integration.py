@@ -70,6 +70,20 @@ class Server:
                                      .encode(), headers={"Content-Type": "application/json"})
         urllib.request.urlopen(req, timeout=30).close()
 
+    def free_until(self, text: str, count: int) -> int:
+        """/free, and once more if `text` has not reached `count` log lines within 15 s: right after a run,
+        ComfyUI's finished execution sometimes still holds the nodes' inputs (seen in 0.3.64: an iterator and
+        a closure over ICT Rerank's inputs) through the first /free's collection. Returns the /free calls."""
+        for calls in (1, 2):
+            self.free()
+            try:
+                self.wait_log(text, count, timeout=15)
+                return calls
+            except AssertionError:
+                if calls == 2:
+                    raise
+        return calls
+
     def wait_log(self, text: str, count: int, timeout: float = 60) -> None:
         end = time.time() + timeout
         while self.log.read_text().count(text) < count:
@@ -251,8 +265,7 @@ def test_rerank_example_runs_and_reuses_the_model(server, tiny_models):
 
     # "Unload models" + "Free memory" (what the UI buttons post): ComfyUI drops its caches and unloads the
     # model, which frees it (the pack keeps no copy); the next run loads it again
-    server.free()
-    server.wait_log("ICT model released", 1)
+    server.free_until("ICT model released", 1)
     h3 = server.wait(server.post_prompt(rerank_api(prompt=prompt)))
     assert h3["status"]["status_str"] == "success"
     assert [r["index"] for r in h3["outputs"]["7"]["ict_table"][0]["rows"]] == expected
@@ -289,8 +302,9 @@ def test_empty_prompt_ranks_by_hp_alone(server, tiny_models):
 
 # ------------------------------------------------------------------------------ generation, memory, metadata
 def generation_api(ckpt: str, seed: int, prompt: str = PROMPT) -> dict:
-    """Random SD1.5, 64x64, best-of-4 by ict*hp; the picked latent (with a noise mask of batch 2 for 4
-    samples: mask 0 = keep, mask 1 = resample) goes through a second pass. Both results are saved."""
+    """Random SD1.5, 64x64, best-of-4 by ict*hp; the picked latent goes through a second pass with a short
+    noise mask (3 masks for 4 samples, repeated to [0, 1, 1, 0]: 0 keeps the latent, 1 resamples it; a
+    mask passed through unchanged would give every pick the first one, 0). Both results are saved."""
     sampler = {"steps": 2, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal"}
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
@@ -305,7 +319,8 @@ def generation_api(ckpt: str, seed: int, prompt: str = PROMPT) -> dict:
         "20": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
         "21": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0xFF0000}},
         "22": {"class_type": "ImageBatch", "inputs": {"image1": ["20", 0], "image2": ["21", 0]}},
-        "23": {"class_type": "ImageToMask", "inputs": {"image": ["22", 0], "channel": "red"}},
+        "25": {"class_type": "ImageBatch", "inputs": {"image1": ["22", 0], "image2": ["21", 0]}},
+        "23": {"class_type": "ImageToMask", "inputs": {"image": ["25", 0], "channel": "red"}},
         "24": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["5", 0], "mask": ["23", 0]}},
         "8": {"class_type": "ICTSelectBest", "inputs": {"model": ["7", 0], "images": ["6", 0], "prompt": prompt, "k": 1,
                                                         "score_by": "ict*hp", "min_score": -1.0, "latent": ["24", 0]}},
@@ -333,9 +348,10 @@ def test_best_of_4_second_pass_mask_follows_the_pick_and_pngs_carry_their_scores
     assert len(picked) == 1
     idx = picked[0]["index"]
     latent_text = out["13"]["text"][0]
-    # 2 masks for 4 samples are repeated to the batch (LatentFromBatch's rule): sample idx has mask idx % 2
+    # 3 masks for 4 samples are repeated to the batch (LatentFromBatch's rule): sample idx has mask idx % 3
     mask_value = int(re.search(r"'noise_mask': tensor\(\[\[\[\[(\d)", latent_text).group(1))
-    assert mask_value == idx % 2, (idx, latent_text[:400])
+    print(f"best of 4: picked sample {idx}, its noise mask {mask_value}")
+    assert mask_value == [0, 1, 1][idx % 3], (idx, latent_text[:400])
     assert re.search(r"'batch_index': \[(\d+)\]", latent_text).group(1) == str(idx)
 
     def saved(node):
@@ -397,20 +413,19 @@ def test_free_gives_the_models_memory_back(tmp_path, tiny_models):
         shutil.move(str(medium), srv.models / "medium.safetensors")
         start = srv.rss_mb()
         assert srv.wait(srv.post_prompt(rerank_api()))["status"]["status_str"] == "success"
-        srv.free()
-        srv.wait_log("ICT model released", 1)
+        frees = [srv.free_until("ICT model released", 1)]
         baseline = srv.rss_mb()
         api = rerank_api()
         api["6"]["inputs"]["ict_model"] = "medium.safetensors"
         assert srv.wait(srv.post_prompt(api))["status"]["status_str"] == "success"
         loaded = srv.rss_mb()
-        srv.free()
-        srv.wait_log("ICT model released", 2)
-        end = time.time() + 30
-        while (after := srv.rss_mb()) > 1.1 * baseline and time.time() < end:
+        frees.append(srv.free_until("ICT model released", 2))
+        after, end = srv.rss_mb(), time.time() + 30   # ComfyUI acts on /free when its worker is next idle
+        while after > 1.02 * baseline and time.time() < end:
             time.sleep(1)
+            after = min(after, srv.rss_mb())
         figures = (f"RSS MB: server start {start:.0f}, after tiny run + /free {baseline:.0f}, medium model loaded "
-                   f"{loaded:.0f}, after /free {after:.0f}")
+                   f"{loaded:.0f}, after /free {after:.0f} (/free calls needed: {frees})")
         print(figures)
         assert loaded - baseline > 200, figures       # the model's memory shows: the check below can fail
         assert after <= 1.1 * baseline, figures
