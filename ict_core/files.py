@@ -1,10 +1,15 @@
-"""Opening files that a user names: only regular files, never blocking on a FIFO or a device."""
+"""Files that a user names: only regular files are read (never blocking on a FIFO or a device), and
+an output never replaces an input, is written atomically, and gets the usual permissions."""
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+import tempfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable, Sequence
+
+from .errors import InputError
 
 
 def regular_file_problem(path: str | Path) -> str | None:
@@ -47,4 +52,49 @@ def open_regular(path: str | Path) -> BinaryIO:
         return f
     except BaseException:
         f.close()
+        raise
+
+
+def check_new_file(out: Path, inputs: Sequence[Path], option: str) -> None:
+    """Refuse an output path that cannot or must not be written, before anything is read or written."""
+    problem = regular_file_problem(out)
+    if problem not in (None, "not found"):
+        raise InputError(f"{option} {out} is {problem}; give the path of a new file")
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"{option} {out}: {parent} is a file, so no folder can hold the output; "
+                                 f"give another path")
+            break
+    if problem is None:
+        for src in inputs:
+            if src.exists() and os.path.samefile(src, out):
+                raise InputError(f"{option} {out} is the input {src}; give a new file name (the input is kept)")
+
+
+def _new_file_mode(out: Path) -> int:
+    """A replaced file keeps its mode; a new one gets the usual 0666 less the umask (0644 under 022)."""
+    try:
+        return out.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def atomic_write(out: Path, write: Callable[[str], None]) -> None:
+    """write(temporary path) beside `out`, fsync, then rename over it: readers see the old or the new file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    mode = _new_file_mode(out)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise

@@ -1,14 +1,12 @@
 """Converting the released pickles to safetensors once, and loading safetensors (never a pickle) at run time."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,7 @@ import torch
 
 from . import config as arch_config
 from .errors import InputError, ModelFileError
-from .files import open_regular, regular_file_problem
+from .files import atomic_write, check_new_file, open_regular, regular_file_problem
 
 log = logging.getLogger(__name__)
 
@@ -249,55 +247,6 @@ def detect_layout(src: Path) -> tuple[str, dict[str, Path]]:
                      f"(hp_backbone/pytorch_model.bin + hp_scorer/mlp_pytorch_model.bin)")
 
 
-def _check_out(out: Path, inputs: list[Path]) -> None:
-    """Refuse an --out that cannot or must not be written, before anything is read or written."""
-    if out.suffix.lower() in PICKLE_SUFFIXES:
-        raise InputError(f"--out {out}: {out.suffix} is a pickle's name, and the file written is safetensors; "
-                         f"name it {out.with_suffix('.safetensors').name}")
-    problem = regular_file_problem(out)
-    if problem not in (None, "not found"):
-        raise InputError(f"--out {out} is {problem}; give the path of a new .safetensors file")
-    for parent in out.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise InputError(f"--out {out}: {parent} is a file, so no folder can hold the output; "
-                                 f"give another path")
-            break
-    if problem is None:
-        for src in inputs:
-            if src.exists() and os.path.samefile(src, out):
-                raise InputError(f"--out {out} is the input {src}; give a new file name (the input is kept)")
-
-
-def _new_file_mode(out: Path) -> int:
-    """A replaced file keeps its mode; a new one gets the usual 0666 less the umask (0644 under 022)."""
-    try:
-        return out.stat().st_mode & 0o7777
-    except OSError:
-        umask = os.umask(0o022)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    mode = _new_file_mode(out)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _storage(sd: dict[str, torch.Tensor], dtype: str | None, src: str) -> dict[str, torch.Tensor]:
     """Tensors as they will be stored: float only (an int8 tensor with the right shape is still wrong)."""
     bad = sorted(k for k, v in sd.items() if not v.is_floating_point())
@@ -324,7 +273,10 @@ def convert(src: str | Path, out: str | Path, config_path: str | Path | None = N
     kind, files = detect_layout(src)
     if config_path is None and kind == "hp" and (files["backbone"].parent / "config.json").exists():
         config_path = files["backbone"].parent / "config.json"  # save_pretrained wrote the backbone's own config
-    _check_out(out, [*files.values(), *([Path(config_path)] if config_path else [])])
+    if out.suffix.lower() in PICKLE_SUFFIXES:
+        raise InputError(f"--out {out}: {out.suffix} is a pickle's name, and the file written is safetensors; "
+                         f"name it {out.with_suffix('.safetensors').name}")
+    check_new_file(out, [*files.values(), *([Path(config_path)] if config_path else [])], "--out")
     arch = arch_config.load_architecture(config_path)
     if kind == "ict":
         sd = _load_pickle(files["ict"])
@@ -347,7 +299,9 @@ def convert(src: str | Path, out: str | Path, config_path: str | Path | None = N
         META_SRC: ",".join(f"{k}={p.name}" for k, p in sources.items()),
         META_SHA: ",".join(f"{k}={_sha256(p)}" for k, p in sources.items()),
     }
-    _atomic_save(tensors, out, metadata)
+    from safetensors.torch import save_file
+
+    atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return read_info(out)
 
 
