@@ -1,9 +1,6 @@
-"""`ict index`, `ict search` and `ict cache stats|clear`: the image gallery from the command line.
-
-Why: `ict index` pays the image tower once per image; `ict search` then ranks the gallery for any prompt
-with one text encode (none, and no model load, when the prompt is cached). ict_core.cli calls
-add_subcommands() with what this module needs from it (no import back); errors are ICTError (one line).
-"""
+"""`ict index`, `ict search`, `ict cache stats|clear`: encode each image once, then rank the gallery for any
+prompt with one text encode (none when the prompt is cached). ict_core.cli hands in its helpers (no import
+back); errors are ICTError (one line)."""
 from __future__ import annotations
 
 import io
@@ -25,9 +22,10 @@ def add_subcommands(sub, model_args, *, model_path, expand_images, progress) -> 
     _host.__dict__.update(model_path=model_path, expand_images=expand_images, progress=progress)
     p = sub.add_parser("index", help="add images to the gallery (encoded once; see `ict search`)")
     p.add_argument("paths", nargs="+", metavar="DIR", help="image folders (searched recursively) or files")
-    model_args(p)
     p.set_defaults(func=cmd_index)
+    model_args(p)
     p = sub.add_parser("search", help="rank the indexed images for a prompt, without encoding images")
+    p.set_defaults(func=cmd_search)
     p.add_argument("prompt", nargs="?", help="the text to search for (not needed with --by hp)")
     p.add_argument("--top-k", type=int, help="show only the K best (default all)")
     p.add_argument("--by", choices=("ict", "hp", "ict*hp"),
@@ -37,7 +35,6 @@ def add_subcommands(sub, model_args, *, model_path, expand_images, progress) -> 
                                                         "index, rescored exactly; see docs/BENCHMARKS.md)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     model_args(p)
-    p.set_defaults(func=cmd_search)
     actions = sub.add_parser("cache", help="show or clear the embedding cache").add_subparsers(
         dest="cache_command", required=True, metavar="ACTION")
     stats = actions.add_parser("stats", help="where the cache is and what it holds")
@@ -106,9 +103,10 @@ def cmd_index(args) -> int:
                     digest, ref = _snapshot(f)
                     todo.update({} if digest in known else {digest: ref})
                     known.add(digest)
-                except OSError as e:
+                except OSError as e:  # one line per image, naming it once
                     failed += 1
-                    print(f"ict: cannot index {f}: {e.strerror or e}", file=sys.stderr)
+                    print(f"ict: cannot index: {f}: {e.strerror}" if e.strerror else f"ict: cannot index: {e}",
+                          file=sys.stderr)
             stored, count = cache.get_images(gallery, list(todo)), len(todo)
             todo = {d: r for d, r in todo.items() if d not in stored or (hp_path and math.isnan(stored[d][1]))}
             already += count - len(todo)
@@ -121,7 +119,7 @@ def cmd_index(args) -> int:
                 for i, ref in enumerate(todo.values()):
                     if feats.errors[i] is not None:
                         failed += 1
-                        print(f"ict: cannot index {ref.label}: {feats.errors[i]}", file=sys.stderr)
+                        print(f"ict: cannot index: {feats.errors[i]}", file=sys.stderr)
                 cache.put_images(gallery, entries)
                 added += len(entries)
             bar(min(start + INDEX_ROUND, len(files)), len(files))

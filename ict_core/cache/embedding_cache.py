@@ -1,12 +1,12 @@
 """EmbeddingCache: prompt features and image galleries per model, and gallery search.
 
-Why: a text or image forward costs seconds on a CPU; a prompt or image seen before should not. The cache
-is an accelerator, never a point of failure: a fault is one warning and a cache that keeps working
-(store); nothing here raises into the scorer. Needs no torch; faiss is imported by the first search.
+Why: a forward costs seconds on a CPU; a prompt or image seen before should not. An accelerator, never a
+point of failure: nothing here raises into the scorer. Needs no torch; faiss comes with the first search.
 """
 from __future__ import annotations
 
 import atexit
+import functools
 import importlib
 import logging
 import os
@@ -27,9 +27,7 @@ log = logging.getLogger("ict_core.cache")
 NO_FAISS_ENV = "ICT_CACHE_NO_FAISS"
 BY = ("ict", "hp", "ict*hp")
 KINDS = {"p": "prompts", "i": "images"}
-SearchHit = namedtuple("SearchHit", "label hash ict hp_raw value")
-SearchHit.__doc__ = """One ranked gallery image: value is ict, sigmoid(hp_raw) for by='hp', or
-ict*sigmoid(hp_raw) for by='ict*hp'; ict is NaN when by='hp' was asked without a query."""
+SearchHit = namedtuple("SearchHit", "label hash ict hp_raw value")  # value: what was ranked by (see search)
 _faiss_state = {"tried": False, "mod": None}
 _live: "weakref.WeakSet[EmbeddingCache]" = weakref.WeakSet()
 
@@ -54,6 +52,7 @@ def _flush_at_exit():
 def _guard(default):
     """Hot-path methods never raise: an unexpected error is logged once and yields default()."""
     def wrap(fn):
+        @functools.wraps(fn)
         def inner(self, *args, **kwargs):
             try:
                 return fn(self, *args, **kwargs)
@@ -63,7 +62,6 @@ def _guard(default):
                     log.warning("ict-reward cache: %s failed (%s: %s); carrying on without the cache",
                                 fn.__name__, type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
                 return default()
-        inner.__name__, inner.__doc__, inner.__wrapped__ = fn.__name__, fn.__doc__, fn
         return inner
     return wrap
 
@@ -186,14 +184,10 @@ class EmbeddingCache:
         self._used.pop((kind, key), None)
 
     def search(self, gallery: str, query_vec, top_k=None, by: str = "ict", *, exact: bool = False) -> list:
-        """Rank the images of a gallery for one text feature, best first.
-
-        ict is the fp32 inner product (== ICT cosine of normalised features); by='ict*hp' multiplies
-        by sigmoid(hp_raw), the order the engine's ranking uses; by='hp' ranks by sigmoid(hp_raw) alone
-        and needs no query (query_vec None: ict is NaN). Ties go to the image stored first; NaN values
-        rank last. A top k by ict of a big gallery comes from its IVF index unless exact=True
-        (gallery_search). Returns [SearchHit]. Raises ValueError on bad arguments.
-        """
+        """[SearchHit], best first: ict is the fp32 inner product (the ICT cosine); value is ict, or
+        ict * sigmoid(hp_raw) for by='ict*hp' (the engine's ranking), or sigmoid(hp_raw) for by='hp' (no
+        query needed; ict NaN without one). Ties: stored first first; NaN last. A top k by ict of a big
+        gallery comes from its IVF index unless exact (gallery_search). ValueError on bad arguments."""
         if by not in BY:
             raise ValueError(f"by must be one of {BY}, not {by!r}")
         if query_vec is None and by != "hp":
@@ -257,7 +251,8 @@ class EmbeddingCache:
             self.flush(force=True)
             tables = [{"kind": KINDS[kind], "key": key, "count": n, "dim": dim or 0, "bytes": n * (dim or 0) * 4,
                        "file": None if self.memory_only else str(self._store.file)}
-                      for kind, key, n, dim in self._store.tables()]
+                      for kind, key, n, dim in self._store.select("SELECT kind, key, n, dim FROM meta WHERE n > 0 "
+                                                                  "ORDER BY kind, key")]
             size = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file()) if self.path.is_dir() else 0
             fingerprints = {p for t in tables for p in ([t["key"]] if t["kind"] == "prompts" else t["key"].split("+"))}
             return {"path": str(self.path), "prompts": sum(t["count"] for t in tables if t["kind"] == "prompts"),

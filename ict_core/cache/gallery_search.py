@@ -1,12 +1,10 @@
 """Gallery search through faiss: exact for small galleries (or when asked), IVF from IVF_MIN rows.
 
-faiss proposes candidates; every value returned is exact_scores' (numpy einsum row by row: unlike BLAS
-sgemv, a row's last bit does not depend on the rows it comes with), so all paths agree bit for bit.
-Exact: chunk by chunk, a faiss IndexFlatIP's candidates stand if no row left out can reach the k-th
-exact value (the sums differ by at most 2 d u |q| |x|, u = 2^-24), else the chunk is scored whole.
-Fast: an IndexIVFScalarQuantizer (8-bit codes) saved as faiss/<gallery>.faiss and memory-mapped; rows
-added since are appended at the next search; rebuilt when changes in place and evictions reach STALE
-of it or the gallery doubled. faiss-gpu with a GPU searches on GPU 0 (untested: no GPU here).
+faiss proposes candidates; values are exact_scores' (einsum row by row: unlike BLAS sgemv, a row's last
+bit does not depend on its batch), bit for bit alike on all paths. Exact: per chunk, an IndexFlatIP's
+candidates stand if no row left out can reach the k-th value (the sums differ by at most 2 d u |q| |x|),
+else the chunk is scored whole. Fast: an IndexIVFScalarQuantizer (8-bit codes) in faiss/<gallery>.faiss,
+memory-mapped, appended to, rebuilt when STALE of it changed or the gallery doubled; GPU 0 with faiss-gpu.
 """
 from __future__ import annotations
 

@@ -8,8 +8,6 @@ import hashlib
 import os
 from pathlib import Path
 
-import numpy as np
-
 CACHE_DIR_ENV = "ICT_CACHE_DIR"
 
 
@@ -41,18 +39,6 @@ def gallery_key(ict_fp: str, hp_fp: str | None, dtype: str = "float32") -> str:
 def hash_bytes(data: bytes) -> str:
     """sha256 of a file's bytes: the gallery key of an image read from disk."""
     return hashlib.sha256(data).hexdigest()
-
-
-def hash_file(path) -> str:
-    return hash_bytes(Path(path).read_bytes())
-
-
-def hash_pixels(pixels) -> str:
-    """sha256 of uint8 pixels and their shape: the engine's digest of a CHW tensor (ict_core.preprocess)."""
-    arr = np.ascontiguousarray(np.asarray(pixels))
-    digest = hashlib.sha256(str(tuple(int(x) for x in arr.shape)).encode())
-    digest.update(arr.tobytes())
-    return digest.hexdigest()
 
 
 def safe_name(key: str) -> str:

@@ -1,17 +1,15 @@
 """The cache's storage: one SQLite database (WAL) of prompt features and image galleries.
 
-Why SQLite: atomic commits, crash safety, many processes and ordered eviction come from the database.
-A fault is one warning and a store that keeps working: a damaged database is set aside and a new one
-started; a folder that cannot be written (read-only, full, not a folder) turns the store memory-only
-(a copy of what could be read); a write waiting past the timeout raises Busy (kept for later).
-
-entries: a prompt (kind 'p', key = prompt_key, name = its text) or an image (kind 'i', key = gallery_key,
-name = its hash); id is insertion order (the rankings' tie-break) and the faiss id; crc is the vector's
-crc32 (SQLite has no checksums). meta per table: width, rows, in-place changes and evictions (they make
-a faiss index stale), largest norm, faiss index state.
+Atomic commits, crash safety, many processes and eviction come from SQLite. A fault is one warning and a
+store that keeps working: a damaged database is set aside; a folder that cannot be written turns the store
+memory-only (a copy of what could be read); a write waiting past the timeout raises Busy (kept for later).
+entries: prompts (kind 'p', name = text) and images (kind 'i', name = hash); id = insertion order (the
+rankings' tie-break) = faiss id; crc guards each vector. meta: width, rows, changes (they age a faiss
+index), largest norm and faiss state of each table.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -138,10 +136,8 @@ class Store:
     def _go_memory(self, exc) -> None:
         mem = sqlite3.connect(":memory:", check_same_thread=False, isolation_level="IMMEDIATE")
         if self.conn is not None:
-            try:
+            with contextlib.suppress(sqlite3.Error):
                 self.conn.backup(mem)  # keep what could be read
-            except sqlite3.Error:
-                pass
             self.conn.close()
         mem.executescript(SCHEMA)
         self.conn, self.writable, self.memory_only = mem, True, True
@@ -188,9 +184,6 @@ class Store:
         dim, n, edits, xmax, ix, seq = row[0] if row else (None, 0, 0, 0.0, None, 0)
         return {"dim": dim, "n": n, "edits": edits, "xmax": xmax, "ix": json.loads(ix) if ix else None, "seq": seq}
 
-    def tables(self) -> list:
-        return self.select("SELECT kind, key, n, dim FROM meta WHERE n > 0 ORDER BY kind, key")
-
     def chunks(self, gallery: str, after: int = -1):
         """(ids, vectors, hp_raw) of the rows of a gallery with id > after, CHUNK rows at a time."""
         while len((chunk := _arrays(self.select("SELECT id, vec, crc, hp FROM entries NOT INDEXED WHERE id>? AND "
@@ -216,14 +209,11 @@ class Store:
 
     def memo(self, key: str, compute) -> str:
         """The value remembered for key, else compute()'s (then remembered, if the database lets us)."""
-        row = self.select("SELECT value FROM memo WHERE key=?", text(key))
-        if row:
-            return row[0][0]
+        for (value,) in self.select("SELECT value FROM memo WHERE key=?", text(key)):
+            return value
         value = compute()
-        try:
+        with contextlib.suppress(Busy):
             self.write(lambda c: c.execute("INSERT OR REPLACE INTO memo VALUES(?, ?)", (text(key), value)))
-        except Busy:
-            pass
         return value
 
     def put(self, kind: str, key: str, items: list, now: float, cap: int, used: dict) -> None:
@@ -236,7 +226,7 @@ class Store:
         def fn(conn):
             conn.execute("INSERT INTO meta(kind, key, dim) VALUES(?, ?, ?) ON CONFLICT DO NOTHING",
                          (kind, key, len(items[0][1])))
-            self._touch(conn, used)
+            self.touch(used, conn)
             before = conn.total_changes
             conn.executemany("UPDATE entries SET vec=?, crc=?, hp=?, label=?, used=? WHERE kind=? AND key=? AND name=?",
                              rows)
@@ -252,11 +242,10 @@ class Store:
                          (added - evicted, replaced + evicted, xmax, kind, key))
         self.write(fn)
 
-    def touch(self, used: dict) -> None:
-        self.write(lambda c: self._touch(c, used))
-
-    @staticmethod
-    def _touch(conn, used: dict) -> None:
+    def touch(self, used: dict, conn=None) -> None:
+        """Record use times {id: time}, in conn's transaction if given."""
+        if conn is None:
+            return self.write(lambda c: self.touch(used, c))
         conn.executemany("UPDATE entries SET used=max(used, ?) WHERE id=?", [(t, i) for i, t in used.items()])
 
     def set_ix(self, gallery: str, state: dict) -> None:
@@ -265,10 +254,8 @@ class Store:
     def clear(self, kinds: list) -> None:
         self.write(lambda c: [c.execute(f"DELETE FROM {t} WHERE kind IN ({','.join('?' * len(kinds))})", kinds)
                               for t in ("entries", "meta")])
-        try:
+        with contextlib.suppress(sqlite3.Error):
             self.conn.execute("VACUUM")  # give the space back
-        except sqlite3.Error:
-            pass
 
 
 def _row(r) -> tuple:
