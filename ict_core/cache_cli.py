@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from .errors import ICTError, InputError
+from .weights import fingerprint  # needs no torch: a cached prompt loads none
 
 #: Images encoded per round of index; each round is saved, so an interrupted run keeps its work.
 INDEX_ROUND = 64
@@ -56,7 +57,7 @@ def _open(args):
     ict = _host.model_path(args.model, "ict", True)
     hp = None if args.no_hp else _host.model_path(args.hp_model, "hp", getattr(args, "by", "ict") in ("hp", "ict*hp"))
     cache = EmbeddingCache(args.cache_dir)
-    return cache, ict, hp, gallery_key(cache.fingerprint(ict), hp and cache.fingerprint(hp), _dtype(args))
+    return cache, ict, hp, gallery_key(fingerprint(ict), hp and fingerprint(hp), _dtype(args))
 
 
 def _dtype(args) -> str:
@@ -139,7 +140,7 @@ def cmd_index(args) -> int:
 def query_vector(cache, ict_path: str, prompt: str, args):
     """The prompt's text feature: from the prompt cache (no model load at all), else encoded once."""
     from .cache import prompt_key
-    hit = cache.get_prompts(prompt_key(cache.fingerprint(ict_path), _dtype(args)), [prompt]).get(prompt)
+    hit = cache.get_prompts(prompt_key(fingerprint(ict_path), _dtype(args)), [prompt]).get(prompt)
     if hit is not None:  # text the scorer encoded (and checked) before
         return hit
     from .scorer import Scorer

@@ -9,13 +9,14 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from . import config as arch_config
 from .errors import InputError, ModelFileError
 from .files import atomic_write, check_new_file, open_regular, regular_file_problem
+
+if TYPE_CHECKING:
+    import torch  # annotations only: reading a header or a fingerprint imports no torch
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +25,9 @@ META_KIND, META_ARCH, META_SHA, META_SRC, META_VER = (
     "ict_reward.kind", "ict_reward.architecture", "ict_reward.source_sha256", "ict_reward.source",
     "ict_reward.format")
 KINDS = ("ict", "hp")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # names in torch
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}  # what a model file may hold
+_ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}  # what a model file may hold
 
 
 # ----------------------------------------------------------------------------------------------- reading headers
@@ -84,7 +85,7 @@ def read_info(path: str | Path) -> FileInfo:
     if problem is not None:
         raise ModelFileError(f"{path} is {problem}; give a converted .safetensors file")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}
             tensors = {}
             for name in f.keys():
@@ -142,6 +143,7 @@ def load_state(info: FileInfo, device: torch.device, dtype_for=None) -> dict[str
     a bf16 file loaded as fp32 never holds both copies of the weights. read_info had the library check
     the header (types, bounds, contiguous offsets); only the offsets, which it does not expose, are read
     back here, and each one is checked against the library's dtype and shape."""
+    import torch
     entries = json.loads(info.header_bytes)
     base = 8 + len(info.header_bytes)
     state: dict[str, torch.Tensor] = {}
@@ -150,7 +152,7 @@ def load_state(info: FileInfo, device: torch.device, dtype_for=None) -> dict[str
             for name in sorted(info.tensors, key=lambda k: entries[k]["data_offsets"][0]):
                 st_dtype, shape = info.tensors[name]
                 start, end = entries[name]["data_offsets"]
-                src_dtype = _ST_DTYPES[st_dtype]
+                src_dtype = getattr(torch, _ST_DTYPES[st_dtype])
                 if end - start != math.prod(shape) * src_dtype.itemsize:
                     raise ValueError(f"{name}: {end - start} bytes for {st_dtype}{list(shape)}")
                 buf = bytearray(end - start)
@@ -194,6 +196,7 @@ def _sha256(path: Path) -> str:
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     """The one place a pickle is read: the converter, with weights_only=True (no code can run)."""
+    import torch
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
@@ -249,17 +252,18 @@ def detect_layout(src: Path) -> tuple[str, dict[str, Path]]:
 
 def _storage(sd: dict[str, torch.Tensor], dtype: str | None, src: str) -> dict[str, torch.Tensor]:
     """Tensors as they will be stored: float only (an int8 tensor with the right shape is still wrong)."""
+    import torch
     bad = sorted(k for k, v in sd.items() if not v.is_floating_point())
     if bad:
         raise ModelFileError(f"{src} holds tensors that are not float ({', '.join(bad[:3])}: {sd[bad[0]].dtype}); "
                              f"a quantised or altered checkpoint cannot be converted: use the released weights")
     if dtype is None:
-        wide = sorted(k for k, v in sd.items() if v.dtype not in _ST_DTYPES.values())
+        wide = sorted(k for k, v in sd.items() if v.dtype not in [getattr(torch, t) for t in _ST_DTYPES.values()])
         if wide:
             raise ModelFileError(f"{src} holds {sd[wide[0]].dtype} tensors ({wide[0]}); pass --dtype fp32 (or "
                                  f"bf16/fp16) to store them")
         return {k: v.contiguous() for k, v in sd.items()}
-    return {k: v.to(DTYPES[dtype]).contiguous() for k, v in sd.items()}
+    return {k: v.to(getattr(torch, DTYPES[dtype])).contiguous() for k, v in sd.items()}
 
 
 def convert(src: str | Path, out: str | Path, config_path: str | Path | None = None,

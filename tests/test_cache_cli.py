@@ -240,3 +240,21 @@ def test_search_ranks_nan_last_and_writes_null(gallery, capsys):
     text = subprocess.run([sys.executable, "-m", "ict_core", "search", PROMPT, "--by", "ict*hp", *opts],
                           env=env, capture_output=True, text=True, timeout=300)
     assert text.returncode == 0 and text.stdout.splitlines()[-1].split()[-2] == "-"
+
+
+def test_search_with_a_cached_prompt_imports_no_torch(gallery, capsys):
+    """A fresh `ict search` whose prompt is cached reads the model files' fingerprints and never imports
+    torch (~18 s here), nor does computing a fingerprint alone."""
+    folder, opts = gallery
+    assert run(capsys, "index", str(folder), *opts)[0] == 0
+    assert run(capsys, "search", PROMPT, *opts)[0] == 0  # encodes the prompt once, caches it
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "ict_core", "search", PROMPT, "--json", *opts],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["cache"]["prompt_hits"] == 1
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert "ict_core.weights" in imported and "torch" not in imported
+    code = f"import sys; from ict_core.weights import fingerprint; fingerprint({str(opts[1])!r}); print('torch' in sys.modules)"
+    fp = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert fp.stdout.strip() == "False", fp.stderr[-2000:]

@@ -120,18 +120,6 @@ class EmbeddingCache:
         with self._lock:
             return self._store.meta("i", gallery)["n"]
 
-    def fingerprint(self, path) -> str:
-        """ict_core.weights.fingerprint of a model file, remembered by its path, size, mtime and inode:
-        a search whose prompt is cached then imports no torch."""
-        compute = lambda: importlib.import_module("ict_core.weights").fingerprint(path)  # noqa: E731
-        try:
-            st = os.stat(path)
-        except OSError:
-            return compute()  # which says what is wrong with the file
-        with self._lock:
-            return self._store.memo(f"fp\0{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}",
-                                    compute)
-
     def _get(self, kind: str, key: str, names, counter: str) -> dict:
         with self._lock:
             names = list(dict.fromkeys(n for n in names if isinstance(n, str)))

@@ -28,7 +28,6 @@ CREATE TABLE IF NOT EXISTS entries(id INTEGER PRIMARY KEY AUTOINCREMENT, kind TE
     name BLOB NOT NULL, vec BLOB NOT NULL, crc INTEGER NOT NULL, hp REAL, label BLOB, used REAL NOT NULL,
     UNIQUE(kind, key, name));
 CREATE INDEX IF NOT EXISTS lru ON entries(kind, key, used, id);
-CREATE TABLE IF NOT EXISTS memo(key BLOB PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS meta(kind TEXT, key TEXT, dim INTEGER, n INTEGER DEFAULT 0, edits INTEGER DEFAULT 0,
     xmax REAL DEFAULT 0, ix TEXT, PRIMARY KEY(kind, key));
 """
@@ -206,15 +205,6 @@ class Store:
         """{id: (name, label, hp_raw or NaN)}, for search results."""
         rows = self._by("SELECT id, name, label, hp FROM entries NOT INDEXED WHERE id IN (?)", [int(i) for i in ids])
         return {id_: (untext(name), untext(label), _nan(hp)) for id_, name, label, hp in rows}
-
-    def memo(self, key: str, compute) -> str:
-        """The value remembered for key, else compute()'s (then remembered, if the database lets us)."""
-        for (value,) in self.select("SELECT value FROM memo WHERE key=?", text(key)):
-            return value
-        value = compute()
-        with contextlib.suppress(Busy):
-            self.write(lambda c: c.execute("INSERT OR REPLACE INTO memo VALUES(?, ?)", (text(key), value)))
-        return value
 
     def put(self, kind: str, key: str, items: list, now: float, cap: int, used: dict) -> None:
         """Record use times {id: time}, insert or replace (name, vector, hp_raw, label or None) items,
