@@ -53,8 +53,9 @@ def import_ray():
     try:
         import ray
         import ray.data  # noqa: F401
-    except ImportError:
-        raise InputError(f"--ray needs Ray, which is not installed: {INSTALL_HINT}") from None
+    except ImportError as e:  # absent, or present but unusable (e.g. its pyarrow needs another numpy)
+        why = "is not installed" if isinstance(e, ModuleNotFoundError) else f"cannot be imported ({e})"
+        raise InputError(f"--ray needs Ray, which {why}: {INSTALL_HINT}") from None
     return ray
 
 

@@ -29,20 +29,22 @@ def need_pyarrow():
     try:
         import pyarrow
         import pyarrow.parquet  # noqa: F401
-    except ImportError:
-        raise InputError(f"Parquet needs pyarrow, which is not installed: {INSTALL_HINT}") from None
+    except ImportError as e:  # absent, or present but unusable (pyarrow 25+ with numpy 1.x)
+        why = "is not installed" if isinstance(e, ModuleNotFoundError) else f"cannot be imported ({e})"
+        raise InputError(f"Parquet needs pyarrow, which {why}: {INSTALL_HINT}") from None
     return pyarrow
 
 
-def schema(command: str, dim: int | None = None):
-    """The Arrow schema of one command's rows (dim: the embedding width, for index)."""
+def schema(command: str):
+    """The Arrow schema of one command's rows. The embedding is a variable-size list: a null (error)
+    row in a fixed-size list column cannot be written by pyarrow < 25, the numpy 1.x line."""
     pa = need_pyarrow()
     f64, s = pa.float64(), pa.string()
     if command == "score":
         return pa.schema([("index", pa.int64()), ("path", s), ("hash", s), ("prompt", s), ("ict", f64),
                           ("hp", f64), ("hp_raw", f64), ("score", f64), ("error", s)])
     return pa.schema([("index", pa.int64()), ("path", s), ("hash", s), ("gallery", s),
-                      ("embedding", pa.list_(pa.float32(), dim) if dim else pa.list_(pa.float32())),
+                      ("embedding", pa.list_(pa.float32())),
                       ("hp_raw", f64), ("error", s)])
 
 

@@ -137,7 +137,7 @@ class ScoreActor:
         rows["gallery"] = [self.scorer.gallery_key] * n
         rows["embedding"] = [None if rows["error"][i] is not None else emb[i] for i in range(n)]
         rows["hp_raw"] = hp_raw
-        return _table(rows, output.schema("index", dim))
+        return _table(rows, output.schema("index"))
 
 
 def _text(v) -> str | None:
