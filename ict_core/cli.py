@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -266,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="ict: %(levelname)s: %(message)s", stream=sys.stderr)
+    if not args.verbose:  # a dependency's notice about its own API (timm under old open_clip) is not the user's
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"(timm|open_clip|transformers)\b")
     if args.command in ("score", "rank") and not args.images:
         print("ict: error: no images given; pass image files or folders", file=sys.stderr)
         return 2
