@@ -98,12 +98,12 @@ class EmbeddingCache:
     def get_prompts(self, fingerprint: str, prompts) -> dict:
         """Cached text features of the given prompts (hits only), bit-identical to what was put.
         Each distinct prompt counts as one hit or one miss."""
-        return {k: v[0] for k, v in self._get("p", fingerprint, prompts, "prompt").items()}
+        return {k: v[0] for k, v in self._get("p", fingerprint, prompts).items()}
 
     @_guard(dict)
     def get_images(self, gallery: str, hashes) -> dict:
         """{hash: (float32 vector, hp_raw or NaN)} for the stored hashes among `hashes`."""
-        return self._get("i", gallery, hashes, "image")
+        return self._get("i", gallery, hashes)
 
     @_guard(lambda: None)
     def put_prompts(self, fingerprint: str, features: dict) -> None:
@@ -120,7 +120,7 @@ class EmbeddingCache:
         with self._lock:
             return self._store.meta("i", gallery)["n"]
 
-    def _get(self, kind: str, key: str, names, counter: str) -> dict:
+    def _get(self, kind: str, key: str, names) -> dict:
         with self._lock:
             names = list(dict.fromkeys(n for n in names if isinstance(n, str)))
             pending = self._pending.get((kind, key), {})
@@ -132,8 +132,8 @@ class EmbeddingCache:
                 elif name in found:
                     id_, vec, hp = found[name]
                     out[name], used[id_] = (vec, hp), now
-            self._counters[f"{counter}_hits"] += len(out)
-            self._counters[f"{counter}_misses"] += len(names) - len(out)
+            self._counters[f"{KINDS[kind][:-1]}_hits"] += len(out)
+            self._counters[f"{KINDS[kind][:-1]}_misses"] += len(names) - len(out)
             return out
 
     def _put(self, kind: str, key: str, items: list) -> None:
@@ -254,9 +254,9 @@ class EmbeddingCache:
         """Forget every table of the chosen kinds (all models), for every process sharing the folder."""
         kinds = [k for k, on in (("p", prompts), ("i", images)) if on]
         with self._lock:
-            for held in (self._pending, self._used) + ((self._ivf,) if images else ()):
-                for k in [k for k in held if k[0] in kinds or held is self._ivf]:
-                    del held[k]
+            self._pending = {k: v for k, v in self._pending.items() if k[0] not in kinds}
+            self._used = {k: v for k, v in self._used.items() if k[0] not in kinds}
+            self._ivf = {} if images else self._ivf
             try:
                 self._store.clear(kinds)
             except Busy:

@@ -178,10 +178,9 @@ class Store:
                              each=lambda r: (untext(r[0]), (r[1], vector(r[2], r[3]), _nan(r[4])))))
 
     def meta(self, kind: str, key: str) -> dict:
-        row = self.select("SELECT dim, n, edits, xmax, ix, (SELECT seq FROM sqlite_sequence WHERE name='entries') "
-                          "FROM meta WHERE kind=? AND key=?", kind, key)
-        dim, n, edits, xmax, ix, seq = row[0] if row else (None, 0, 0, 0.0, None, 0)
-        return {"dim": dim, "n": n, "edits": edits, "xmax": xmax, "ix": json.loads(ix) if ix else None, "seq": seq}
+        row = self.select("SELECT dim, n, edits, xmax, ix FROM meta WHERE kind=? AND key=?", kind, key)
+        dim, n, edits, xmax, ix = row[0] if row else (None, 0, 0, 0.0, None)
+        return {"dim": dim, "n": n, "edits": edits, "xmax": xmax, "ix": json.loads(ix) if ix else None}
 
     def chunks(self, gallery: str, after: int = -1):
         """(ids, vectors, hp_raw) of the rows of a gallery with id > after, CHUNK rows at a time."""
