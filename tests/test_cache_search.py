@@ -186,6 +186,29 @@ def test_ivf_takes_appends_and_rebuilds_when_stale(tmp_path, ivf_from, monkeypat
     assert c.search(GAL, -vecs[5], top_k=1)[0].hash == "h000005" and c._ivf[GAL] is not ix
 
 
+def test_ivf_tunes_nprobe_to_the_exact_top_10_on_uniform_vectors(tmp_path, ivf_from, monkeypatch, caplog):
+    """Uniform vectors have no clusters: the first nprobe finds ~0.9 of the top 10 at 6,000 x 64 (~0.26 at
+    100k x 1024). The build raises nprobe until its sample queries reach recall@10 0.99, saves it with the
+    index, and falls back to exact search when even every list does not reach it."""
+    ivf_from(5000)
+    rng = np.random.default_rng(9)
+    vecs = unit(rng, 6000, 64)
+    c = EmbeddingCache(tmp_path / "a")
+    fill(c, vecs)
+    with caplog.at_level("DEBUG", logger="ict_core.cache"):
+        for q in unit(rng, 20, 64):
+            assert [h.hash for h in c.search(GAL, q, top_k=10)] == [h.hash for h in c.search(GAL, q, top_k=10,
+                                                                                           exact=True)]
+    nprobe = c._ivf[GAL].state["nprobe"]
+    assert gs.NPROBE_MIN < nprobe <= c._ivf[GAL].index.nlist and c._store.meta("i", GAL)["ix"]["nprobe"] == nprobe
+    assert any("recall@10" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(gs, "RECALL", 1.01)  # unreachable: exact search, through the flat path
+    c = EmbeddingCache(tmp_path / "b")
+    fill(c, vecs)
+    q = unit(rng, 1, 64)[0]
+    assert c.search(GAL, q, top_k=10) == c.search(GAL, q, top_k=10, exact=True) and c._ivf[GAL].state["nprobe"] == 0
+
+
 def _fresh_process(folder, code):
     prelude = textwrap.dedent(f"""
         import sys, types
@@ -216,7 +239,8 @@ def test_a_fresh_process_searches_through_faiss(tmp_path, ivf_from):
     search = f"hits = c.search({GAL!r}, np.array([{q}], np.float32), top_k=5)\nprint(len(hits), *calls)"
     assert _fresh_process(tmp_path, search) == ["5", "IndexFlatIP"]
     ivf = f"gs.IVF_MIN = 1000\n{search}"
-    assert _fresh_process(tmp_path, ivf) == ["5", "IndexIVFScalarQuantizer"]
+    built = _fresh_process(tmp_path, ivf)  # the build searches its sample queries too (nprobe tuning)
+    assert built[0] == "5" and set(built[1:]) == {"IndexIVFScalarQuantizer"}
     mtime = (tmp_path / "faiss").stat().st_mtime_ns, [p.stat().st_mtime_ns for p in (tmp_path / "faiss").iterdir()]
     assert _fresh_process(tmp_path, ivf) == ["5", "IndexIVFScalarQuantizer"]  # the saved index, as it was
     assert ((tmp_path / "faiss").stat().st_mtime_ns, [p.stat().st_mtime_ns for p in (tmp_path / "faiss").iterdir()]) == mtime

@@ -188,6 +188,12 @@ class EmbeddingCache:
                 return []
             if q is not None and q.shape[0] != meta["dim"]:
                 raise ValueError(f"query width {q.shape[0]} does not match stored width {meta['dim']}")
+            found = None
+            if not exact and by == "ict" and top_k is not None and faiss is not None and meta["n"] >= gs.IVF_MIN \
+                    and np.isfinite(q).all():
+                path = self.path / "faiss" / (safe_name(gallery) + ".faiss")
+                ix = self._ivf[gallery] = gs.ivf_index(faiss, self._store, gallery, meta, path, self._ivf.get(gallery))
+                found = ix.search(faiss, q, gs.candidates(top_k))
             if by == "hp":
                 ids, hp = self._store.hp_column(gallery)
                 ids, _, value = gs.ranked(ids, hp, gs.sigmoid(hp), top_k)
@@ -195,11 +201,8 @@ class EmbeddingCache:
                 if q is not None:
                     got, vecs, _ = self._store.fetch(gallery, ids)
                     ict = gs.exact_scores(vecs, q)[np.searchsorted(got, ids)]
-            elif (not exact and by == "ict" and top_k is not None and faiss is not None
-                  and meta["n"] >= gs.IVF_MIN and np.isfinite(q).all()):
-                path = self.path / "faiss" / (safe_name(gallery) + ".faiss")
-                ix = self._ivf[gallery] = gs.ivf_index(faiss, self._store, gallery, meta, path, self._ivf.get(gallery))
-                ids, vecs, hp = self._store.fetch(gallery, ix.search(faiss, q, gs.candidates(top_k)))
+            elif found is not None:
+                ids, vecs, hp = self._store.fetch(gallery, found)
                 ict = gs.exact_scores(vecs, q)
                 ids, ict, value = gs.ranked(ids, ict, gs.values(ict, hp, by), top_k)
             else:

@@ -5,6 +5,8 @@ bit does not depend on its batch), bit for bit alike on all paths. Exact: per ch
 candidates stand if no row left out can reach the k-th value (the sums differ by at most 2 d u |q| |x|),
 else the chunk is scored whole. Fast: an IndexIVFScalarQuantizer (8-bit codes) in faiss/<gallery>.faiss,
 memory-mapped, appended to, rebuilt when STALE of it changed or the gallery doubled; GPU 0 with faiss-gpu.
+At each build nprobe doubles from NPROBE_MIN until 32 sample queries (gallery rows, random directions) find
+RECALL of their exact top 10 among the candidates (rescoring then ranks them right); else 0: exact search.
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ log = logging.getLogger("ict_core.cache")
 #: 22 us each here, so 5,000 rows take ~0.1 s (docs/BENCHMARKS.md).
 IVF_MIN = 5_000
 STALE, APPEND_SAVE = 0.05, 0.01
-#: IVF lists per sqrt(rows), training rows per list; lists scanned per query: this share, at least NPROBE_MIN.
-LISTS_PER_SQRT, TRAIN_PER_LIST, NPROBE_SHARE, NPROBE_MIN = 1.0, 40, 1 / 16, 48
+#: IVF lists per sqrt(rows), training rows per list, first nprobe tried, recall@10 required.
+LISTS_PER_SQRT, TRAIN_PER_LIST, NPROBE_MIN, RECALL = 1.0, 40, 48, 0.99
 _gpu = {}
 
 
@@ -88,8 +90,11 @@ class Ivf:
     def __init__(self, index, state: dict, keep=None, mapped=False):
         self.index, self.state, self._keep, self.gpu, self.mapped = index, state, keep, None, mapped
 
-    def search(self, faiss, q: np.ndarray, k: int) -> np.ndarray:
-        self.index.nprobe = min(self.index.nlist, max(NPROBE_MIN, math.ceil(self.index.nlist * NPROBE_SHARE)))
+    def search(self, faiss, q: np.ndarray, k: int) -> np.ndarray | None:
+        """Candidate ids, or None when this index cannot reach RECALL (exact search then)."""
+        if not self.state["nprobe"]:
+            return None
+        self.index.nprobe = self.state["nprobe"]
         if self.gpu is None:
             self.gpu = False
             try:
@@ -104,16 +109,23 @@ class Ivf:
 
 def ivf_index(faiss, store, gallery: str, meta: dict, path, held: Ivf | None) -> Ivf:
     """The gallery's IVF index, up to date: this process's copy, else the saved one, else a new one."""
-    ix = held or _load(faiss, meta, path)
+    ix, queries = held or _load(faiss, meta, path), None
     if ix is None or meta["edits"] - ix.state["edits"] > STALE * ix.state["ntotal"] \
-            or meta["n"] > 2 * ix.state["trained"]:
-        ix = _build(faiss, store, gallery, meta)
+            or meta["n"] > 2 * ix.state["trained"] or "nprobe" not in ix.state:
+        ix, queries = _build(faiss, store, gallery, meta)
+        best = np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
     for ids, vecs, _ in store.chunks(gallery, ix.state["upto"]):  # rows added since: appended
         if ix.mapped:  # a mapped file cannot grow: read it into memory
             ix = Ivf(faiss.read_index(str(path)), ix.state)
         ix.index.add_with_ids(vecs, ids)
         ix.state.update(upto=int(ids[-1]), ntotal=int(ix.index.ntotal))
         ix.gpu = None
+        if queries is not None:  # the exact top 10 of each sample query, so far
+            s, i = np.hstack([best[0], queries @ vecs.T]), np.hstack([best[1], np.tile(ids, (len(queries), 1))])
+            top = np.argsort(-s, axis=1, kind="stable")[:, :10]
+            best = np.take_along_axis(s, top, 1), np.take_along_axis(i, top, 1)
+    if queries is not None:
+        ix.state["nprobe"] = _tune(ix.index, queries, best[1], gallery)
     if not store.memory_only and ix.state["ntotal"] - ix.state["saved"] > APPEND_SAVE * ix.state["ntotal"]:
         tmp = f"{path}.tmp-{os.getpid()}"
         try:
@@ -150,4 +162,18 @@ def _build(faiss, store, gallery, meta):
                                           faiss.METRIC_INNER_PRODUCT)
     index.train(train)
     log.info("built a faiss IVF index of %d lists for gallery %s", nlist, gallery)
-    return Ivf(index, dict(upto=-1, edits=meta["edits"], ntotal=0, trained=n, saved=0), quantizer)
+    queries = np.vstack([train[:16], np.random.default_rng(1).standard_normal((16, dim), np.float32)])
+    return Ivf(index, dict(upto=-1, edits=meta["edits"], ntotal=0, trained=n, saved=0), quantizer), queries
+
+
+def _tune(index, queries, truth, gallery) -> int:
+    """The nprobe reaching RECALL on the sample queries, 0 if scanning every list does not."""
+    nprobe = min(NPROBE_MIN, index.nlist)
+    while True:
+        index.nprobe = nprobe
+        found = index.search(queries, candidates(10))[1]
+        recall = np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found.tolist(), truth.tolist())])
+        log.debug("IVF recall@10 of gallery %s with nprobe %d of %d lists: %.3f", gallery, nprobe, index.nlist, recall)
+        if recall >= RECALL or nprobe == index.nlist:
+            return nprobe if recall >= RECALL else 0
+        nprobe = min(2 * nprobe, index.nlist)
