@@ -277,3 +277,24 @@ def test_index_feeds_the_gallery(ray_session, tiny_models, inputs, tmp_path, cap
         assert [Path(g["image"]).name for g in got] == [Path(w["image"]).name for w in want]
         for g, w in zip(got, want):
             assert abs(g["value"] - w["value"]) <= 1e-6 and g["hash"] == w["hash"]
+
+
+def test_nothing_scored_exits_non_zero_as_the_plain_path(ray_session, tiny_models, tmp_path, capsys):
+    """Every input unreadable: the rows are written, and the exit code says that nothing was scored."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(2):
+        (bad / f"broken{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    argv = ["score", str(bad), "--prompt", PROMPT, *_models(tiny_models, tmp_path)]
+    assert cli.main([*argv, "--ray", "--out", str(tmp_path / "out")]) != 0
+    assert "no image could be scored" in capsys.readouterr().err
+    assert [r["error"] is not None for r in _rows(tmp_path / "out")] == [True, True]
+
+
+def test_index_that_cannot_save_to_the_gallery_says_so(ray_session, tiny_models, images, tmp_path, capsys):
+    """The cache folder is a file: the Parquet rows stay, and the exit code and one line say the gallery was not fed."""
+    (tmp_path / "cache").write_text("not a folder")
+    argv = ["index", str(images[0]), *_models(tiny_models, tmp_path)]
+    assert cli.main([*argv, "--ray", "--out", str(tmp_path / "out")]) != 0
+    assert "could not save to the cache folder" in capsys.readouterr().err
+    assert len(_rows(tmp_path / "out")) == 1

@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import ICTError, InputError
 
 _ADDRESS = re.compile(r"(auto|local|ray://\S+|[\w.-]+:\d+)$")
 
@@ -103,6 +103,8 @@ def _run(args, items) -> int:
         print(f"ict: {s.new_errors} image(s) could not be read; their rows have an `error`", file=sys.stderr)
     if args.command == "index" and not getattr(args, "no_cache", False):
         _to_gallery(args, job.out)
+    if s.new_rows and s.new_errors == s.new_rows:  # as the plain path: nothing at all could be scored
+        raise InputError("no image could be scored; see the rows' `error` in --out")
     return 0
 
 
@@ -113,6 +115,9 @@ def _to_gallery(args, out: Path) -> None:
     cache = EmbeddingCache(getattr(args, "cache_dir", None))
     added, failed = ingest(out, cache)
     cache.flush()
+    if cache.memory_only:
+        raise ICTError(f"could not save to the cache folder {cache.path} (read-only, full or not a folder); "
+                       f"the rows stay in {out}: pass a writable --cache-dir and run `ict index --ingest {out}`")
     print(f"gallery: {added} image(s) stored from {out} ({failed} error row(s) skipped) in {cache.path}")
 
 
