@@ -9,7 +9,6 @@ input sizes, so that the fixed cost (start + load) and the marginal cost per ima
 
     python bench/bench_ray.py                      # tiny CLIP (ICT+HP) and ViT-H-14 (ICT), ~40 min
     python bench/bench_ray.py --shapes tiny        # ~15 min
-    flock /work/bench.lock python bench/bench_ray.py   # on a shared machine
 
 Modes: plain, ray with 1 actor, ray with 2 actors, run in turn (plain, ray1, ray2, plain, ...) so a
 shared machine's drift hits all alike. Every ray run also checks its Parquet against the plain
