@@ -201,13 +201,5 @@ class ScorerHolder:
                     log.debug("ICT reward: the host's manager could not forget the models (%s)", e)
             self._scorer = self._handle = self._run = self._key = None
             gc.collect()
-            _empty_cuda_cache()
-
-
-def _empty_cuda_cache() -> None:
-    try:
-        import torch
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:      # pragma: no cover
-        pass
+            from .placement import empty_cuda_cache
+            empty_cuda_cache()

@@ -84,7 +84,7 @@ class TorchPlacement:
         if policy != AFTER_KEEP and scorer.device.type != "cpu":
             log.info("ICT reward: giving the GPU back (the reward models wait in RAM)")
             scorer.modules.to(CPU)
-            _empty_cuda_cache()
+            empty_cuda_cache()
 
     def forget(self, scorer: Any, handle: Any) -> None:
         pass
@@ -147,7 +147,7 @@ def host_placement(host_device: Callable[[], Any] | None = None):
     return TorchPlacement(host_device)
 
 
-def _empty_cuda_cache() -> None:
+def empty_cuda_cache() -> None:
     try:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
