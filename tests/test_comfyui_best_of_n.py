@@ -13,13 +13,11 @@ import re
 import shutil
 import subprocess
 import sys
-import time
-import urllib.error
 from pathlib import Path
 
 import pytest
 
-from test_comfyui_integration import COMFYUI_DIR, PACK, ROOT, SKIP_REASON, Server, _free_port
+from test_comfyui_integration import COMFYUI_DIR, PACK, ROOT, SKIP_REASON, serve
 
 CHECKPOINT = os.environ.get("COMFYUI_CHECKPOINT")
 PROMPT = "a red fox in the snow"
@@ -146,33 +144,9 @@ def bon_server(tmp_path_factory, tiny_models):
     yaml = tmp / "extra_model_paths.yaml"
     yaml.write_text(f"ict_reward_test:\n    base_path: {tmp}\n    ict: {ict.name}\n"
                     f"    checkpoints: {Path(CHECKPOINT).parent}\n")
-    port, log = _free_port(), tmp / "comfyui.log"
-    py = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
-               ICT_CACHE_DIR=str(tmp / "cache"))
-    cmd = [py, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base),
-           "--extra-model-paths-config", str(yaml), "--disable-auto-launch", "--preview-method", "latent2rgb"]
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, cwd=COMFYUI_DIR, stdout=f, stderr=subprocess.STDOUT, env=env)
-    srv = Server(f"http://127.0.0.1:{port}", proc, log, base)
-    try:
-        end = time.time() + 240
-        while True:
-            try:
-                srv.get("/system_stats")
-                break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                if proc.poll() is not None or time.time() > end:
-                    pytest.fail(f"ComfyUI did not start:\n{log.read_text()[-4000:]}")
-                time.sleep(1)
+    with serve(base, yaml, tmp / "comfyui.log", "--preview-method", "latent2rgb",
+               env={"ICT_CACHE_DIR": str(tmp / "cache")}) as srv:
         yield srv
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_example_workflow_runs_through_the_api(bon_server):

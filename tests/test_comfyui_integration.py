@@ -126,7 +126,6 @@ def _write_images(folder: Path) -> list[Path]:
 @contextlib.contextmanager
 def _running_server(tmp: Path, tiny_models, yaml_extra: str = ""):
     """A ComfyUI server (--cpu) on a free loopback port, its own base directory, the pack linked in."""
-    comfy = Path(COMFYUI_DIR)
     base = tmp / "base"
     for d in ("custom_nodes", "input", "output", "temp", "user", "models"):
         (base / d).mkdir(parents=True)
@@ -139,16 +138,23 @@ def _running_server(tmp: Path, tiny_models, yaml_extra: str = ""):
     yaml = tmp / "extra_model_paths.yaml"
     yaml.write_text(f"ict_reward_test:\n    base_path: {tmp}\n    ict: ict_models\n{yaml_extra}")
     images = _write_images(base / "input")
+    with serve(base, yaml, tmp / "comfyui.log") as srv:
+        srv.images, srv.models = images, models
+        yield srv
+
+
+@contextlib.contextmanager
+def serve(base: Path, yaml: Path, log: Path, *args: str, env: dict | None = None):
+    """ComfyUI's main.py (--cpu) on a free loopback port with this base directory and model paths;
+    yields a Server once /system_stats answers, and stops the process afterwards."""
     port = _free_port()
-    log = tmp / "comfyui.log"
     py = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
     cmd = [py, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base),
-           "--extra-model-paths-config", str(yaml), "--disable-auto-launch"]
+           "--extra-model-paths-config", str(yaml), "--disable-auto-launch", *args]
     with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, cwd=comfy, stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, cwd=COMFYUI_DIR, stdout=f, stderr=subprocess.STDOUT, env=env)
     srv = Server(f"http://127.0.0.1:{port}", proc, log, base)
-    srv.images, srv.models = images, models
     try:
         end = time.time() + 240
         while True:
