@@ -167,12 +167,8 @@ def test_runs_as_a_script_without_touching_anything(tmp_path):
     assert "all requirements are installed" in out.stdout
 
 
-def test_webui_pins_are_left_alone_and_pinned(inst, tmp_path, monkeypatch, caplog):
-    """A1111 re-installs its requirements_versions.txt pins at every start: changing them would flip-flop."""
-    webui = tmp_path / "webui"
-    webui.mkdir()
-    (webui / "requirements_versions.txt").write_text("Pillow==9.5.0\ntransformers==4.30.2\nnumpy==1.26.2\n"
-                                                     "open-clip-torch==2.20.0\n")
+def _fake_launch(webui, monkeypatch) -> list:
+    """A stand-in for the webui's `launch` module in `webui`; returns the list of (pip command, constraints) run."""
     launch = types.ModuleType("launch")
     launch.__file__ = str(webui / "launch.py")
     seen = []
@@ -180,6 +176,16 @@ def test_webui_pins_are_left_alone_and_pinned(inst, tmp_path, monkeypatch, caplo
         (command, Path(command.split(' -c "')[1].rstrip('"')).read_text()))
     launch.is_installed = lambda name: True
     monkeypatch.setitem(sys.modules, "launch", launch)
+    return seen
+
+
+def test_webui_pins_are_left_alone_and_pinned(inst, tmp_path, monkeypatch, caplog):
+    """A1111 re-installs its requirements_versions.txt pins at every start: changing them would flip-flop."""
+    webui = tmp_path / "webui"
+    webui.mkdir()
+    (webui / "requirements_versions.txt").write_text("Pillow==9.5.0\ntransformers==4.30.2\nnumpy==1.26.2\n"
+                                                     "open-clip-torch==2.20.0\n")
+    seen = _fake_launch(webui, monkeypatch)
     versions = dict(VERSIONS, pillow="9.5.0", transformers="4.30.2", numpy="1.26.2", **{"open-clip-torch": "2.20.0"})
     reqs = write_reqs(tmp_path, "torch\ntransformers>=4.40\nPillow>=10\nnumpy>=1.24\nopen-clip-torch>=2.24\n"
                                 "faiss-cpu>=1.7.4\n")
@@ -217,13 +223,7 @@ def test_webui_pins_are_found_in_every_webui_layout(inst, tmp_path, monkeypatch,
         (webui / "requirements.txt").write_text("transformers==9.9\n")
         (webui / "mine.txt").write_text("transformers==4.30.2\nPillow==9.5.0\n")
         monkeypatch.setenv("REQS_FILE", "mine.txt")
-    launch = types.ModuleType("launch")
-    launch.__file__ = str(webui / "launch.py")
-    seen = []
-    launch.run_pip = lambda command, desc=None, live=False: seen.append(
-        (command, Path(command.split(' -c "')[1].rstrip('"')).read_text()))
-    launch.is_installed = lambda name: True
-    monkeypatch.setitem(sys.modules, "launch", launch)
+    seen = _fake_launch(webui, monkeypatch)
     assert inst.webui_pins()["transformers"] == "4.30.2" and inst.webui_pins()["pillow"] == "9.5.0"
     versions = dict(VERSIONS, transformers="4.30.2", pillow="9.5.0")
     reqs = write_reqs(tmp_path, "transformers>=4.40\nPillow>=10\nfaiss-cpu>=1.7.4\n")
