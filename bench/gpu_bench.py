@@ -25,6 +25,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
@@ -56,8 +57,8 @@ def _install_tokenizer_fallback() -> str:
             return out
 
         tok.encode = lambda p: list(p)
-        text._tokenizer.cache_clear()
-        text._tokenizer = lambda: tok
+        text._tokenizer_module.cache_clear()
+        text._tokenizer_module = lambda: SimpleNamespace(tokenize=tok, _tokenizer=tok)
         stub = type(sys)("open_clip")
         stub.get_tokenizer = lambda name: tok
         sys.modules["open_clip"] = stub  # for the reference loop's `from open_clip import get_tokenizer`

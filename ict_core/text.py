@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
+import os
+import sys
 import unicodedata
 
 import torch
@@ -15,11 +18,27 @@ CONTEXT_LENGTH = 77
 
 
 @functools.lru_cache(maxsize=1)
-def _tokenizer():
-    # The built-in ViT-H-14 config names no HF tokenizer, so this is open_clip's SimpleTokenizer: no network.
-    from open_clip import get_tokenizer
+def _tokenizer_module():
+    """open_clip's tokenizer module: its `tokenize` is what get_tokenizer('ViT-H-14') returns (the built-in
+    config names no HF tokenizer: SimpleTokenizer, 77 tokens, no network), in every open_clip version.
 
-    return get_tokenizer("ViT-H-14")
+    Why not `import open_clip`: the package imports timm and its model zoo too, ~55 MB that stay in a host's
+    process after its "free memory" (ComfyUI's /free gives back models, not modules). The tokenizer module
+    imports nothing else of open_clip, so unless the host has imported open_clip already, that file alone is
+    loaded, under a private name (tests/test_preprocess.py: the same ids as get_tokenizer)."""
+    spec = None if "open_clip" in sys.modules else importlib.util.find_spec("open_clip")
+    if spec is not None and spec.submodule_search_locations:
+        path = os.path.join(list(spec.submodule_search_locations)[0], "tokenizer.py")
+        try:
+            alone = importlib.util.spec_from_file_location("ict_core._open_clip_tokenizer", path)
+            module = importlib.util.module_from_spec(alone)
+            alone.loader.exec_module(module)
+            return module
+        except Exception as exc:  # e.g. a version whose tokenizer imports the rest of its package
+            log.debug("open_clip's tokenizer module cannot be loaded alone (%s); importing open_clip", exc)
+    from open_clip import tokenizer
+
+    return tokenizer
 
 
 def check_prompt(prompt: object, where: str = "prompt") -> str:
@@ -35,22 +54,12 @@ def check_prompt(prompt: object, where: str = "prompt") -> str:
     return prompt
 
 
-def _count(prompt: str) -> int:
-    tok = _tokenizer()
-    encode = getattr(tok, "encode", None)
-    if encode is None:  # open_clip < 2.24 returns its module-level tokenize function
-        from open_clip.tokenizer import _tokenizer as simple
-
-        encode = simple.encode
-    return len(encode(prompt))
-
-
 def tokenize(prompts: list[str]) -> torch.Tensor:
     """LongTensor [n, 77]; a prompt longer than 75 BPE tokens is cut (its last id set to end-of-text)."""
-    tok = _tokenizer()
+    module = _tokenizer_module()
     for p in prompts:
-        n = _count(p)
+        n = len(module._tokenizer.encode(p))
         if n > CONTEXT_LENGTH - 2:
             log.warning("prompt has %d tokens, more than the model's %d: the text after token %d is ignored "
                         "(%r...)", n, CONTEXT_LENGTH - 2, CONTEXT_LENGTH - 2, p[:60])
-    return tok(prompts, context_length=CONTEXT_LENGTH)
+    return module.tokenize(prompts, context_length=CONTEXT_LENGTH)

@@ -1,7 +1,9 @@
 """Image inputs of every kind, the extremes of size, and the tokenizer's cut."""
 from __future__ import annotations
 
+import functools
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,3 +146,37 @@ def test_load_with_digest_hashes_the_decoded_bytes(tmp_path):
     pixels, digest = preprocess.as_refs([tmp_path / "a.png"])[0].load_with_digest()
     assert digest == hashlib.sha256((tmp_path / "a.png").read_bytes()).hexdigest()
     assert pixels[:, 0, 0].tolist() == [1, 2, 3]
+
+
+TOKENIZER_CHECK = r"""
+import sys
+from ict_core.text import tokenize
+prompts = ["a red fox", "A RED Fox &amp; a &lt;b&gt;", "  many   spaces\tand\nlines ", "ünïcödé Straße 東京 🦊",
+           "café — “quotes” ‘and’ dashes", " ".join(["word"] * 120), "x", "12,345.67 %$#@!", "ﬁligature ½ ™"]
+ours = tokenize(prompts)
+assert "open_clip" not in sys.modules, "the open_clip package was imported"
+from open_clip import get_tokenizer
+assert (ours == get_tokenizer("ViT-H-14")(prompts)).all()
+print("same ids")
+"""
+
+
+def test_tokenizer_gives_open_clips_ids_without_importing_open_clip():
+    """The tokenizer file is loaded alone (the package would bring timm: memory a host's /free cannot give
+    back); its ids are get_tokenizer('ViT-H-14')'s on odd text (html, unicode, whitespace, long)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", TOKENIZER_CHECK], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0 and "same ids" in out.stdout, out.stderr[-2000:]
+
+
+def test_tokenizer_uses_open_clip_when_the_host_imported_it(monkeypatch):
+    import open_clip
+
+    from ict_core import text
+
+    monkeypatch.setattr(text, "_tokenizer_module", functools.lru_cache(maxsize=1)(text._tokenizer_module.__wrapped__))
+    assert text._tokenizer_module() is open_clip.tokenizer
+    assert (text.tokenize(["a red fox"]) == open_clip.get_tokenizer("ViT-H-14")(["a red fox"])).all()
