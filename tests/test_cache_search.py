@@ -209,6 +209,27 @@ def test_ivf_tunes_nprobe_to_the_exact_top_10_on_uniform_vectors(tmp_path, ivf_f
     assert c.search(GAL, q, top_k=10) == c.search(GAL, q, top_k=10, exact=True) and c._ivf[GAL].state["nprobe"] == 0
 
 
+def test_ivf_tuning_samples_the_models_own_prompts(tmp_path, ivf_from):
+    """Queries unlike every gallery row (here random directions) need more probes than gallery rows do. The
+    build samples the prompts stored for the gallery's model (the user's queries), so it raises nprobe for
+    them, and they are found as by the exact search."""
+    from ict_core.cache import prompt_key
+
+    ivf_from(5000)
+    rng = np.random.default_rng(10)
+    vecs, asked = clustered(rng, 6000, 64, centers=300), unit(rng, 16, 64)
+    plain, tuned = EmbeddingCache(tmp_path / "a"), EmbeddingCache(tmp_path / "b")
+    fill(plain, vecs)
+    fill(tuned, vecs)
+    tuned.put_prompts(prompt_key(FP), {f"prompt {i}": v for i, v in enumerate(asked)})
+    plain.search(GAL, vecs[0], top_k=10)
+    tuned.search(GAL, vecs[0], top_k=10)
+    assert tuned._ivf[GAL].state["nprobe"] > plain._ivf[GAL].state["nprobe"] == gs.NPROBE_MIN
+    found = [[h.hash for h in c.search(GAL, q, top_k=10)] for c in (plain, tuned) for q in asked]
+    exact = [[h.hash for h in tuned.search(GAL, q, top_k=10, exact=True)] for q in asked]
+    assert found[16:] == exact and found[:16] != exact
+
+
 def _fresh_process(folder, code):
     prelude = textwrap.dedent(f"""
         import sys, types

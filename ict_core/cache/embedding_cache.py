@@ -192,7 +192,8 @@ class EmbeddingCache:
             if not exact and by == "ict" and top_k is not None and faiss is not None and meta["n"] >= gs.IVF_MIN \
                     and np.isfinite(q).all():
                 path = self.path / "faiss" / (safe_name(gallery) + ".faiss")
-                ix = self._ivf[gallery] = gs.ivf_index(faiss, self._store, gallery, meta, path, self._ivf.get(gallery))
+                ix = gs.ivf_index(faiss, self._store, gallery, meta, path, self._ivf.get(gallery), q)
+                self._ivf[gallery] = ix
                 found = ix.search(faiss, q, gs.candidates(top_k))
             if by == "hp":
                 ids, hp = self._store.hp_column(gallery)

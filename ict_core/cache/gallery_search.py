@@ -5,8 +5,11 @@ bit does not depend on its batch), bit for bit alike on all paths. Exact: per ch
 candidates stand if no row left out can reach the k-th value (the sums differ by at most 2 d u |q| |x|),
 else the chunk is scored whole. Fast: an IndexIVFScalarQuantizer (8-bit codes) in faiss/<gallery>.faiss,
 memory-mapped, appended to, rebuilt when STALE of it changed or the gallery doubled; GPU 0 with faiss-gpu.
-At each build nprobe doubles from NPROBE_MIN until 32 sample queries (gallery rows, random directions) find
-RECALL of their exact top 10 among the candidates (rescoring then ranks them right); else 0: exact search.
+At each build nprobe doubles from NPROBE_MIN until sample queries find RECALL of their exact top 10 among the
+candidates (rescoring then ranks them right), else 0: exact search. The samples are what is searched for: 16
+gallery rows (a gallery without structure needs every list for them) and, held to RECALL on their own, the
+query at hand and up to 16 recent prompts of the model's prompt table (the user's queries). Random directions,
+which nobody searches with, would make a clustered gallery scan ~40 % of its lists (docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .keys import prompt_key_of
+from .store import vector
+
 log = logging.getLogger("ict_core.cache")
 
 #: Rows from which a top k by ict uses the IVF index: an exact search reads every row from SQLite, about
@@ -25,6 +31,8 @@ IVF_MIN = 5_000
 STALE, APPEND_SAVE = 0.05, 0.01
 #: IVF lists per sqrt(rows), training rows per list, first nprobe tried, recall@10 required.
 LISTS_PER_SQRT, TRAIN_PER_LIST, NPROBE_MIN, RECALL = 1.0, 40, 48, 0.99
+#: Gallery rows among the sample queries of the nprobe tuning.
+ROWS = 16
 _gpu = {}
 
 
@@ -107,12 +115,13 @@ class Ivf:
         return found[0][found[0] >= 0]
 
 
-def ivf_index(faiss, store, gallery: str, meta: dict, path, held: Ivf | None) -> Ivf:
-    """The gallery's IVF index, up to date: this process's copy, else the saved one, else a new one."""
+def ivf_index(faiss, store, gallery: str, meta: dict, path, held: Ivf | None, q: np.ndarray) -> Ivf:
+    """The gallery's IVF index, up to date: this process's copy, else the saved one, else a new one (tuned
+    with the query q among its samples)."""
     ix, queries = held or _load(faiss, meta, path), None
     if ix is None or meta["edits"] - ix.state["edits"] > STALE * ix.state["ntotal"] \
             or meta["n"] > 2 * ix.state["trained"] or "nprobe" not in ix.state:
-        ix, queries = _build(faiss, store, gallery, meta)
+        ix, queries = _build(faiss, store, gallery, meta, q)
         best = np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
     for ids, vecs, _ in store.chunks(gallery, ix.state["upto"]):  # rows added since: appended
         if ix.mapped:  # a mapped file cannot grow: read it into memory
@@ -152,7 +161,7 @@ def _load(faiss, meta, path):
     return Ivf(index, meta["ix"], mapped=True) if same else None
 
 
-def _build(faiss, store, gallery, meta):
+def _build(faiss, store, gallery, meta, q):
     dim, n = meta["dim"], meta["n"]
     nlist = max(1, int(LISTS_PER_SQRT * math.sqrt(n)))
     ids = store.hp_column(gallery)[0]
@@ -162,17 +171,21 @@ def _build(faiss, store, gallery, meta):
                                           faiss.METRIC_INNER_PRODUCT)
     index.train(train)
     log.info("built a faiss IVF index of %d lists for gallery %s", nlist, gallery)
-    queries = np.vstack([train[:16], np.random.default_rng(1).standard_normal((16, dim), np.float32)])
+    asked = store.select("SELECT vec, crc FROM entries WHERE kind='p' AND key=? ORDER BY used DESC LIMIT 16",
+                         prompt_key_of(gallery), each=lambda r: vector(*r))
+    queries = np.vstack([train[:ROWS], q[None], *(a[None] for a in asked if a.shape == q.shape)])
     return Ivf(index, dict(upto=-1, edits=meta["edits"], ntotal=0, trained=n, saved=0), quantizer), queries
 
 
 def _tune(index, queries, truth, gallery) -> int:
-    """The nprobe reaching RECALL on the sample queries, 0 if scanning every list does not."""
+    """The nprobe reaching RECALL on the sample gallery rows and, apart, on the queries searched for (the
+    rows alone would outweigh them); 0 if scanning every list does not."""
     nprobe = min(NPROBE_MIN, index.nlist)
     while True:
         index.nprobe = nprobe
         found = index.search(queries, candidates(10))[1]
-        recall = np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found.tolist(), truth.tolist())])
+        hits = [len(set(f) & set(t)) / len(t) for f, t in zip(found.tolist(), truth.tolist())]
+        recall = min(np.mean(hits[:ROWS]), np.mean(hits[ROWS:]))
         log.debug("IVF recall@10 of gallery %s with nprobe %d of %d lists: %.3f", gallery, nprobe, index.nlist, recall)
         if recall >= RECALL or nprobe == index.nlist:
             return nprobe if recall >= RECALL else 0

@@ -36,6 +36,12 @@ def gallery_key(ict_fp: str, hp_fp: str | None, dtype: str = "float32") -> str:
     return f"{ict_fp}+{hp_fp or 'none'}{_precision_tag(dtype)}"
 
 
+def prompt_key_of(gallery: str) -> str:
+    """The prompt table of a gallery's ICT model at the gallery's precision: the texts it is searched for."""
+    ict_fp, _, rest = gallery.partition("+")
+    return ict_fp + rest[rest.index("@"):] if "@" in rest else ict_fp
+
+
 def hash_bytes(data: bytes) -> str:
     """sha256 of a file's bytes: the gallery key of an image read from disk."""
     return hashlib.sha256(data).hexdigest()
