@@ -69,25 +69,12 @@ def _dtype(args) -> str:
 
 
 def _snapshot(path: str):
-    """(content hash, ImageRef decoding those very bytes): a file replaced meanwhile cannot put one
-    image's features under another's hash. Only regular files are read (a FIFO would hang)."""
+    """The file's ImageRef, decoding and hashing the bytes read now (preprocess.bytes_ref). Only regular
+    files are read (a FIFO would hang)."""
     from . import preprocess
-    from .cache import hash_bytes
     from .files import open_regular
     with open_regular(path) as fh:
-        data = fh.read()
-
-    def load():
-        from PIL import Image
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
-                return preprocess.pil_to_uint8(im)
-        except Exception as e:  # noqa: BLE001  (Pillow raises many kinds, e.g. DecompressionBombError)
-            raise InputError(f"{path}: cannot read image ({type(e).__name__}: {str(e)[:100]})") from None
-
-    digest = hash_bytes(data)
-    return digest, preprocess.ImageRef(str(Path(path).resolve()), load, lambda: digest)
+        return preprocess.bytes_ref(str(Path(path).resolve()), fh.read())
 
 
 def cmd_index(args) -> int:
@@ -101,9 +88,9 @@ def cmd_index(args) -> int:
             todo = {}
             for f in files[start:start + INDEX_ROUND]:
                 try:
-                    digest, ref = _snapshot(f)
-                    todo.update({} if digest in known else {digest: ref})
-                    known.add(digest)
+                    ref = _snapshot(f)
+                    todo.update({} if ref.digest() in known else {ref.digest(): ref})
+                    known.add(ref.digest())
                 except OSError as e:  # one line per image, naming it once
                     failed += 1
                     print(f"ict: cannot index: {f}: {e.strerror}" if e.strerror else f"ict: cannot index: {e}",

@@ -8,6 +8,7 @@ same in the graph as the PNG it is saved as.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,10 +112,8 @@ def check_shape(t: torch.Tensor, label: str | None = None) -> torch.Tensor:
 
 
 def _decode(path: Path, with_digest: bool) -> tuple[torch.Tensor, str | None]:
-    """Decode a regular file (a FIFO or a device is refused without blocking); any decoder failure,
-    a decompression bomb included, is an InputError for that image alone."""
-    from PIL import Image, UnidentifiedImageError
-
+    """Decode a regular file (a FIFO or a device is refused without blocking), hashing its bytes first
+    if asked; a file that cannot be read is an InputError for that image alone."""
     problem = regular_file_problem(path)
     if problem is not None:
         raise InputError(f"{path}: file not found" if problem == "not found" else f"{path}: {problem}")
@@ -131,13 +130,31 @@ def _decode(path: Path, with_digest: bool) -> tuple[torch.Tensor, str | None]:
                     h.update(block)
                 digest = h.hexdigest()
                 f.seek(0)
-            with Image.open(f) as im:
-                im.load()
-                return pil_to_uint8(im), digest
-        except UnidentifiedImageError:
-            raise InputError(f"{path}: cannot read image (not an image format Pillow knows)") from None
-        except Exception as e:  # DecompressionBombError is not an OSError; no decoder error may end a batch
+        except OSError as e:
             raise InputError(f"{path}: cannot read image ({type(e).__name__}: {str(e)[:100]})") from None
+        return decode(f, path), digest
+
+
+def decode(source, label) -> torch.Tensor:
+    """uint8 [3,H,W] of an open image file or of bytes; any decoder failure, a decompression bomb
+    included, is an InputError for that image alone."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            im.load()
+            return pil_to_uint8(im)
+    except UnidentifiedImageError:
+        raise InputError(f"{label}: cannot read image (not an image format Pillow knows)") from None
+    except Exception as e:  # DecompressionBombError is not an OSError; no decoder error may end a batch
+        raise InputError(f"{label}: cannot read image ({type(e).__name__}: {str(e)[:100]})") from None
+
+
+def bytes_ref(label: str, data: bytes) -> ImageRef:
+    """An image from bytes already read (`ict index`, a --ray job): it decodes and hashes those very
+    bytes, so a file replaced meanwhile cannot put one image's features under another's hash."""
+    digest = hashlib.sha256(data).hexdigest()
+    return ImageRef(label, lambda: decode(data, label), lambda: digest, lambda: (decode(data, label), digest))
 
 
 def _file_ref(path: Path) -> ImageRef:

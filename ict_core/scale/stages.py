@@ -9,7 +9,6 @@ it to the same pixel values bit for bit (a 224x224 image is neither resized nor 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import math
 from typing import Any, Iterator
@@ -43,20 +42,9 @@ def read_bytes(path: str) -> bytes:
 
 
 def decode(path: str, data: bytes) -> torch.Tensor:
-    """uint8 [3,H,W]: a local file through the plain path's own loader (same pixels, same error text;
-    its bytes were just read, so this second read comes from the page cache), a URI from its bytes."""
-    from PIL import Image, UnidentifiedImageError
-
-    from ..errors import InputError
-
-    if not is_uri(path):
-        return preprocess.as_refs([path])[0].load()
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return preprocess.pil_to_uint8(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise InputError(f"{path}: cannot read image ({type(e).__name__}: {str(e)[:100]})") from None
+    """uint8 [3,H,W] of the bytes that were hashed (never a second read of a file that may have changed),
+    through the plain path's decoder: same pixels, same error text."""
+    return preprocess.bytes_ref(path, data).load()
 
 
 def prepare(batch: dict[str, np.ndarray], done: frozenset = frozenset()) -> Iterator[dict[str, np.ndarray]]:
