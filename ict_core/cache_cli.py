@@ -3,13 +3,13 @@ prompt with one text encode (none when the prompt is cached). ict_core.cli hands
 back); errors are ICTError (one line)."""
 from __future__ import annotations
 
-import io
 import json
 import math
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+from .cli_output import json_safe
 from .errors import ICTError, InputError
 from .weights import fingerprint  # needs no torch: a cached prompt loads none
 
@@ -137,10 +137,6 @@ def query_vector(cache, ict_path: str, prompt: str, args):
     return scorer.encode_prompts([check_prompt(prompt)])[0].numpy()
 
 
-def _num(x):
-    return None if x is None or math.isnan(x) else x
-
-
 def cmd_search(args) -> int:
     """Rank the gallery of this (ICT, HP) pair for a prompt; no image is encoded. NaN values rank
     last and are written as null (JSON) or '-' (text)."""
@@ -158,10 +154,10 @@ def cmd_search(args) -> int:
     query = query_vector(cache, ict_path, args.prompt, args) if args.prompt is not None else None
     rows = []
     for pos, h in enumerate(cache.search(gallery, query, top_k=args.top_k, by=args.by, exact=args.exact), 1):
-        hp, ict = _num(float(sigmoid(h.hp_raw))), _num(h.ict)
-        rows.append({"rank": pos, "image": h.label, "hash": h.hash, "ict": ict, "hp": hp,
-                     "hp_raw": _num(h.hp_raw), "value": _num(h.value),
-                     "score": _num((ict * hp if hp is not None else ict) if ict is not None else hp)})
+        hp = float(sigmoid(h.hp_raw))
+        score = h.ict if math.isnan(hp) else hp if math.isnan(h.ict) else h.ict * hp
+        rows.append(json_safe({"rank": pos, "image": h.label, "hash": h.hash, "ict": h.ict, "hp": hp,
+                               "hp_raw": h.hp_raw, "value": h.value, "score": score}))
     cache.flush()
     if args.json:
         print(json.dumps({"prompt": args.prompt, "by": args.by, "gallery": gallery, "count": cache.image_count(gallery),
