@@ -216,13 +216,10 @@ class Store:
             conn.execute("INSERT INTO meta(kind, key, dim) VALUES(?, ?, ?) ON CONFLICT DO NOTHING",
                          (kind, key, len(items[0][1])))
             self.touch(used, conn)
-            before = conn.total_changes
-            conn.executemany("UPDATE entries SET vec=?, crc=?, hp=?, label=?, used=? WHERE kind=? AND key=? AND name=?",
-                             rows)
-            replaced, before = conn.total_changes - before, conn.total_changes
-            conn.executemany("INSERT OR IGNORE INTO entries(vec, crc, hp, label, used, kind, key, name) "
-                             "VALUES(?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            added = conn.total_changes - before
+            replaced = conn.executemany("UPDATE entries SET vec=?, crc=?, hp=?, label=?, used=? "
+                                        "WHERE kind=? AND key=? AND name=?", rows).rowcount
+            added = conn.executemany("INSERT OR IGNORE INTO entries(vec, crc, hp, label, used, kind, key, name) "
+                                     "VALUES(?, ?, ?, ?, ?, ?, ?, ?)", rows).rowcount
             evicted = max(0, conn.execute("SELECT n FROM meta WHERE kind=? AND key=?", (kind, key)).fetchone()[0]
                           + added - cap)
             conn.execute("DELETE FROM entries WHERE id IN (SELECT id FROM entries WHERE kind=? AND key=? "
