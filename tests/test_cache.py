@@ -18,7 +18,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import ict_core.cache as cache_pkg
 from ict_core.cache import embedding_cache as cache_mod
 from ict_core.cache import store as cache_store
 from ict_core.cache import EmbeddingCache, gallery_key, resolve_cache_dir
@@ -579,11 +578,11 @@ def test_numpy_fallback_without_faiss(tmp_path, caplog, monkeypatch):
 
 
 def test_hashes_match_the_engine(tmp_path):
-    """`ict index` (hash_bytes of the file) and the scorer (preprocess) key an image alike."""
+    """`ict index` (the bytes it read) and the scorer (the file) key an image alike."""
     pre = pytest.importorskip("ict_core.preprocess")
     f = tmp_path / "x.png"
     f.write_bytes(b"not really a png")
-    assert cache_pkg.hash_bytes(f.read_bytes()) == pre.as_refs([f])[0].digest()
+    assert pre.bytes_ref(str(f), f.read_bytes()).digest() == pre.as_refs([f])[0].digest()
 
 
 def test_module_imports_light():

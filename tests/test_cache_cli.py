@@ -184,11 +184,12 @@ def _strict_json(text):
 def test_index_hashes_the_bytes_it_decodes(gallery, capsys, monkeypatch, images, tmp_path):
     """A file replaced while `ict index` runs must not get the new image's features under the old
     content's hash (issue 10, defect 9): the bytes hashed are the bytes decoded."""
-    from ict_core.cache import EmbeddingCache, hash_bytes
+    from ict_core.cache import EmbeddingCache
+    from ict_core.preprocess import bytes_ref
 
     folder, opts = gallery
     target = folder / images[1].name
-    old_hash = hash_bytes(target.read_bytes())
+    old_hash = bytes_ref(str(target), target.read_bytes()).digest()
     real = Scorer.encode_images
 
     def swap_then_encode(self, *a, **k):  # another program rewrites the file after it was hashed

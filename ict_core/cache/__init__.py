@@ -1,7 +1,7 @@
 """Persistent embedding cache: the folder (keys) holds cache.sqlite3 (store: every table, shared by
 any number of processes) and faiss/<gallery>.faiss (gallery_search: a big gallery's IVF index)."""
 from .embedding_cache import NO_FAISS_ENV, EmbeddingCache, SearchHit
-from .keys import CACHE_DIR_ENV, gallery_key, hash_bytes, prompt_key, resolve_cache_dir
+from .keys import CACHE_DIR_ENV, gallery_key, prompt_key, resolve_cache_dir
 
-__all__ = ["EmbeddingCache", "SearchHit", "resolve_cache_dir", "gallery_key", "prompt_key", "hash_bytes",
-           "CACHE_DIR_ENV", "NO_FAISS_ENV"]
+__all__ = ["EmbeddingCache", "SearchHit", "resolve_cache_dir", "gallery_key", "prompt_key", "CACHE_DIR_ENV",
+           "NO_FAISS_ENV"]

@@ -1,4 +1,4 @@
-"""Names in the cache: its folder, the keys of prompt tables and galleries, image content hashes.
+"""Names in the cache: its folder, the keys of prompt tables and galleries (of images: ImageRef.digest()).
 
 Why here: the scorer, the CLI and the hosts must compute the same keys, or a lookup misses.
 """
@@ -40,11 +40,6 @@ def prompt_key_of(gallery: str) -> str:
     """The prompt table of a gallery's ICT model at the gallery's precision: the texts it is searched for."""
     ict_fp, _, rest = gallery.partition("+")
     return ict_fp + rest[rest.index("@"):] if "@" in rest else ict_fp
-
-
-def hash_bytes(data: bytes) -> str:
-    """sha256 of a file's bytes: the gallery key of an image read from disk."""
-    return hashlib.sha256(data).hexdigest()
 
 
 def safe_name(key: str) -> str:
