@@ -56,8 +56,7 @@ def _open(args):
         raise InputError(f"`ict {args.command}` works on the embedding cache; drop --no-cache")
     ict = _host.model_path(args.model, "ict", True)
     hp = None if args.no_hp else _host.model_path(args.hp_model, "hp", getattr(args, "by", "ict") in ("hp", "ict*hp"))
-    cache = EmbeddingCache(args.cache_dir)
-    return cache, ict, hp, gallery_key(fingerprint(ict), hp and fingerprint(hp), _dtype(args))
+    return EmbeddingCache(args.cache_dir), ict, hp, gallery_key(fingerprint(ict), hp and fingerprint(hp), _dtype(args))
 
 
 def _dtype(args) -> str:
@@ -104,12 +103,10 @@ def cmd_index(args) -> int:
                 feats = scorer.encode_images(None, refs=list(todo.values()))
                 entries = {d: (feats.ict[i].numpy(), None if feats.hp_raw is None else float(feats.hp_raw[i]), r.label)
                            for i, (d, r) in enumerate(todo.items()) if feats.errors[i] is None}
-                for i, ref in enumerate(todo.values()):
-                    if feats.errors[i] is not None:
-                        failed += 1
-                        print(f"ict: cannot index: {feats.errors[i]}", file=sys.stderr)
+                for error in filter(None, feats.errors):
+                    print(f"ict: cannot index: {error}", file=sys.stderr)
                 cache.put_images(gallery, entries)
-                added += len(entries)
+                added, failed = added + len(entries), failed + len(todo) - len(entries)
             bar(min(start + INDEX_ROUND, len(files)), len(files))
     finally:
         bar.close()
