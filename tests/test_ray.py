@@ -98,6 +98,30 @@ def test_crop_is_the_scorers_preprocessing_bit_for_bit(images):
         assert torch.equal(preprocess.pixel_values(crop[None]), preprocess.pixel_values(full[None])), p
 
 
+def test_prepare_decodes_the_bytes_it_hashed(tmp_path, monkeypatch):
+    """A file replaced after the CPU stage read it: its row holds the pixels of the bytes it hashed
+    (the stage used to read a local file a second time to decode it)."""
+    import hashlib
+
+    import numpy as np
+    from PIL import Image
+
+    from ict_core.scale import stages
+
+    path = tmp_path / "a.png"
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(path)
+    data = path.read_bytes()
+
+    def read_then_replaced(p):  # another program rewrites the file just after the stage read it
+        Image.new("RGB", (40, 40), (0, 255, 0)).save(path)
+        return data
+
+    monkeypatch.setattr(stages, "read_bytes", read_then_replaced)
+    row = next(stages.prepare({"index": np.array([0]), "path": np.array([str(path)], dtype=object)}))
+    assert row["hash"][0] == hashlib.sha256(data).hexdigest() and row["error"][0] is None
+    assert row["pixels"][0][0].min() == 255 and row["pixels"][0][1].max() == 0  # red, as hashed
+
+
 # ------------------------------------------------------------------------------------------- with Ray
 try:
     import ray
