@@ -15,6 +15,7 @@ from .errors import InputError
 log = logging.getLogger(__name__)
 
 CONTEXT_LENGTH = 77
+_ALONE = "ict_core._open_clip_tokenizer"
 
 
 @functools.lru_cache(maxsize=1)
@@ -30,7 +31,7 @@ def _tokenizer_module():
     if spec is not None and spec.submodule_search_locations:
         path = os.path.join(list(spec.submodule_search_locations)[0], "tokenizer.py")
         try:
-            alone = importlib.util.spec_from_file_location("ict_core._open_clip_tokenizer", path)
+            alone = importlib.util.spec_from_file_location(_ALONE, path)
             module = importlib.util.module_from_spec(alone)
             alone.loader.exec_module(module)
             return module
@@ -39,6 +40,16 @@ def _tokenizer_module():
     from open_clip import tokenizer
 
     return tokenizer
+
+
+def release() -> None:
+    """Give back the tokenizer's tables (~18 MB) when a host frees the models; the next prompt loads them
+    again. Only a module loaded alone is emptied (nothing else refers to it); open_clip's own stays."""
+    if _tokenizer_module.cache_info().currsize:
+        module = _tokenizer_module()
+        _tokenizer_module.cache_clear()
+        if module.__name__ == _ALONE:
+            module.__dict__.pop("_tokenizer", None)  # freed now: the module's own cycle waits for a collection
 
 
 def check_prompt(prompt: object, where: str = "prompt") -> str:

@@ -163,14 +163,18 @@ def load_scorer(ict_path, hp_path, precision: str, plan):
 
 
 def _released(name: str) -> None:
-    """When ComfyUI lets the model go (/free, another file chosen): give the freed weights back to the OS.
+    """When ComfyUI lets the model go (/free, another file chosen): give the freed weights (and the
+    tokenizer's tables) back to the OS.
 
     glibc keeps freed blocks below its (adaptive, up to 32 MB) mmap threshold in the process heaps, so a
     freed model of many 5-30 MB tensors would stay in the server's RSS; malloc_trim returns them.  The
     model's modules hold reference cycles, so this runs inside a garbage collection, before the cycle's
     tensors are freed: trim again once that collection is over."""
     global _trim_after_gc
+    from ict_core import text
+
     log.info("ICT model released: %s", name)
+    text.release()
     _trim()
     _trim_after_gc = True
     if _after_collection not in gc.callbacks:

@@ -71,9 +71,10 @@ class Server:
         urllib.request.urlopen(req, timeout=30).close()
 
     def free_until(self, text: str, count: int) -> int:
-        """/free, and once more if `text` has not reached `count` log lines within 15 s: right after a run,
-        ComfyUI's finished execution sometimes still holds the nodes' inputs (seen in 0.3.64: an iterator and
-        a closure over ICT Rerank's inputs) through the first /free's collection. Returns the /free calls."""
+        """/free, and once more if `text` has not reached `count` log lines within 15 s. ComfyUI 0.3.64's
+        queue worker reads the /free flags once after a run, collects garbage, then waits on its queue without
+        reading them again: a /free posted in that moment (as here, right after the run) waits for the next
+        wake-up (a run, another /free, or 1000 s), for ComfyUI's own models as for ours. Returns the calls."""
         for calls in (1, 2):
             self.free()
             try:

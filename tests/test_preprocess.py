@@ -155,6 +155,12 @@ prompts = ["a red fox", "A RED Fox &amp; a &lt;b&gt;", "  many   spaces\tand\nli
            "café — “quotes” ‘and’ dashes", " ".join(["word"] * 120), "x", "12,345.67 %$#@!", "ﬁligature ½ ™"]
 ours = tokenize(prompts)
 assert "open_clip" not in sys.modules, "the open_clip package was imported"
+import weakref
+from ict_core import text
+tables = weakref.ref(text._tokenizer_module()._tokenizer)
+text.release()  # what a host's "free memory" does
+assert tables() is None, "the tokenizer's tables were kept"
+assert (tokenize(prompts) == ours).all()
 from open_clip import get_tokenizer
 assert (ours == get_tokenizer("ViT-H-14")(prompts)).all()
 print("same ids")
@@ -163,7 +169,8 @@ print("same ids")
 
 def test_tokenizer_gives_open_clips_ids_without_importing_open_clip():
     """The tokenizer file is loaded alone (the package would bring timm: memory a host's /free cannot give
-    back); its ids are get_tokenizer('ViT-H-14')'s on odd text (html, unicode, whitespace, long)."""
+    back); its ids are get_tokenizer('ViT-H-14')'s on odd text (html, unicode, whitespace, long); release()
+    frees its tables and the next prompt loads them again."""
     import subprocess
     import sys
 
