@@ -182,7 +182,12 @@ def ensure_work(work: Path, tiny: bool = False, gain: float = 1.0) -> dict:
 
 # ------------------------------------------------------------------------------------------------ measurements
 def maxrss_bytes(who: int = resource.RUSAGE_SELF) -> int:
-    """Peak resident set size (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process. On Linux its own VmHWM: ru_maxrss keeps, across exec, the
+    RSS of the parent it was forked from (a driver that has just built ViT-H weights sets a child's "peak"
+    to its own 6.7 GB)."""
+    if who == resource.RUSAGE_SELF and sys.platform.startswith("linux"):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
     r = resource.getrusage(who).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024
 
@@ -204,7 +209,7 @@ def run_child(script: Path, args: list[str], out_json: Path, env: dict | None = 
         raise RuntimeError(f"child {' '.join(args)} failed with exit status {rc}")
     res = json.loads(out_json.read_text())
     rss = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
-    res.update(process_wall_s=wall, peak_rss_bytes=rss)
+    res.update(process_wall_s=wall, peak_rss_bytes=res.get("peak_rss_bytes") or rss)  # the child's own, if told
     del before
     return res
 

@@ -498,7 +498,7 @@ def main(argv=None) -> int:
     C.setup_logging(args.verbose)
     if args.child:
         res = CHILDREN[args.child](args)
-        args.result.write_text(json.dumps(res))
+        args.result.write_text(json.dumps({**res, "peak_rss_bytes": C.maxrss_bytes()}))
         return 0
     if args.render:
         render(args)
