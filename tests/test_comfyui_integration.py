@@ -125,8 +125,8 @@ def _write_images(folder: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def _running_server(tmp: Path, tiny_models, yaml_extra: str = ""):
-    """A ComfyUI server (--cpu) on a free loopback port, its own base directory, the pack linked in."""
+def _running_server(tmp: Path, tiny_models, yaml_extra: str = "", args: tuple[str, ...] = ()):
+    """A ComfyUI server (--cpu, plus `args`) on a free loopback port, its own base directory, the pack linked in."""
     base = tmp / "base"
     for d in ("custom_nodes", "input", "output", "temp", "user", "models"):
         (base / d).mkdir(parents=True)
@@ -139,7 +139,7 @@ def _running_server(tmp: Path, tiny_models, yaml_extra: str = ""):
     yaml = tmp / "extra_model_paths.yaml"
     yaml.write_text(f"ict_reward_test:\n    base_path: {tmp}\n    ict: ict_models\n{yaml_extra}")
     images = _write_images(base / "input")
-    with serve(base, yaml, tmp / "comfyui.log") as srv:
+    with serve(base, yaml, tmp / "comfyui.log", *args) as srv:
         srv.images, srv.models = images, models
         yield srv
 
@@ -469,3 +469,91 @@ def test_comfyuis_partial_load_scores_like_the_full_model(tiny_models, tmp_path)
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["model_lowvram"] and out["lowvram_layers"] > 10
     assert np.allclose(out["got"], out["ref"], atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ what the page is sent
+WS_RUNS = r"""
+import asyncio, json, sys, uuid
+import aiohttp                                       # ComfyUI's own server library: always in its Python
+url, runs = sys.argv[1], int(sys.argv[2])
+prompt = json.loads(sys.stdin.read())
+
+async def main():
+    cid = uuid.uuid4().hex
+    out = []
+    async with aiohttp.ClientSession() as s, s.ws_connect(f"{url}/ws?clientId={cid}") as ws:
+        for _ in range(runs):
+            async with s.post(f"{url}/prompt", json={"prompt": prompt, "client_id": cid}) as r:
+                body = await r.json()
+                assert r.status == 200, body
+            pid, run = body["prompt_id"], {"executed": {}, "cached": None, "end": None}
+            while True:                              # until the worker's closing "executing node None"
+                msg = await ws.receive(timeout=300)
+                if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    raise SystemExit(f"websocket closed: {msg}")
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    continue                         # binary previews
+                m = json.loads(msg.data)
+                t, d = m["type"], m.get("data") or {}
+                if d.get("prompt_id") != pid:
+                    continue
+                if t == "executed":
+                    run["executed"][d["node"]] = d["output"]
+                elif t == "execution_cached":
+                    run["cached"] = d["nodes"]
+                elif t in ("execution_success", "execution_error", "execution_interrupted"):
+                    run["end"] = t
+                    if t == "execution_error":
+                        run["error"] = d.get("exception_message")
+                elif t == "executing" and d.get("node") is None:
+                    break
+            async with s.get(f"{url}/history/{pid}") as r:    # what the queue panel loads back
+                run["history"] = (await r.json())[pid]["outputs"]
+            out.append(run)
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+def ws_runs(srv: Server, prompt: dict, runs: int) -> list[dict]:
+    """Queue `prompt` `runs` times in a row from one websocket client, as the ComfyUI page does, and return per
+    run what that client was sent: {"executed": {node: its `output` (the node's ui dict, which the page shows)},
+    "cached": the execution_cached node list, "end": execution_success/_error, "history": the run's outputs in
+    /history (what the queue panel shows again)}. The client runs in ComfyUI's Python with its aiohttp, so the
+    tests need no websocket package of their own."""
+    py = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    res = subprocess.run([py, "-c", WS_RUNS, srv.url, str(runs)], input=json.dumps(prompt), capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, f"{res.stderr[-3000:]}\nserver log:\n{srv.log.read_text()[-3000:]}"
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _table_comes_back(srv: Server, cache_none: bool) -> None:
+    api = rerank_api(prompt="a table that stays on the node")   # no earlier test ran this prompt
+    first, again = ws_runs(srv, api, 2)
+    assert first["end"] == again["end"] == "execution_success", (first, again)
+    assert "7" not in first["cached"]
+    shown = first["executed"].get("7")
+    assert shown and shown["ict_table"][0]["rows"] and "rank" in shown["text"][0], first["executed"]
+    if cache_none:    # --cache-none: nothing is kept, ICT Rerank runs again
+        assert again["cached"] == [], again["cached"]
+    else:             # the very same workflow: ICT Rerank is not run again, its outputs come from the cache
+        assert "7" in again["cached"], again["cached"]
+    assert again["executed"].get("7") == shown, f"ICT Rerank's table was not sent on the re-run: {again}"
+    if not cache_none:  # (--cache-none: ComfyUI 0.3.64 drops a node's ui from the run's /history once all the
+        # nodes it feeds have stored theirs, output node or not; the page still gets the table through `executed`)
+        assert first["history"].get("7") == again["history"].get("7") == shown, "ICT Rerank's table not in /history"
+
+
+def test_rerank_table_is_sent_again_on_a_cached_rerun(server):
+    """The page shows a node's table from the `executed` message sent to the client that queued the run;
+    queued again unchanged, ICT Rerank comes from ComfyUI's cache and its table must be sent again."""
+    _table_comes_back(server, cache_none=False)
+
+
+def test_rerank_table_is_sent_with_cache_none(tmp_path, tiny_models):
+    """The same on a server started with --cache-none (every node runs each time, nothing kept)."""
+    _need_comfyui()
+    with _running_server(tmp_path, tiny_models, args=("--cache-none",)) as srv:
+        _table_comes_back(srv, cache_none=True)
