@@ -114,8 +114,10 @@ class ManagedPlacement:
 
     def to_run(self, scorer: Any, handle: Any, run: torch.device) -> None:
         self.mm.load_models_gpu([handle], memory_required=activation_bytes(scorer))
-        if scorer.device != run:     # the manager kept part of it elsewhere: plain layers cannot run split
-            log.info("ICT reward: %s left the reward models on %s; moving them to %s", self.name, scorer.device, run)
+        elsewhere = _devices_not(scorer, run)
+        if elsewhere:                # the manager kept part of it elsewhere: plain layers cannot run split
+            log.info("ICT reward: %s left the reward models on %s; moving them to %s", self.name,
+                     ", ".join(sorted(map(str, elsewhere))), run)
             scorer.modules.to(run)
 
     def after_scoring(self, scorer: Any, handle: Any, policy: str) -> None:
@@ -128,6 +130,20 @@ class ManagedPlacement:
         soft = getattr(self.mm, "soft_empty_cache", None)
         if callable(soft):
             soft()
+
+
+def _same(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def _devices_not(scorer: Any, run: torch.device) -> set:
+    """The devices other than ``run`` holding the scorer's weights. Looked up on the tensors themselves: Forge Neo's
+    ModelPatcher (as ComfyUI's) sets ``model.device`` to the load device even when it left layers behind."""
+    try:
+        tensors = [*scorer.modules.parameters(), *scorer.modules.buffers()]
+    except Exception:            # pragma: no cover - not a torch module
+        return set() if _same(scorer.device, run) else {scorer.device}
+    return {t.device for t in tensors if not _same(t.device, run)}
 
 
 def host_placement(host_device: Callable[[], Any] | None = None):

@@ -34,6 +34,17 @@ from ict_core import metadata
 
 log = logging.getLogger(__name__)
 _FIELDS = ((ICT_INFOTEXT_KEY, "ict"), (HP_INFOTEXT_KEY, "hp"))
+LOGGERS = ("ict_reward", "ict_webui", "ict_core")
+
+
+def keep_warnings_visible() -> None:
+    """Forge Neo sets the root logger to ERROR unless ``--loglevel`` is given (A1111 / Forge leave warnings on), and
+    its API's info has no ``comments``: our one-line messages would reach no one over the API. Our loggers are set
+    to WARNING when they would drop warnings; a level set on them explicitly is kept."""
+    for name in LOGGERS:
+        lg = logging.getLogger(name)
+        if lg.level == logging.NOTSET and not lg.isEnabledFor(logging.WARNING):
+            lg.setLevel(logging.WARNING)
 
 
 @dataclass

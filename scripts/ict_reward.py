@@ -22,6 +22,7 @@ if _ROOT not in sys.path:       # ict_core and ict_webui live beside scripts/; a
 from ict_webui import (BY_CHOICES, MODE_CHOICES, OPTIONS, RunArgs, ScorerHolder, Settings, WebuiReward)  # noqa: E402
 from ict_webui.options import MODE_ANNOTATE, SECTION  # noqa: E402
 from ict_webui.placement import host_placement  # noqa: E402
+from ict_webui.reward import keep_warnings_visible  # noqa: E402
 
 log = logging.getLogger("ict_reward")
 
@@ -38,6 +39,7 @@ def _webui_device():
     return devices.get_device_for("ict_reward")
 
 
+keep_warnings_visible()
 REWARD = WebuiReward(ScorerHolder(placement=host_placement(_webui_device)), ui_notify=_ui_warning)
 
 

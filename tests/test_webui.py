@@ -943,3 +943,62 @@ def test_selected_script_lookup_is_tolerant():
     for args in (None, (), ("junk",), (0,), (3,), (-1,), (1, True)):
         assert other_scripts.positional_script(types.SimpleNamespace(scripts=runner, script_args=args)) is None
     assert other_scripts.positional_script(types.SimpleNamespace()) is None
+
+
+@pytest.fixture()
+def neo_logging(request):
+    """Forge Neo's modules/logging_config.py: the root logger at ERROR unless --loglevel is given."""
+    import logging
+    root, ours = logging.getLogger(), [logging.getLogger(n) for n in ("ict_reward", "ict_webui", "ict_core")]
+    saved = (root.level, [lg.level for lg in ours])
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    root.setLevel(logging.ERROR)
+    root.addHandler(handler)
+    for lg in ours:
+        lg.setLevel(logging.NOTSET)
+
+    def restore():
+        root.removeHandler(handler)
+        root.setLevel(saved[0])
+        for lg, level in zip(ours, saved[1]):
+            lg.setLevel(level)
+    request.addfinalizer(restore)
+    return records
+
+
+def test_forge_neo_console_shows_the_engines_message(neo_logging, request, tiny_models):
+    """Forge Neo's API info has no `comments` and its root logger drops warnings: the console is where an API user
+    learns why nothing was scored (checked in a Neo build: before, a truncated ict.safetensors left no trace)."""
+    host = request.getfixturevalue("host")
+    host.models.mkdir(parents=True)
+    data = Path(tiny_models.ict).read_bytes()
+    (host.models / "ict.safetensors").write_bytes(data[:len(data) // 2])
+    p, res = run(host, mode="keep best K", k=1)
+    shown = [r.getMessage() for r in neo_logging if r.levelno >= 30]
+    assert shown == [next(iter(p.comments))] and "is truncated" in shown[0] and len(image_outputs(res)[0]) == 4
+
+
+def test_forge_neo_patcher_marking_its_device_does_not_hide_layers_left_behind():
+    """Forge Neo's ModelPatcher sets `model.device` to the load device even when it left layers (plain torch
+    layers, too big for the free VRAM) on the offload device: the scorer must still end up wholly on the device it
+    runs on."""
+    from ict_webui.placement import ManagedPlacement
+    meta = torch.device("meta")             # stands for the GPU: the test machine has none
+    modules = torch.nn.Module()
+    modules.ict, modules.hp = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+    sc = object.__new__(Scorer)
+    sc.modules = modules
+
+    def load_models_gpu(models, memory_required=0):
+        for handle in models:
+            handle.model.ict.to(meta)       # the part that fitted; hp stays behind
+            handle.model.device = meta      # as Neo's ModelPatcher.load() does
+
+    mm = types.SimpleNamespace(load_models_gpu=load_models_gpu)
+    placement = ManagedPlacement(mm, lambda model, load_device, offload_device: types.SimpleNamespace(model=model),
+                                 "Forge Neo")
+    handle = placement.adopt(sc, meta, torch.device("cpu"))
+    placement.to_run(sc, handle, meta)
+    assert {t.device for t in modules.parameters()} == {meta}
