@@ -122,6 +122,27 @@ def test_prepare_decodes_the_bytes_it_hashed(tmp_path, monkeypatch):
     assert row["pixels"][0][0].min() == 255 and row["pixels"][0][1].max() == 0  # red, as hashed
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_prepare_refuses_a_fifo_without_blocking(tmp_path):
+    """A FIFO named in a list file (or on the command line) is an error row, as in the plain path: opening it
+    for reading would wait for a writer forever and hang the Ray task."""
+    import threading
+
+    import numpy as np
+
+    from ict_core.scale import stages
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    rows = []
+    worker = threading.Thread(target=lambda: rows.extend(stages.prepare(
+        {"index": np.array([0]), "path": np.array([str(fifo)], dtype=object)})), daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "the CPU stage blocked on a FIFO"
+    assert rows[0]["hash"][0] is None and "FIFO" in rows[0]["error"][0].upper()
+
+
 # ------------------------------------------------------------------------------------------- with Ray
 try:
     import ray

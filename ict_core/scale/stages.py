@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .. import preprocess
+from ..files import open_regular
 from .inputs import is_uri
 from .output import done_key
 
@@ -37,7 +38,7 @@ def read_bytes(path: str) -> bytes:
         filesystem, inner = fs.FileSystem.from_uri(path)
         with filesystem.open_input_stream(inner) as f:
             return f.read()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:  # a FIFO or a device is refused without blocking, as in the plain path
         return f.read()
 
 
@@ -62,7 +63,8 @@ def prepare(batch: dict[str, np.ndarray], done: frozenset = frozenset()) -> Iter
             data = read_bytes(path)
             digest = hashlib.sha256(data).hexdigest()
         except OSError as e:
-            error = f"{path}: {'file not found' if isinstance(e, FileNotFoundError) else (e.strerror or e)}"
+            error = f"{path}: file not found" if isinstance(e, FileNotFoundError) else (
+                f"{path}: {e.strerror}" if e.strerror else str(e))  # open_regular's own text names the path
         if done_key(path, digest) in done:
             continue
         if error is None:
