@@ -57,8 +57,8 @@ def _install_tokenizer_fallback() -> str:
             return out
 
         tok.encode = lambda p: list(p)
-        text._tokenizer_module.cache_clear()
-        text._tokenizer_module = lambda: SimpleNamespace(tokenize=tok, _tokenizer=tok)
+        text._tokenizer.cache_clear()
+        text._tokenizer = lambda: (SimpleNamespace(tokenize=tok, _tokenizer=tok), tok.encode, tok)
         stub = type(sys)("open_clip")
         stub.get_tokenizer = lambda name: tok
         sys.modules["open_clip"] = stub  # for the reference loop's `from open_clip import get_tokenizer`

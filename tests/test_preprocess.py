@@ -157,10 +157,13 @@ ours = tokenize(prompts)
 assert "open_clip" not in sys.modules, "the open_clip package was imported"
 import weakref
 from ict_core import text
-tables = weakref.ref(text._tokenizer_module()._tokenizer)
+tables = weakref.ref(text._tokenizer()[0]._tokenizer)
 text.release()  # what a host's "free memory" does
 assert tables() is None, "the tokenizer's tables were kept"
 assert (tokenize(prompts) == ours).all()
+_, encode, call = text._tokenizer()
+text.release()  # while a tokenize is in flight: it keeps what it holds
+assert (call(prompts, context_length=77) == ours).all()
 from open_clip import get_tokenizer
 assert (ours == get_tokenizer("ViT-H-14")(prompts)).all()
 print("same ids")
@@ -184,6 +187,6 @@ def test_tokenizer_uses_open_clip_when_the_host_imported_it(monkeypatch):
 
     from ict_core import text
 
-    monkeypatch.setattr(text, "_tokenizer_module", functools.lru_cache(maxsize=1)(text._tokenizer_module.__wrapped__))
-    assert text._tokenizer_module() is open_clip.tokenizer
+    monkeypatch.setattr(text, "_tokenizer", functools.lru_cache(maxsize=1)(text._tokenizer.__wrapped__))
+    assert text._tokenizer()[0] is open_clip.tokenizer
     assert (text.tokenize(["a red fox"]) == open_clip.get_tokenizer("ViT-H-14")(["a red fox"])).all()
