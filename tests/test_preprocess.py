@@ -157,9 +157,12 @@ ours = tokenize(prompts)
 assert "open_clip" not in sys.modules, "the open_clip package was imported"
 import weakref
 from ict_core import text
-tables = weakref.ref(text._tokenizer()[0]._tokenizer)
+tok = text._tokenizer()[0]._tokenizer
+through_module = not callable(tok)  # open_clip < 2.24 tokenizes through a module function: tables kept
+tables = weakref.ref(tok)
+del tok
 text.release()  # what a host's "free memory" does
-assert tables() is None, "the tokenizer's tables were kept"
+assert through_module or tables() is None, "the tokenizer's tables were kept"
 assert (tokenize(prompts) == ours).all()
 _, encode, call = text._tokenizer()
 text.release()  # while a tokenize is in flight: it keeps what it holds
