@@ -44,8 +44,8 @@ def read_bytes(path: str) -> bytes:
 
 def decode(path: str, data: bytes) -> torch.Tensor:
     """uint8 [3,H,W] of the bytes that were hashed (never a second read of a file that may have changed),
-    through the plain path's decoder: same pixels, same error text."""
-    return preprocess.bytes_ref(path, data).load()
+    through the plain path's decoder: same pixels, same error text. Hashed once, by the caller."""
+    return preprocess.decode(data, path)
 
 
 def prepare(batch: dict[str, np.ndarray], done: frozenset = frozenset()) -> Iterator[dict[str, np.ndarray]]:
