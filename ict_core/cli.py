@@ -14,27 +14,12 @@ from typing import Sequence
 from . import __version__, paths, ranking
 from .cli_output import check_copy_to, copy_new, json_safe, tolerant_stdout
 from .errors import ICTError, InputError
+from .files import image_files
 
 log = logging.getLogger("ict_core")
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-def expand_images(items: Sequence[str]) -> list[str]:
-    """Files as given; folders expand to the images inside them (recursively, sorted)."""
-    from .preprocess import IMAGE_SUFFIXES
-
-    out: list[str] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            out.extend(str(f) for f in sorted(p.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-        else:
-            out.append(item)
-    if not out:
-        raise InputError("no images given (folders were empty); pass image files or folders holding images")
-    return out
-
-
 def _model_path(given: str | None, kind: str, required: bool) -> str | None:
     if given:
         return given
@@ -90,7 +75,7 @@ class Progress:
 
 
 def _score(args, need_hp: bool = False):
-    images = expand_images(args.images)
+    images = image_files(args.images)
     scorer = load_scorer(args, need_hp or args.prompt is None)  # no prompt: HP alone
     bar = Progress(args.quiet, "scoring")
     try:
@@ -254,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     else:
-        add_subcommands(sub, _model_args, model_path=_model_path, expand_images=expand_images, progress=Progress)
+        add_subcommands(sub, _model_args, model_path=_model_path, progress=Progress)
     from .scale.cli import register as register_ray  # --ray on score and index (imports no Ray)
 
     register_ray(sub, model_path=_model_path)

@@ -11,6 +11,22 @@ from typing import BinaryIO, Callable, Sequence
 
 from .errors import InputError
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def image_files(items: Sequence[str]) -> list[str]:
+    """Files as given; folders expand to the images inside them (recursively, sorted)."""
+    out: list[str] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            out.extend(str(f) for f in sorted(p.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        else:
+            out.append(item)
+    if not out:
+        raise InputError("no images given (folders were empty); pass image files or folders holding images")
+    return out
+
 
 def regular_file_problem(path: str | Path) -> str | None:
     """Why `path` cannot be read as a regular file ("not found", "a folder", "a FIFO" ...), or None.

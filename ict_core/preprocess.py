@@ -19,14 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .files import open_regular, regular_file_problem
+from .files import IMAGE_SUFFIXES, open_regular, regular_file_problem  # noqa: F401 (IMAGE_SUFFIXES: re-exported)
 
 log = logging.getLogger(__name__)
 
 SIZE = 224
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _PASS_BYTES = 64 * 1024 * 1024  # working-set cap of one resize pass (keeps 8000x8000 images cheap)
 _WINDOW_OUTPUTS = 4 * 1024 * 1024  # an enlarging pass past this many outputs computes only the kept window
 MAX_ASPECT = 50_000  # one resized line of a 1x50000 image is 134 MB of float32: past that, refused

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..errors import InputError
+from ..files import IMAGE_SUFFIXES
 
 LIST_SUFFIXES = (".txt", ".lst")
 COLUMNS = ("image", "path")
@@ -52,15 +53,11 @@ def _is_parquet(p: Path) -> bool:
 
 
 def _has_images(folder: Path) -> bool:
-    from ..preprocess import IMAGE_SUFFIXES
-
     return any(f.suffix.lower() in IMAGE_SUFFIXES for f in folder.iterdir())
 
 
 def expand(items: Sequence[str]) -> list[str]:
     """Every input image as an absolute path or a URI, in input order (folders sorted, recursively)."""
-    from ..preprocess import IMAGE_SUFFIXES
-
     out: list[str] = []
     for item in items:
         p = Path(item)

@@ -1,0 +1,175 @@
+"""A gallery: the images indexed for one (ICT, HP) model pair at one precision, ranked for any prompt.
+
+The workflow behind `ict index` and `ict search`, for Python callers too. The models load only when needed:
+images already stored need no forward, and a prompt already cached needs no model at all (not even torch).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .cli_output import json_safe
+from .errors import ICTError, InputError
+from .files import image_files, open_regular
+from .weights import fingerprint  # needs no torch
+
+log = logging.getLogger("ict_core.gallery")
+
+#: Images encoded per round of Gallery.index; each round is stored, so an interrupted run keeps its work.
+INDEX_ROUND = 64
+BY = ("ict", "hp", "ict*hp")
+
+
+@dataclass
+class IndexReport:
+    added: int = 0  # encoded and stored now
+    already: int = 0  # stored before (same bytes), not encoded again
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)  # one line per image that failed, naming it
+
+
+@dataclass
+class Hit:
+    """One ranked image. ict: cosine with the prompt (NaN without one); hp: sigmoid of the stored HP head
+    (NaN without HP); value: what was ranked by; score: ict * hp as `ict score` combines them."""
+    rank: int
+    image: str
+    hash: str
+    ict: float
+    hp: float
+    hp_raw: float
+    value: float
+    score: float
+
+    def as_dict(self) -> dict:
+        return json_safe(asdict(self))  # NaN -> None
+
+
+class Gallery:
+    """Index image files once, search them for any prompt. cache: an EmbeddingCache (default folder if None).
+    precision and device decide the key (fp16 features are kept apart) and how a model runs when one is needed."""
+
+    def __init__(self, ict_path, hp_path=None, *, cache=None, device: str = "auto", precision: str = "auto",
+                 config=None):
+        from .cache import EmbeddingCache, gallery_key, prompt_key
+
+        self.cache = cache if cache is not None else EmbeddingCache()
+        self.ict_path, self.hp_path = str(ict_path), (str(hp_path) if hp_path else None)
+        self.device, self.precision, self.config, self._scorer = device, precision, config, None
+        dtype = _dtype_name(precision, device)
+        ict_fp = fingerprint(self.ict_path)
+        self.key = gallery_key(ict_fp, self.hp_path and fingerprint(self.hp_path), dtype)
+        self.prompt_key = prompt_key(ict_fp, dtype)
+
+    def __len__(self) -> int:
+        return self.cache.image_count(self.key)
+
+    def _model(self, with_hp: bool):
+        """The Scorer, loaded on first need (with HP only when asked: the text tower needs none)."""
+        if self._scorer is None or (with_hp and self.hp_path and not self._scorer.has_hp):
+            from .scorer import Scorer
+            self._scorer = Scorer.load(self.ict_path, self.hp_path if with_hp else None, device=self.device,
+                                       precision=self.precision, cache=None, config=self.config)
+        return self._scorer
+
+    def index(self, paths: Sequence[str], *, progress: Callable[[int, int], None] | None = None,
+              on_error: Callable[[str], None] | None = None) -> IndexReport:
+        """Encode the images (files, or folders searched recursively) not yet in the gallery, and store them.
+        Each file is hashed and decoded from the one read of it, so a file replaced meanwhile cannot put one
+        image's features under another's hash; only regular files are read. A failed image is one line to
+        on_error (default: a logged warning). ICTError when nothing could be saved."""
+        from .preprocess import bytes_ref
+
+        on_error = on_error or log.warning
+        files, report, known = image_files(paths), IndexReport(), set()
+        for start in range(0, len(files), INDEX_ROUND):
+            todo = {}
+            for f in files[start:start + INDEX_ROUND]:
+                try:
+                    with open_regular(f) as fh:
+                        ref = bytes_ref(str(Path(f).resolve()), fh.read())
+                except OSError as e:
+                    self._failed(report, on_error, f"{f}: {e.strerror}" if e.strerror else str(e))
+                    continue
+                if ref.digest() not in known:
+                    todo[ref.digest()] = ref
+                    known.add(ref.digest())
+            stored, count = self.cache.get_images(self.key, list(todo)), len(todo)
+            todo = {d: r for d, r in todo.items() if d not in stored or (self.hp_path and math.isnan(stored[d][1]))}
+            report.already += count - len(todo)
+            if todo:
+                feats = self._model(True).encode_images(None, refs=list(todo.values()))
+                entries = {d: (feats.ict[i].numpy(), None if feats.hp_raw is None else float(feats.hp_raw[i]), r.label)
+                           for i, (d, r) in enumerate(todo.items()) if feats.errors[i] is None}
+                for error in filter(None, feats.errors):
+                    self._failed(report, on_error, error)
+                self.cache.put_images(self.key, entries)
+                report.added += len(entries)
+            if progress:
+                progress(min(start + INDEX_ROUND, len(files)), len(files))
+        self.cache.flush()
+        if self.cache.memory_only:
+            raise ICTError(f"could not save to the cache folder {self.cache.path} (read-only, full or not a "
+                           f"folder); nothing was indexed: use a writable cache folder (--cache-dir)")
+        return report
+
+    @staticmethod
+    def _failed(report: IndexReport, on_error, line: str) -> None:
+        report.failed += 1
+        report.errors.append(line)
+        on_error(line)
+
+    def prompt_vector(self, prompt: str):
+        """The prompt's text feature (float32 numpy): from the prompt cache (no model, no torch), else encoded
+        once and cached."""
+        hit = self.cache.get_prompts(self.prompt_key, [prompt]).get(prompt)
+        if hit is not None:  # text the scorer encoded (and checked) before
+            return hit
+        vec = self._model(False).encode_prompts([prompt])[0].numpy()  # checks the prompt
+        self.cache.put_prompts(self.prompt_key, {prompt: vec})
+        return vec
+
+    def search(self, prompt: str | None = None, *, top_k: int | None = None, by: str | None = None,
+               exact: bool = False) -> list[Hit]:
+        """The gallery ranked for a prompt (no image is encoded), best first, NaN values last. by: ict (the
+        default with a prompt), hp (HP alone: the default without one) or ict*hp. exact: no IVF index (see
+        EmbeddingCache.search). InputError, one line, on arguments that cannot rank this gallery."""
+        from .cache.gallery_search import sigmoid
+
+        by = by or ("ict" if prompt is not None else "hp")
+        if by not in BY:
+            raise InputError(f"by must be one of {BY}, not {by!r}")
+        if top_k is not None and top_k < 1:
+            raise InputError(f"--top-k must be at least 1, got {top_k}")
+        if prompt is None and by != "hp":
+            raise InputError(f"--by {by} needs a prompt to search for; without one only --by hp ranks the gallery")
+        if by != "ict" and self.hp_path is None:
+            raise InputError(f"--by {by} needs the HP model; pass --hp-model (and index with it)")
+        if len(self) == 0:
+            raise InputError(self._empty_hint())
+        query = None if prompt is None else self.prompt_vector(prompt)
+        hits = []
+        for rank, h in enumerate(self.cache.search(self.key, query, top_k=top_k, by=by, exact=exact), 1):
+            hp = float(sigmoid(h.hp_raw))
+            score = h.ict if math.isnan(hp) else hp if math.isnan(h.ict) else h.ict * hp
+            hits.append(Hit(rank, h.label, h.hash, h.ict, hp, h.hp_raw, h.value, score))
+        self.cache.flush()
+        return hits
+
+    def _empty_hint(self) -> str:
+        if any(g.split("+")[0] == self.key.split("+")[0] for g in self.cache.stats()["galleries"]):
+            return ("the gallery of this ICT model was indexed with " + ("an HP model; pass the same --hp-model to "
+                    "search it" if self.hp_path is None else "another HP model (or none); use the same one here"))
+        return (f"no images are indexed for this model in {self.cache.path}; run `ict index FOLDER` with the same "
+                f"models first")
+
+
+def _dtype_name(precision: str, device: str) -> str:
+    """The precision a Scorer with these options runs at (part of the keys); fp32 needs no torch."""
+    if precision in ("auto", "fp32"):
+        return "float32"
+    from .scorer import resolve_device, resolve_dtype
+    return str(resolve_dtype(precision, resolve_device(device)))
