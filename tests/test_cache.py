@@ -4,6 +4,7 @@ Most tests need only numpy (+ faiss); the last ones use the engine with the tiny
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -567,7 +568,7 @@ def test_numpy_fallback_without_faiss(tmp_path, caplog, monkeypatch):
     q = unit(np.random.default_rng(12), 1)[0]
     with_faiss = c.search(g, q, by="ict*hp")
     monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss -> ImportError
-    monkeypatch.setattr(cache_mod, "_faiss_state", {"tried": False, "mod": None})
+    monkeypatch.setattr(cache_mod, "_faiss", functools.cache(cache_mod._faiss.__wrapped__))
     c2 = EmbeddingCache(tmp_path)
     c.flush()
     without = c2.search(g, q, by="ict*hp")

@@ -28,19 +28,16 @@ NO_FAISS_ENV = "ICT_CACHE_NO_FAISS"
 BY = ("ict", "hp", "ict*hp")
 KINDS = {"p": "prompts", "i": "images"}
 SearchHit = namedtuple("SearchHit", "label hash ict hp_raw value")  # value: what was ranked by (see search)
-_faiss_state = {"tried": False, "mod": None}
 _live: "weakref.WeakSet[EmbeddingCache]" = weakref.WeakSet()
 
 
+@functools.cache
 def _faiss():
-    """faiss, or None (then numpy searches; one warning when it is missing)."""
-    if not _faiss_state["tried"] and os.environ.get(NO_FAISS_ENV, "") in ("", "0"):
-        _faiss_state["tried"] = True
-        try:
-            _faiss_state["mod"] = importlib.import_module("faiss")  # lazily: `import ict_core` stays light
-        except Exception as exc:
-            log.warning("faiss is not importable (%s); gallery search uses numpy (same ranking, slower)", exc)
-    return None if os.environ.get(NO_FAISS_ENV, "") not in ("", "0") else _faiss_state["mod"]
+    """faiss, imported lazily (`import ict_core` stays light), or None with one warning when it is missing."""
+    try:
+        return importlib.import_module("faiss")
+    except Exception as exc:
+        log.warning("faiss is not importable (%s); gallery search uses numpy (same ranking, slower)", exc)
 
 
 @atexit.register
@@ -183,18 +180,12 @@ class EmbeddingCache:
         q = None if query_vec is None else np.ascontiguousarray(query_vec, dtype=np.float32).reshape(-1)
         with self._lock:
             self._write("i", gallery)
-            meta, faiss = self._store.meta("i", gallery), _faiss()
+            meta = self._store.meta("i", gallery)
+            faiss = None if os.environ.get(NO_FAISS_ENV, "") not in ("", "0") else _faiss()  # numpy if None
             if meta["n"] == 0 or (top_k is not None and top_k <= 0):
                 return []
             if q is not None and q.shape[0] != meta["dim"]:
                 raise ValueError(f"query width {q.shape[0]} does not match stored width {meta['dim']}")
-            found = None
-            if not exact and by == "ict" and top_k is not None and faiss is not None and meta["n"] >= gs.IVF_MIN \
-                    and np.isfinite(q).all():
-                path = self.path / "faiss" / (safe_name(gallery) + ".faiss")
-                ix = gs.ivf_index(faiss, self._store, gallery, meta, path, self._ivf.get(gallery), q)
-                self._ivf[gallery] = ix
-                found = ix.search(faiss, q, gs.candidates(top_k))
             if by == "hp":
                 ids, hp = self._store.hp_column(gallery)
                 ids, _, value = gs.ranked(ids, hp, gs.sigmoid(hp), top_k)
@@ -202,12 +193,15 @@ class EmbeddingCache:
                 if q is not None:
                     got, vecs, _ = self._store.fetch(gallery, ids)
                     ict = gs.exact_scores(vecs, q)[np.searchsorted(got, ids)]
-            elif found is not None:
-                ids, vecs, hp = self._store.fetch(gallery, found)
-                ict = gs.exact_scores(vecs, q)
-                ids, ict, value = gs.ranked(ids, ict, gs.values(ict, hp, by), top_k)
-            else:
-                ids, ict, value = gs.exact_search(faiss, self._store.chunks(gallery), q, top_k, by, meta["xmax"])
+            else:  # the candidates of the IVF index, else every row
+                rows = self._store.chunks(gallery)
+                if not exact and by == "ict" and top_k is not None and faiss is not None and meta["n"] >= gs.IVF_MIN \
+                        and np.isfinite(q).all():
+                    held, path = self._ivf.get(gallery), self.path / "faiss" / (safe_name(gallery) + ".faiss")
+                    ix = self._ivf[gallery] = gs.ivf_index(faiss, self._store, gallery, meta, path, held, q)
+                    found = ix.search(faiss, q, gs.candidates(top_k))
+                    rows = rows if found is None else [self._store.fetch(gallery, found)]
+                ids, ict, value = gs.exact_search(faiss, rows, q, top_k, by, meta["xmax"])
             info = self._store.describe(ids)
             return [SearchHit(info[i][1], info[i][0], c, info[i][2], v)
                     for i, c, v in zip(ids.tolist(), ict.tolist(), value.tolist()) if i in info]

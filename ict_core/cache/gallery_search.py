@@ -52,10 +52,6 @@ def sigmoid(x) -> np.ndarray:
         return np.where(x >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
 
 
-def values(ict, hp, by: str) -> np.ndarray:
-    return ict.astype(np.float64) * (sigmoid(hp) if by == "ict*hp" else 1.0)
-
-
 def _key(value: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(value), np.inf, -value)  # best first, NaN last
 
@@ -76,7 +72,7 @@ def _chunk_best(faiss, ids, vecs, hp, q, k, by, eps):
         if approx[0, -1] + eps < np.sort(exact_scores(vecs[cand[0]], q))[-k]:
             rows = cand[0]
     ict = exact_scores(vecs[rows], q)
-    value = values(ict, hp[rows], by)
+    value = ict.astype(np.float64) * (sigmoid(hp[rows]) if by == "ict*hp" else 1.0)
     keep = slice(None) if k is None or len(value) <= k else _key(value) <= np.partition(_key(value), k - 1)[k - 1]
     return ids[rows][keep], ict[keep], value[keep]
 
