@@ -91,8 +91,8 @@ class Ivf:
     """An IVF index; state: upto (last id in it), edits (the gallery's at its build), ntotal, trained
     (rows at its training), saved (ntotal when saved)."""
 
-    def __init__(self, index, state: dict, keep=None, mapped=False):
-        self.index, self.state, self._keep, self.gpu, self.mapped = index, state, keep, None, mapped
+    def __init__(self, index, state: dict, mapped=False):
+        self.index, self.state, self.gpu, self.mapped = index, state, None, mapped
 
     def search(self, faiss, q: np.ndarray, k: int) -> np.ndarray | None:
         """Candidate ids, or None when this index cannot reach RECALL (exact search then)."""
@@ -162,15 +162,14 @@ def _build(faiss, store, gallery, meta, q):
     nlist = max(1, int(LISTS_PER_SQRT * math.sqrt(n)))
     ids = store.hp_column(gallery)[0]
     _, train, _ = store.fetch(gallery, np.random.default_rng(0).choice(ids, min(len(ids), TRAIN_PER_LIST * nlist), 0))
-    quantizer = faiss.IndexFlatIP(dim)
-    index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit,
+    index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, nlist, faiss.ScalarQuantizer.QT_8bit,
                                           faiss.METRIC_INNER_PRODUCT)
     index.train(train)
     log.info("built a faiss IVF index of %d lists for gallery %s", nlist, gallery)
     asked = store.select("SELECT vec, crc FROM entries WHERE kind='p' AND key=? ORDER BY used DESC LIMIT 16",
                          prompt_key_of(gallery), each=lambda r: vector(*r))
     queries = np.vstack([train[:ROWS], q[None], *(a[None] for a in asked if a.shape == q.shape)])
-    return Ivf(index, dict(upto=-1, edits=meta["edits"], ntotal=0, trained=n, saved=0), quantizer), queries
+    return Ivf(index, dict(upto=-1, edits=meta["edits"], ntotal=0, trained=n, saved=0)), queries
 
 
 def _tune(index, queries, truth, gallery) -> int:

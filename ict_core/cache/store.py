@@ -104,9 +104,7 @@ class Store:
                         return None
                     self.close()
                     self.conn, self.writable = conn, writable
-                if not write:
-                    return fn(self.conn)
-                with self.conn:  # one transaction (BEGIN IMMEDIATE), rolled back on any error
+                with self.conn if write else contextlib.nullcontext():  # a write: one transaction, rolled back on error
                     return fn(self.conn)
             except (sqlite3.ProgrammingError, sqlite3.InterfaceError):
                 raise  # a bug here, not a fault of the disk
