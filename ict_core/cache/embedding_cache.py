@@ -186,10 +186,9 @@ class EmbeddingCache:
                 return []
             if q is not None and q.shape[0] != meta["dim"]:
                 raise ValueError(f"query width {q.shape[0]} does not match stored width {meta['dim']}")
-            if by == "hp":
+            if by == "hp":  # the stored hp alone ranks; ict of the rows returned when there is a query
                 ids, hp = self._store.hp_column(gallery)
-                ids, _, value = gs.ranked(ids, hp, gs.sigmoid(hp), top_k)
-                ict = np.full(len(ids), np.nan, np.float32)
+                ids, ict, value = gs.ranked(ids, np.full(len(ids), np.nan, np.float32), gs.sigmoid(hp), top_k)
                 if q is not None:
                     got, vecs, _ = self._store.fetch(gallery, ids)
                     ict = gs.exact_scores(vecs, q)[np.searchsorted(got, ids)]
