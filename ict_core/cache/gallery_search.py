@@ -64,7 +64,7 @@ def ranked(ids, ict, value, k):
 
 def _chunk_best(faiss, ids, vecs, hp, q, k, by, eps):
     """(ids, ict, value) of the rows of one chunk that can be in the top k, every tie of the k-th kept."""
-    rows = np.arange(len(ids))
+    rows = slice(None)  # every row, unless the flat index narrows them down
     if by == "ict" and k is not None and faiss is not None and len(ids) > candidates(k):
         flat = faiss.IndexFlatIP(vecs.shape[1])
         flat.add(vecs)
