@@ -47,9 +47,8 @@ def candidates(k: int) -> int:
 def sigmoid(x) -> np.ndarray:
     """Logistic function in float64, accurate for large |x| of either sign."""
     x = np.asarray(x, dtype=np.float64)
-    with np.errstate(over="ignore", invalid="ignore"):
-        z = np.exp(-np.abs(x))
-        return np.where(x >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
+    z = np.exp(-np.abs(x))  # at most 1: nothing overflows
+    return np.where(x >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
 
 
 def _key(value: np.ndarray) -> np.ndarray:
@@ -81,9 +80,8 @@ def exact_search(faiss, chunks, q, k, by, xmax):
     """Exact ranking of the rows in `chunks` ((ids, vectors, hp_raw) each); see the module docstring."""
     eps = float(np.linalg.norm(q.astype(np.float64))) * xmax * 2 * len(q) * 2.0 ** -24 * 1.01 + 1e-30
     use = faiss if np.isfinite(q).all() and np.isfinite(eps) else None
-    parts = [_chunk_best(use, *chunk, q, k, by, eps) for chunk in chunks]
-    if not parts:
-        return np.empty(0, np.int64), np.empty(0, np.float32), np.empty(0)
+    parts = [(np.empty(0, np.int64), np.empty(0, np.float32), np.empty(0))]  # so that no rows gives empty arrays
+    parts += [_chunk_best(use, *chunk, q, k, by, eps) for chunk in chunks]
     return ranked(*(np.concatenate(p) for p in zip(*parts)), k)
 
 
