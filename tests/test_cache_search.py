@@ -290,3 +290,59 @@ def test_by_hp_needs_no_query(tmp_path):
     assert [h.hash for h in with_q] == [h.hash for h in got] and not np.isnan(with_q[0].ict)
     with pytest.raises(ValueError, match="needs a query"):
         c.search(GAL, None, by="ict")
+
+
+def test_a_gallery_cleared_by_another_process_is_not_searched_through_the_old_index(tmp_path, ivf_from,
+                                                                                   monkeypatch):
+    """Another process clears the images and indexes others: this process's IVF index still holds the old
+    rows (their ids are gone). The clear counts as edits, so the index is rebuilt, not searched."""
+    ivf_from(1000)
+    rng = np.random.default_rng(8)
+    mine, other = EmbeddingCache(tmp_path), EmbeddingCache(tmp_path)
+    near = clustered(rng, 3000, 32, centers=5, spread=0.2)
+    fill(mine, near)
+    q = near[0]
+    assert mine.search(GAL, q, top_k=10)[0].hash == "h000000"
+    other.clear(prompts=False)
+    far = unit(rng, 1500, 32)
+    far -= 2 * np.outer(far @ q, q)  # mirrored away from the query: every new row is far from it
+    other.put_images(GAL, {f"n{i:06d}": (v, 0.0, "new.png") for i, v in enumerate(far)})
+    other.flush()
+    got = mine.search(GAL, q, top_k=10)
+    same(got, plain(mine, q, 10, monkeypatch))
+    assert len(got) == 10 and all(h.hash.startswith("n") for h in got)
+
+
+def test_one_gpu_resources_object_per_process(monkeypatch):
+    """faiss-gpu's StandardGpuResources holds GPU scratch memory: made once, not at every index copy."""
+    made = []
+
+    class FakeGpuFaiss:  # the CPU faiss, seen as faiss-gpu with one GPU
+        def __getattr__(self, name):
+            return getattr(faiss, name)
+
+        def StandardGpuResources(self):
+            made.append(1)
+            return object()
+
+        get_num_gpus = staticmethod(lambda: 1)
+        index_cpu_to_gpu = staticmethod(lambda res, device, index: index)
+
+    monkeypatch.setattr(gs, "_gpu", {})
+    rng = np.random.default_rng(9)
+    vecs = unit(rng, 400, 16)
+    for _ in range(3):
+        index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(16), 16, 4, faiss.ScalarQuantizer.QT_8bit,
+                                              faiss.METRIC_INNER_PRODUCT)
+        index.train(vecs)
+        index.add_with_ids(vecs, np.arange(400))
+        found = gs.Ivf(index, {"nprobe": 4}).search(FakeGpuFaiss(), vecs[3], 5)
+        assert found[0] == 3
+    assert len(made) == 1
+
+
+def test_candidates_that_are_all_gone_give_no_rows_not_an_error():
+    """An IVF index may propose only rows evicted meanwhile; the store then returns an empty chunk."""
+    empty = (np.empty(0, np.int64), np.empty((0, 0), np.float32), np.empty(0, np.float32))
+    ids, ict, value = gs.exact_search(faiss, [empty], unit(np.random.default_rng(1), 1, 8)[0], 10, "ict", 1.0)
+    assert len(ids) == len(ict) == len(value) == 0

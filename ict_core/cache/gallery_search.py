@@ -81,7 +81,7 @@ def exact_search(faiss, chunks, q, k, by, xmax):
     eps = float(np.linalg.norm(q.astype(np.float64))) * xmax * 2 * len(q) * 2.0 ** -24 * 1.01 + 1e-30
     use = faiss if np.isfinite(q).all() and np.isfinite(eps) else None
     parts = [(np.empty(0, np.int64), np.empty(0, np.float32), np.empty(0))]  # so that no rows gives empty arrays
-    parts += [_chunk_best(use, *chunk, q, k, by, eps) for chunk in chunks]
+    parts += [_chunk_best(use, *chunk, q, k, by, eps) for chunk in chunks if len(chunk[0])]
     return ranked(*(np.concatenate(p) for p in zip(*parts)), k)
 
 
@@ -101,8 +101,9 @@ class Ivf:
             self.gpu = False
             try:
                 if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-                    self.gpu = faiss.index_cpu_to_gpu(_gpu.setdefault("res", faiss.StandardGpuResources()), 0,
-                                                      self.index)
+                    if "res" not in _gpu:  # one per process: it holds GPU scratch memory
+                        _gpu["res"] = faiss.StandardGpuResources()
+                    self.gpu = faiss.index_cpu_to_gpu(_gpu["res"], 0, self.index)
             except Exception as exc:  # an optional speed-up
                 log.debug("faiss GPU search unavailable (%s)", exc)
         _, found = (self.gpu or self.index).search(q[None], k)

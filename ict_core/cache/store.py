@@ -236,8 +236,12 @@ class Store:
         self.write(lambda c: c.execute("UPDATE meta SET ix=? WHERE kind='i' AND key=?", (json.dumps(state), gallery)))
 
     def clear(self, kinds: list) -> None:
-        self.write(lambda c: [c.execute(f"DELETE FROM {t} WHERE kind IN ({','.join('?' * len(kinds))})", kinds)
-                              for t in ("entries", "meta")])
+        """Delete the rows; each table's deleted rows count as edits, so another process's IVF index of them
+        goes stale (a meta row deleted would restart the count)."""
+        marks = ",".join("?" * len(kinds))
+        self.write(lambda c: (c.execute(f"DELETE FROM entries WHERE kind IN ({marks})", kinds),
+                              c.execute(f"UPDATE meta SET edits=edits+n, n=0, xmax=0, ix=NULL WHERE kind IN ({marks})",
+                                        kinds)))
         with contextlib.suppress(sqlite3.Error):
             self.conn.execute("VACUUM")  # give the space back
 
