@@ -80,10 +80,11 @@ class Gallery:
         """Encode the images (files, or folders searched recursively) not yet in the gallery, and store them.
         Each file is hashed and decoded from the one read of it, so a file replaced meanwhile cannot put one
         image's features under another's hash; only regular files are read. A failed image is one line to
-        on_error (default: a logged warning). ICTError when nothing could be saved."""
+        on_error (default: a logged warning). ICTError, at the first round that cannot be saved, when the cache
+        folder fails (a cache memory-only from the start keeps the images in RAM)."""
         from .preprocess import bytes_ref
 
-        on_error = on_error or log.warning
+        on_error, chosen_memory = on_error or log.warning, self.cache.memory_only  # kept in RAM by choice: fine
         files, report, known = image_files(paths), IndexReport(), set()
         for start in range(0, len(files), INDEX_ROUND):
             todo = {}
@@ -108,12 +109,14 @@ class Gallery:
                     self._failed(report, on_error, error)
                 self.cache.put_images(self.key, entries)
                 report.added += len(entries)
+            if self.cache.memory_only and not chosen_memory:  # the folder failed: stop encoding in vain
+                saved = report.added - len(entries) if todo else report.added
+                raise ICTError(f"could not save to the cache folder {self.cache.path} (read-only, full or not a "
+                               f"folder); stopped with {saved} new image(s) saved: use a writable cache folder "
+                               f"(--cache-dir) and run again (saved images are not encoded again)")
             if progress:
                 progress(min(start + INDEX_ROUND, len(files)), len(files))
         self.cache.flush()
-        if self.cache.memory_only:
-            raise ICTError(f"could not save to the cache folder {self.cache.path} (read-only, full or not a "
-                           f"folder); nothing was indexed: use a writable cache folder (--cache-dir)")
         return report
 
     @staticmethod

@@ -13,6 +13,7 @@ pytest.importorskip("ict_core.scorer")
 from ict_core.ranking import rank  # noqa: E402
 from ict_core.cache import EmbeddingCache  # noqa: E402
 from ict_core.errors import ICTError, InputError  # noqa: E402
+from ict_core import gallery as gallery_mod  # noqa: E402
 from ict_core.gallery import Gallery  # noqa: E402
 from ict_core.scorer import Scorer  # noqa: E402
 
@@ -110,9 +111,18 @@ def test_search_refuses_what_cannot_rank(tiny_models, folder, tmp_path, kwargs, 
         gallery.search(**{"prompt": PROMPT, **kwargs})
 
 
-def test_index_into_a_folder_that_cannot_be_written_raises(tiny_models, folder, tmp_path):
+def test_index_into_a_folder_that_cannot_be_written_stops_at_the_first_round(tiny_models, folder, tmp_path,
+                                                                              forwards, monkeypatch):
+    """Hours of encoding would be lost: the first round that cannot be saved ends the run."""
+    monkeypatch.setattr(gallery_mod, "INDEX_ROUND", 2)
     (tmp_path / "blocker").write_text("x")
     gallery = Gallery(tiny_models.ict, None, cache=EmbeddingCache(tmp_path / "blocker" / "cache"), device="cpu")
-    with pytest.raises(ICTError, match="could not save"):
+    with pytest.raises(ICTError, match="could not save.*0 new image"):
         gallery.index([str(folder)])
-    assert not Path(tmp_path / "blocker").is_dir()
+    assert sum(forwards) == 2 and not Path(tmp_path / "blocker").is_dir()
+
+
+def test_a_cache_kept_in_memory_by_choice_indexes_and_searches(tiny_models, folder, tmp_path):
+    gallery = Gallery(tiny_models.ict, None, cache=EmbeddingCache(tmp_path / "c", memory_only=True), device="cpu")
+    n = gallery.index([str(folder)]).added
+    assert n == len(gallery) > 0 and len(gallery.search(PROMPT)) == n and not (tmp_path / "c").exists()
