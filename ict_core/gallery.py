@@ -86,6 +86,8 @@ class Gallery:
 
         on_error, chosen_memory = on_error or log.warning, self.cache.memory_only  # kept in RAM by choice: fine
         files, report, known = image_files(paths), IndexReport(), set()
+        if progress:  # the bar starts with the work, so its rate is the real one
+            progress(0, len(files))
         for start in range(0, len(files), INDEX_ROUND):
             todo = {}
             for f in files[start:start + INDEX_ROUND]:

@@ -47,8 +47,10 @@ def make(tiny_models, tmp_path, hp=True) -> Gallery:
 def test_index_then_search_ranks_like_the_scorer(tiny_models, folder, tmp_path, forwards, by):
     gallery = make(tiny_models, tmp_path)
     files = sorted(str(f.resolve()) for f in folder.rglob("*.*"))
-    report = gallery.index([str(folder)])
+    calls = []
+    report = gallery.index([str(folder)], progress=lambda done, total: calls.append((done, total)))
     assert (report.added, report.already, report.failed) == (len(files), 0, 0) and sum(forwards) == len(files)
+    assert calls[0] == (0, len(files)) and calls[-1] == (len(files), len(files))  # the bar starts with the work
     assert len(gallery) == len(files)
 
     forwards.clear()
