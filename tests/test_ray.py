@@ -122,6 +122,23 @@ def test_prepare_decodes_the_bytes_it_hashed(tmp_path, monkeypatch):
     assert row["pixels"][0][0].min() == 255 and row["pixels"][0][1].max() == 0  # red, as hashed
 
 
+def test_prepare_refuses_an_elongated_image_as_the_plain_path(tmp_path):
+    """A 1 x 60,000 image: one resized line would not fit a bounded working set. The plain path refuses it
+    (preprocess.check_shape); the CPU stage gives the same error row instead of resizing it."""
+    import numpy as np
+    from PIL import Image
+
+    from ict_core import preprocess
+    from ict_core.scale import stages
+
+    path = tmp_path / "line.png"
+    Image.new("RGB", (60_000, 1), (9, 9, 9)).save(path)
+    row = next(stages.prepare({"index": np.array([0]), "path": np.array([str(path)], dtype=object)}))
+    with pytest.raises(preprocess.InputError) as plain:
+        preprocess.as_refs([str(path)])[0].load()
+    assert row["error"][0] == str(plain.value) and "elongated" in row["error"][0]
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
 def test_prepare_refuses_a_fifo_without_blocking(tmp_path):
     """A FIFO named in a list file (or on the command line) is an error row, as in the plain path: opening it

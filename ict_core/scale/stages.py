@@ -8,7 +8,6 @@ it to the same pixel values bit for bit (a 224x224 image is neither resized nor 
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from typing import Any, Iterator
@@ -42,12 +41,6 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
-def decode(path: str, data: bytes) -> torch.Tensor:
-    """uint8 [3,H,W] of the bytes that were hashed (never a second read of a file that may have changed),
-    through the plain path's decoder: same pixels, same error text. Hashed once, by the caller."""
-    return preprocess.decode(data, path)
-
-
 def prepare(batch: dict[str, np.ndarray], done: frozenset = frozenset()) -> Iterator[dict[str, np.ndarray]]:
     """CPU stage: drop images already in the output (by content hash), crop the rest to uint8 224x224.
     An image that cannot be read keeps its row with `error` set (and zero pixels, never scored).
@@ -59,9 +52,9 @@ def prepare(batch: dict[str, np.ndarray], done: frozenset = frozenset()) -> Iter
     blank = np.zeros((3, SIZE, SIZE), np.uint8)
     for index, path in zip(batch["index"], batch["path"]):
         path, digest, error, pixels = str(path), None, None, blank
-        try:
-            data = read_bytes(path)
-            digest = hashlib.sha256(data).hexdigest()
+        try:  # the plain path's image, of the bytes read now: decoded and hashed from them, never read again
+            ref = preprocess.bytes_ref(path, read_bytes(path))
+            digest = ref.digest()
         except OSError as e:
             error = f"{path}: file not found" if isinstance(e, FileNotFoundError) else (
                 f"{path}: {e.strerror}" if e.strerror else str(e))  # open_regular's own text names the path
@@ -69,7 +62,7 @@ def prepare(batch: dict[str, np.ndarray], done: frozenset = frozenset()) -> Iter
             continue
         if error is None:
             try:
-                pixels = crop_uint8(decode(path, data)).numpy()
+                pixels = crop_uint8(ref.load()).numpy()  # load(): the plain path's checks and error text
             except ICTError as e:
                 error = str(e)
         keep["index"].append(int(index))
