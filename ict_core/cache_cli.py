@@ -72,9 +72,8 @@ def cmd_index(args) -> int:
 def cmd_search(args) -> int:
     """Rank the gallery of this (ICT, HP) pair for a prompt; no image is encoded. NaN values rank
     last and are written as null (JSON) or '-' (text)."""
-    if args.top_k is not None and args.top_k < 1:  # before any model path is looked up
-        raise InputError(f"--top-k must be at least 1, got {args.top_k}")
-    by = args.by = args.by or ("ict" if args.prompt is not None else "hp")  # hp and ict*hp need the HP model
+    from .gallery import search_by
+    by = args.by = search_by(args.prompt, args.top_k, args.by)  # before any model is looked up (hp needs one)
     gallery = _gallery(args)
     rows = [h.as_dict() for h in gallery.search(args.prompt, top_k=args.top_k, by=by, exact=args.exact)]
     if args.json:

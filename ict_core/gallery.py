@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .cache.embedding_cache import BY
 from .cli_output import json_safe
 from .errors import ICTError, InputError
 from .files import image_files, open_regular
@@ -20,7 +21,6 @@ log = logging.getLogger("ict_core.gallery")
 
 #: Images encoded per round of Gallery.index; each round is stored, so an interrupted run keeps its work.
 INDEX_ROUND = 64
-BY = ("ict", "hp", "ict*hp")
 
 
 @dataclass
@@ -144,13 +144,7 @@ class Gallery:
         EmbeddingCache.search). InputError, one line, on arguments that cannot rank this gallery."""
         from .cache.gallery_search import sigmoid
 
-        by = by or ("ict" if prompt is not None else "hp")
-        if by not in BY:
-            raise InputError(f"by must be one of {BY}, not {by!r}")
-        if top_k is not None and top_k < 1:
-            raise InputError(f"--top-k must be at least 1, got {top_k}")
-        if prompt is None and by != "hp":
-            raise InputError(f"--by {by} needs a prompt to search for; without one only --by hp ranks the gallery")
+        by = search_by(prompt, top_k, by)
         if by != "ict" and self.hp_path is None:
             raise InputError(f"--by {by} needs the HP model; pass --hp-model (and index with it)")
         if len(self) == 0:
@@ -170,6 +164,18 @@ class Gallery:
                     "search it" if self.hp_path is None else "another HP model (or none); use the same one here"))
         return (f"no images are indexed for this model in {self.cache.path}; run `ict index FOLDER` with the same "
                 f"models first")
+
+
+def search_by(prompt: str | None, top_k: int | None, by: str | None) -> str:
+    """What a search ranks by (ict with a prompt, else hp), once its arguments are checked: no model needed."""
+    by = by or ("ict" if prompt is not None else "hp")
+    if by not in BY:
+        raise InputError(f"by must be one of {BY}, not {by!r}")
+    if top_k is not None and top_k < 1:
+        raise InputError(f"--top-k must be at least 1, got {top_k}")
+    if prompt is None and by != "hp":
+        raise InputError(f"--by {by} needs a prompt to search for; without one only --by hp ranks the gallery")
+    return by
 
 
 def _dtype_name(precision: str, device: str) -> str:

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 
 from .keys import prompt_key_of
-from .store import vector
 
 log = logging.getLogger("ict_core.cache")
 
@@ -165,8 +164,7 @@ def _build(faiss, store, gallery, meta, q):
                                           faiss.METRIC_INNER_PRODUCT)
     index.train(train)
     log.info("built a faiss IVF index of %d lists for gallery %s", nlist, gallery)
-    asked = store.select("SELECT vec, crc FROM entries WHERE kind='p' AND key=? ORDER BY used DESC LIMIT 16",
-                         prompt_key_of(gallery), each=lambda r: vector(*r))
+    asked = store.recent("p", prompt_key_of(gallery), 16)
     queries = np.vstack([train[:ROWS], q[None], *(a[None] for a in asked if a.shape == q.shape)])
     return Ivf(index, dict(upto=-1, edits=meta["edits"], ntotal=0, trained=n, saved=0)), queries
 

@@ -198,6 +198,11 @@ class Store:
         rows = self.select("SELECT id, hp FROM entries WHERE kind='i' AND key=? ORDER BY id", gallery)
         return np.array([r[0] for r in rows], np.int64), np.array([_nan(r[1]) for r in rows], np.float32)
 
+    def recent(self, kind: str, key: str, n: int) -> list:
+        """The vectors of a table's n most recently used rows."""
+        return self.select("SELECT vec, crc FROM entries WHERE kind=? AND key=? ORDER BY used DESC LIMIT ?", kind, key,
+                           n, each=lambda r: vector(*r))
+
     def describe(self, ids) -> dict:
         """{id: (name, label, hp_raw or NaN)}, for search results."""
         rows = self._by("SELECT id, name, label, hp FROM entries NOT INDEXED WHERE id IN (?)", [int(i) for i in ids])
