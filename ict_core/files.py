@@ -14,15 +14,17 @@ from .errors import InputError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
+def folder_images(folder: Path) -> list[Path]:
+    """The image files inside a folder (by suffix), recursively, sorted."""
+    return [f for f in sorted(folder.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()]
+
+
 def image_files(items: Sequence[str]) -> list[str]:
     """Files as given; folders expand to the images inside them (recursively, sorted)."""
     out: list[str] = []
     for item in items:
         p = Path(item)
-        if p.is_dir():
-            out.extend(str(f) for f in sorted(p.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-        else:
-            out.append(item)
+        out.extend(map(str, folder_images(p)) if p.is_dir() else [item])
     if not out:
         raise InputError("no images given (folders were empty); pass image files or folders holding images")
     return out

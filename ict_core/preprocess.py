@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .files import IMAGE_SUFFIXES, open_regular, regular_file_problem  # noqa: F401 (IMAGE_SUFFIXES: re-exported)
+from .files import open_regular, regular_file_problem
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..errors import InputError
-from ..files import IMAGE_SUFFIXES
+from ..files import IMAGE_SUFFIXES, folder_images
 
 LIST_SUFFIXES = (".txt", ".lst")
 COLUMNS = ("image", "path")
@@ -68,8 +68,7 @@ def expand(items: Sequence[str]) -> list[str]:
         elif p.exists() and _is_parquet(p):
             out.extend(_local(x) for x in _parquet_list(p))
         elif p.is_dir():
-            out.extend(str(f.resolve()) for f in sorted(p.rglob("*"))
-                       if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            out.extend(str(f.resolve()) for f in folder_images(p))
         else:  # a missing file is scored as an error row, as the plain path does
             out.append(_local(item))
     if not out:
