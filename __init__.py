@@ -1,8 +1,10 @@
 """ComfyUI entry point of the ict-reward node pack (ComfyUI imports this folder as a package).
 
-Adds this folder to sys.path so `import ict_core` finds the engine shipped beside the nodes, and
-exports the node mappings and the web extension folder.  Imported as a plain module (no parent
-package, e.g. by a test collector) it registers nothing and imports nothing heavy.
+Adds this folder to sys.path so `import ict_core` finds the engine shipped beside the nodes, and exports
+the V3 entry point (`comfy_entrypoint`) and the web extension folder.  ComfyUI reads the entry point only
+where a package exports no NODE_CLASS_MAPPINGS; while a node of the pack is a classic class, the mappings
+of all nodes are exported instead (ComfyUI runs V3 classes from there too).  Imported as a plain module
+(no parent package, e.g. by a test collector) it registers nothing and imports nothing heavy.
 """
 import os
 import sys
@@ -13,9 +15,7 @@ if __package__:
     _here = os.path.dirname(os.path.abspath(__file__))
     if _here not in sys.path:
         sys.path.insert(0, _here)
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-else:  # pragma: no cover - not loaded by ComfyUI
-    NODE_CLASS_MAPPINGS = {}
-    NODE_DISPLAY_NAME_MAPPINGS = {}
+    from .nodes import ALL_V3, comfy_entrypoint  # noqa: F401
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+    if not ALL_V3:
+        from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F401

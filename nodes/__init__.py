@@ -1,27 +1,32 @@
-"""The ComfyUI nodes of ict-reward (classic node API); importing this loads no model and needs no ComfyUI."""
+"""The ComfyUI nodes of ict-reward; importing this loads no model (the V3 pattern: nodes/v3.py)."""
 from __future__ import annotations
 
-from . import comfy_host
+from . import comfy_host, records, v3
 from .best_of_n import ICTBestOfNSampler
 from .loader import ICTModelLoader
 from .scoring import ICTRerank, ICTScore, ICTSelectBest
 
-NODE_CLASS_MAPPINGS = {
-    "ICTModelLoader": ICTModelLoader,
-    "ICTScore": ICTScore,
-    "ICTSelectBest": ICTSelectBest,
-    "ICTRerank": ICTRerank,
-    "ICTBestOfNSampler": ICTBestOfNSampler,
-}
+NODES = [ICTModelLoader, ICTScore, ICTSelectBest, ICTRerank, ICTBestOfNSampler]
+# display names of classic (non-V3) classes; a V3 class carries its own in its schema
+CLASSIC_DISPLAY_NAMES = {"ICTBestOfNSampler": "ICT Best-of-N Sampler"}
 
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "ICTModelLoader": "ICT Model Loader",
-    "ICTScore": "ICT Score",
-    "ICTSelectBest": "ICT Select Best",
-    "ICTRerank": "ICT Rerank",
-    "ICTBestOfNSampler": "ICT Best-of-N Sampler",
-}
 
+def _display_name(cls) -> str:
+    return v3.display_name(cls) if v3.is_v3(cls) else CLASSIC_DISPLAY_NAMES.get(cls.__name__, cls.__name__)
+
+
+NODE_CLASS_MAPPINGS = {v3.node_id(c): c for c in NODES}
+NODE_DISPLAY_NAME_MAPPINGS = {v3.node_id(c): _display_name(c) for c in NODES}
+ALL_V3 = all(v3.is_v3(c) for c in NODES)
+
+
+def comfy_entrypoint() -> v3.Extension:
+    """ComfyUI's V3 entry point: the pack's node classes."""
+    return v3.Extension(NODES)
+
+
+records.NODE_TYPES.update(NODE_CLASS_MAPPINGS)
 comfy_host.register_model_folder()  # cheap: a dict entry in folder_paths; no-op outside ComfyUI
+records.install()                   # the /prompt hook for cached ICT nodes; no-op outside ComfyUI
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+__all__ = ["NODES", "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "ALL_V3", "comfy_entrypoint"]

@@ -37,10 +37,6 @@ def _model_management():
     return mm
 
 
-def in_comfyui() -> bool:
-    return _folder_paths() is not None and _model_management() is not None
-
-
 # --------------------------------------------------------------------------------------- model folder
 def register_model_folder() -> None:
     """Register models/ict and make it list .safetensors only.

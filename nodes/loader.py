@@ -7,7 +7,8 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import comfy_host
+from . import comfy_host, v3
+from .v3 import io
 
 log = logging.getLogger(__name__)
 
@@ -97,49 +98,52 @@ def load_model(ict_name: str, hp_name: str, precision: str, device: str) -> ICTM
         return model
 
 
-def clear_cache() -> None:
-    """Forget the shared models (tests); the models themselves live as long as ComfyUI's cache holds them."""
-    with _lock:
-        _live.clear()
+_TIPS = {
+    "ict_model": "converted ICT model in models/ict (`ict fetch` or `ict convert` makes it)",
+    "hp_model": "optional HP model; needed for score_by hp, ict*hp and group",
+    "precision": ("auto = fp32, the official scores; fp16/bf16 are faster on a GPU (bf16 also on a CPU with native "
+                  "bf16) and differ slightly"),
+    "device": "auto: ComfyUI's device (respects --cpu, --lowvram, --highvram)",
+}
 
 
-class ICTModelLoader:
+def _paths(ict_model: str, hp_model: str) -> list[Path]:
+    paths = [comfy_host.resolve_model_file(ict_model, "ict_model")]
+    if hp_model not in (None, "", NONE):
+        paths.append(comfy_host.resolve_model_file(hp_model, "hp_model"))
+    return paths
+
+
+class ICTModelLoader(io.ComfyNode):
     """Loads the ICT model (and optionally the HP model) from ComfyUI's models/ict folder."""
 
-    CATEGORY = "ICT reward"
-    RETURN_TYPES = ("ICT_MODEL",)
-    RETURN_NAMES = ("model",)
-    FUNCTION = "load"
-    DESCRIPTION = ("Loads converted ICT/HP reward models (.safetensors in models/ict). The model is kept in memory "
-                   "between runs and offloaded by ComfyUI when the diffusion model needs the memory.")
-
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls):
         files = comfy_host.list_model_files()
-        return {"required": {
-            "ict_model": (files, {"tooltip": "converted ICT model (`ict convert` / `ict fetch`)"}),
-            "hp_model": ([NONE] + files, {"default": NONE,
-                                         "tooltip": "optional HP model; needed for score_by hp, ict*hp, group"}),
-            "precision": (list(PRECISIONS), {"default": "auto",
-                                             "tooltip": "auto = fp32, the official scores; fp16/bf16 are faster on a GPU "
-                                                        "(bf16 also on a CPU with native bf16) and differ slightly"}),
-            "device": (list(DEVICES), {"default": "auto",
-                                       "tooltip": "auto: ComfyUI's device (respects --cpu, --lowvram, --highvram)"}),
-        }}
+        return v3.schema(
+            node_id="ICTModelLoader", display_name="ICT Model Loader",
+            description=("Loads converted ICT/HP reward models (.safetensors in models/ict). The model stays in "
+                         "memory between runs; ComfyUI offloads it when the diffusion model needs the memory."),
+            search_aliases=["reward model", "image reward", "aesthetic score", "hp model", "clip score"],
+            inputs=[
+                io.Combo.Input("ict_model", options=files, tooltip=_TIPS["ict_model"]),
+                io.Combo.Input("hp_model", options=[NONE] + files, default=NONE, tooltip=_TIPS["hp_model"]),
+                io.Combo.Input("precision", options=list(PRECISIONS), default="auto", tooltip=_TIPS["precision"]),
+                io.Combo.Input("device", options=list(DEVICES), default="auto", tooltip=_TIPS["device"]),
+            ],
+            outputs=[v3.ICT_MODEL.Output(display_name="model", tooltip="the scorer for the ICT nodes")],
+        )
 
     @classmethod
-    def IS_CHANGED(cls, ict_model, hp_model, precision, device):
-        """Re-run when a file is replaced on disk under the same name."""
+    def fingerprint_inputs(cls, ict_model, hp_model, precision, device):
+        """Run again when a file is replaced on disk under the same name."""
         try:
-            paths = [comfy_host.resolve_model_file(ict_model, "ict_model")]
-            if hp_model not in (None, "", NONE):
-                paths.append(comfy_host.resolve_model_file(hp_model, "hp_model"))
-            return repr([_file_key(p) for p in paths] + [precision, device])
+            return repr([_file_key(p) for p in _paths(ict_model, hp_model)] + [precision, device])
         except Exception:  # the run itself reports the problem clearly
             return float("nan")
 
     @classmethod
-    def VALIDATE_INPUTS(cls, ict_model, hp_model, precision, device):
+    def validate_inputs(cls, ict_model, hp_model, precision, device):
         """Refuse a wrong file when the workflow is queued: the model loaded before stays loaded."""
         from ict_core.errors import ICTError
 
@@ -149,5 +153,6 @@ class ICTModelLoader:
             return str(e)
         return True
 
-    def load(self, ict_model, hp_model, precision, device):
-        return (load_model(ict_model, hp_model, precision, device),)
+    @classmethod
+    def execute(cls, ict_model, hp_model, precision, device) -> io.NodeOutput:
+        return io.NodeOutput(load_model(ict_model, hp_model, precision, device))

@@ -218,15 +218,27 @@ def test_api_workflow_matches_the_ui_example():
     assert links == api_links
 
 
+def combo_options(spec) -> list:
+    """A combo input's choices in /object_info: ["COMBO", {"options": [...]}] (V3) or [[...], {...}] (classic)."""
+    return spec[1]["options"] if spec[0] == "COMBO" else spec[0]
+
+
 def test_nodes_models_and_templates_are_listed(server):
     info = server.get("/object_info")
     for node in ("ICTModelLoader", "ICTScore", "ICTSelectBest", "ICTRerank"):
         assert node in info, f"{node} not registered; log:\n{server.log.read_text()[-3000:]}"
     ld = info["ICTModelLoader"]["input"]["required"]
-    assert ld["ict_model"][0] == ["hp.safetensors", "ict.safetensors"]  # via extra_model_paths.yaml, .txt skipped
-    assert ld["hp_model"][0] == ["none", "hp.safetensors", "ict.safetensors"]
+    assert combo_options(ld["ict_model"]) == ["hp.safetensors", "ict.safetensors"]  # via extra_model_paths.yaml
+    assert combo_options(ld["hp_model"]) == ["none", "hp.safetensors", "ict.safetensors"]  # (.txt skipped)
     assert info["ICTScore"]["output_node"] is True and info["ICTSelectBest"]["output_node"] is True
     assert info["ICTSelectBest"]["output_name"] == ["images", "latent", "mask", "indices", "scores", "report"]
+    # the V1 view a saved workflow is matched against: input names and order as the classic nodes had them
+    assert info["ICTSelectBest"]["input_order"] == {
+        "required": ["model", "images", "prompt", "k", "score_by", "min_score"], "optional": ["latent", "mask"],
+        "hidden": ["extra_pnginfo", "prompt", "unique_id"]}
+    sb = info["ICTSelectBest"]["input"]["required"]
+    assert sb["min_score"][1]["default"] == -1.0 and sb["prompt"][1]["tooltip"]
+    assert "Traceback" not in server.log.read_text() and "Cannot import" not in server.log.read_text()
     templates = server.get("/workflow_templates")
     assert {"ict_best_of_4_second_pass", "ict_rerank_images"} <= set(templates[PACK])
     thumb = server.get(f"/api/workflow_templates/{PACK}/ict_rerank_images.jpg")  # where the template browser looks

@@ -1,4 +1,7 @@
-"""The ComfyUI nodes, run without ComfyUI on the tiny models; a fake comfy.* checks the host glue."""
+"""The ComfyUI nodes, run without ComfyUI on the tiny models; a fake comfy.* checks the host glue.
+
+The V3 nodes are run as ComfyUI runs them (tests/v3_standin.run: execute on a class copy carrying the hidden
+values); without ComfyUI, tests/comfy_api_standin stands in for comfy_api."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,14 +15,54 @@ from pathlib import Path
 import pytest
 import torch
 
+import v3_standin
 from ict_core.errors import ICTError, InputError, ModelFileError
 
-import nodes
-from nodes import adapters, comfy_host, loader
-from nodes.scoring import ICTRerank, ICTScore, ICTSelectBest
+v3_standin.install()
+
+import nodes  # noqa: E402  (after the comfy_api stand-in)
+from nodes import adapters, comfy_host, loader, records  # noqa: E402
+from nodes.scoring import ICTRerank, ICTScore, ICTSelectBest  # noqa: E402
+from nodes.v3 import io  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red cube on a table"
+
+
+# ------------------------------------------------------------------------------ the nodes, as ComfyUI runs them
+def clear_loader_cache() -> None:
+    """Forget the models the loader shares between loaders (they live as long as a test holds them)."""
+    with loader._lock:
+        loader._live.clear()
+
+
+def load(ict, hp, precision, device):
+    return loader.ICTModelLoader.execute(ict, hp, precision, device)
+
+
+def _ran(node, hidden_pnginfo, **inputs) -> dict:
+    pnginfo = adapters.one(hidden_pnginfo)
+    out = v3_standin.run(node, hidden={"extra_pnginfo": pnginfo}, **inputs)
+    return {"result": out.args, "ui": out.ui}
+
+
+def score(model, images, prompt, extra_pnginfo=None) -> dict:
+    return _ran(ICTScore, extra_pnginfo, model=model, images=images, prompt=prompt)
+
+
+def select(model, images, prompt, k, score_by, min_score, latent=None, mask=None, extra_pnginfo=None) -> dict:
+    return _ran(ICTSelectBest, extra_pnginfo, model=model, images=images, prompt=prompt, k=k, score_by=score_by,
+                min_score=min_score, latent=latent, mask=mask)
+
+
+def rerank(model, images, prompt, score_by, latent=None, mask=None, extra_pnginfo=None) -> dict:
+    return _ran(ICTRerank, extra_pnginfo, model=model, images=images, prompt=prompt, score_by=score_by,
+                latent=latent, mask=mask)
+
+
+def options(node, name: str) -> list:
+    """A combo input's choices, as the page is sent them."""
+    return next(i for i in node.define_schema().inputs if i.id == name).options
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
@@ -31,19 +74,19 @@ def models_dir(tiny_models, tmp_path, monkeypatch):
     shutil.copy(tiny_models.ict, d / "ict.safetensors")
     shutil.copy(tiny_models.hp, d / "hp.safetensors")
     monkeypatch.setenv("ICT_MODELS_DIR", str(d))
-    loader.clear_cache()
+    clear_loader_cache()
     yield d
-    loader.clear_cache()
+    clear_loader_cache()
 
 
 @pytest.fixture()
 def model(models_dir):
-    return loader.ICTModelLoader().load("ict.safetensors", "hp.safetensors", "fp32", "cpu")[0]
+    return load("ict.safetensors", "hp.safetensors", "fp32", "cpu")[0]
 
 
 @pytest.fixture()
 def model_ict_only(models_dir):
-    return loader.ICTModelLoader().load("ict.safetensors", "none", "auto", "cpu")[0]
+    return load("ict.safetensors", "none", "auto", "cpu")[0]
 
 
 def batch(n=4, h=64, w=48, seed=0):
@@ -58,40 +101,67 @@ def latent(n=4):
 
 
 # ------------------------------------------------------------------------------------------- public contract
+def _io(node):
+    """(inputs as {id: (type, optional, options)}, outputs as [(type, name, is_list)]) of a V3 node's schema."""
+    s = node.GET_SCHEMA()
+    ins = {i.id: (i.io_type, bool(i.optional), getattr(i, "options", None)) for i in s.inputs}
+    outs = [(o.io_type, o.display_name, bool(o.is_output_list)) for o in s.outputs]
+    return s, ins, outs
+
+
 def test_node_ids_inputs_and_outputs_are_the_public_contract():
+    """Saved workflows and the templates link inputs by name and outputs by position, and fill widgets in input
+    order: the node ids, input names and order, and outputs stay what they were as classic nodes."""
     m = nodes.NODE_CLASS_MAPPINGS
     assert set(m) == {"ICTModelLoader", "ICTScore", "ICTSelectBest", "ICTRerank", "ICTBestOfNSampler"}
     assert set(nodes.NODE_DISPLAY_NAME_MAPPINGS) == set(m)
-    ld = m["ICTModelLoader"].INPUT_TYPES()["required"]
-    assert list(ld) == ["ict_model", "hp_model", "precision", "device"]
-    assert ld["precision"][0] == ["auto", "fp16", "bf16", "fp32"] and ld["device"][0] == ["auto", "cpu"]
-    assert ld["hp_model"][0][0] == "none"
-    assert m["ICTModelLoader"].RETURN_TYPES == ("ICT_MODEL",)
+    s, ld, out = _io(m["ICTModelLoader"])
+    assert s.node_id == "ICTModelLoader" and list(ld) == ["ict_model", "hp_model", "precision", "device"]
+    assert ld["precision"][2] == ["auto", "fp16", "bf16", "fp32"] and ld["device"][2] == ["auto", "cpu"]
+    assert ld["hp_model"][2][0] == "none"
+    assert out == [("ICT_MODEL", "model", False)]
 
-    sc = m["ICTScore"]
-    assert list(sc.INPUT_TYPES()["required"]) == ["model", "images", "prompt"]
-    assert sc.INPUT_TYPES()["required"]["prompt"][1]["multiline"] is True
-    assert sc.RETURN_NAMES == ("scores", "report") and sc.RETURN_TYPES == ("FLOAT", "STRING") and sc.OUTPUT_NODE
+    s, sc, out = _io(m["ICTScore"])
+    assert list(sc) == ["model", "images", "prompt"] and sc["model"][0] == "ICT_MODEL" and sc["images"][0] == "IMAGE"
+    assert next(i for i in s.inputs if i.id == "prompt").multiline is True
+    assert out == [("FLOAT", "scores", True), ("STRING", "report", False)]
 
-    sb = m["ICTSelectBest"].INPUT_TYPES()
-    assert list(sb["required"]) == ["model", "images", "prompt", "k", "score_by", "min_score"]
-    assert list(sb["optional"]) == ["latent", "mask"]
-    assert sb["required"]["k"][1]["min"] == 1
-    assert sb["required"]["score_by"][0] == ["ict", "hp", "ict*hp", "group"]
-    assert m["ICTSelectBest"].RETURN_NAMES == ("images", "latent", "mask", "indices", "scores", "report")
-    assert m["ICTSelectBest"].RETURN_TYPES == ("IMAGE", "LATENT", "MASK", "STRING", "FLOAT", "STRING")
+    s, sb, out = _io(m["ICTSelectBest"])
+    assert list(sb) == ["model", "images", "prompt", "k", "score_by", "min_score", "latent", "mask"]
+    assert [k for k, v in sb.items() if v[1]] == ["latent", "mask"]
+    assert next(i for i in s.inputs if i.id == "k").min == 1
+    assert sb["score_by"][2] == ["ict", "hp", "ict*hp", "group"]
+    assert [(t, n) for t, n, _ in out] == [("IMAGE", "images"), ("LATENT", "latent"), ("MASK", "mask"),
+                                         ("STRING", "indices"), ("FLOAT", "scores"), ("STRING", "report")]
 
-    rr = m["ICTRerank"].INPUT_TYPES()
-    assert list(rr["required"]) == ["model", "images", "prompt", "score_by"]
-    assert list(rr["optional"]) == ["latent", "mask"]
-    assert m["ICTRerank"].RETURN_NAMES == ("images", "latent", "mask", "order", "scores", "report")
+    s, rr, out = _io(m["ICTRerank"])
+    assert list(rr) == ["model", "images", "prompt", "score_by", "latent", "mask"]
+    assert [n for _, n, _ in out] == ["images", "latent", "mask", "order", "scores", "report"]
     for name in ("ICTScore", "ICTSelectBest", "ICTRerank"):
-        assert m[name].OUTPUT_NODE is True  # ComfyUI sends their table again when it takes them from its cache
-        assert m[name].INPUT_TYPES()["hidden"] == {"extra_pnginfo": "EXTRA_PNGINFO"}  # scores into saved PNGs
+        s = m[name].GET_SCHEMA()
+        assert s.is_output_node is True and s.is_input_list is True  # ComfyUI sends their table again from cache
+        assert set(s.hidden) >= {io.Hidden.extra_pnginfo, io.Hidden.prompt, io.Hidden.unique_id}  # records
+        assert s.search_aliases and all(i.tooltip for i in s.inputs), name
+        assert all(o.id is None for o in s.outputs)  # ComfyUI numbers them; an input's name may not repeat
+
+
+def test_select_best_default_min_score_keeps_every_image(model):
+    """min_score's default is its minimum, -1, and filters nothing (a cosine is never below it), so k images
+    come out; 0.0 was an active filter on a -1..1 cosine."""
+    s = ICTSelectBest.GET_SCHEMA()
+    ms = next(i for i in s.inputs if i.id == "min_score")
+    assert ms.default == ms.min == -1.0
+    imgs = batch(4)
+    out = select([model], [imgs], ["three green leaves"], [4], ["ict"], [ms.default])
+    assert len(out["result"][0]) == 4 and out["ui"]["ict_table"][0]["notes"] == []
 
 
 def test_pack_root_imports_like_comfyui_loads_it():
-    """ComfyUI imports the folder as a package from its __init__.py; nothing heavy may happen then."""
+    """ComfyUI imports the folder as a package from its __init__.py; nothing heavy may happen then.  It reads
+    `comfy_entrypoint` only where the package exports no NODE_CLASS_MAPPINGS: the mappings are exported while
+    a node is a classic class, and then hold every node."""
+    import asyncio
+
     before = set(sys.modules)
     spec = importlib.util.spec_from_file_location("ict_reward_pack", ROOT / "__init__.py",
                                                   submodule_search_locations=[str(ROOT)])
@@ -99,7 +169,13 @@ def test_pack_root_imports_like_comfyui_loads_it():
     sys.modules["ict_reward_pack"] = mod
     try:
         spec.loader.exec_module(mod)
-        assert set(mod.NODE_CLASS_MAPPINGS) == set(nodes.NODE_CLASS_MAPPINGS)
+        ext = mod.comfy_entrypoint()
+        listed = asyncio.run(ext.get_node_list())
+        assert [c.__name__ for c in listed] == [c.__name__ for c in nodes.NODES]
+        if mod.nodes.ALL_V3:
+            assert not hasattr(mod, "NODE_CLASS_MAPPINGS")
+        else:
+            assert set(mod.NODE_CLASS_MAPPINGS) == set(nodes.NODE_CLASS_MAPPINGS)
         assert mod.WEB_DIRECTORY == "./web" and (ROOT / "web" / "ict_scores.js").is_file()
         assert not {"transformers", "open_clip"} & (set(sys.modules) - before)
     finally:
@@ -133,15 +209,15 @@ def test_example_templates_have_thumbnails():
 
 # ------------------------------------------------------------------------------------------------ loader
 def test_loader_lists_files_and_reuses_the_loaded_model(models_dir):
-    files = loader.ICTModelLoader.INPUT_TYPES()["required"]["ict_model"][0]
+    files = options(loader.ICTModelLoader, "ict_model")
     assert files == ["hp.safetensors", "ict.safetensors"]
-    a = loader.ICTModelLoader().load("ict.safetensors", "hp.safetensors", "auto", "cpu")[0]
-    b = loader.ICTModelLoader().load("ict.safetensors", "hp.safetensors", "auto", "cpu")[0]
+    a = load("ict.safetensors", "hp.safetensors", "auto", "cpu")[0]
+    b = load("ict.safetensors", "hp.safetensors", "auto", "cpu")[0]
     assert a is b and a.scorer.has_hp and a.patcher is None
-    changed = loader.ICTModelLoader.IS_CHANGED("ict.safetensors", "hp.safetensors", "auto", "cpu")
+    changed = loader.ICTModelLoader.fingerprint_inputs("ict.safetensors", "hp.safetensors", "auto", "cpu")
     os.utime(models_dir / "ict.safetensors", ns=(1, 1))
-    assert loader.ICTModelLoader.IS_CHANGED("ict.safetensors", "hp.safetensors", "auto", "cpu") != changed
-    c = loader.ICTModelLoader().load("ict.safetensors", "hp.safetensors", "auto", "cpu")[0]
+    assert loader.ICTModelLoader.fingerprint_inputs("ict.safetensors", "hp.safetensors", "auto", "cpu") != changed
+    c = load("ict.safetensors", "hp.safetensors", "auto", "cpu")[0]
     assert c is not a  # the file changed on disk: loaded again
 
 
@@ -151,20 +227,20 @@ def test_the_pack_keeps_no_copy_of_a_model_nobody_holds(models_dir):
     import gc
     import weakref
 
-    m = loader.ICTModelLoader().load("ict.safetensors", "hp.safetensors", "auto", "cpu")[0]
+    m = load("ict.safetensors", "hp.safetensors", "auto", "cpu")[0]
     modules = weakref.ref(m.scorer.modules)
     del m
     gc.collect()
     assert modules() is None
-    again = loader.ICTModelLoader().load("ict.safetensors", "hp.safetensors", "auto", "cpu")[0]
+    again = load("ict.safetensors", "hp.safetensors", "auto", "cpu")[0]
     assert again.scorer.has_hp
 
 
 def test_a_wrong_file_is_refused_at_queue_time_and_the_loaded_model_stays(models_dir):
     """VALIDATE_INPUTS checks the files' headers when the workflow is queued, before ComfyUI drops the
     cached output of the previous choice; a failed load leaves the loaded model in use too."""
-    good = loader.ICTModelLoader().load("ict.safetensors", "hp.safetensors", "auto", "cpu")[0]
-    v = loader.ICTModelLoader.VALIDATE_INPUTS
+    good = load("ict.safetensors", "hp.safetensors", "auto", "cpu")[0]
+    v = loader.ICTModelLoader.validate_inputs
     assert v("ict.safetensors", "hp.safetensors", "auto", "cpu") is True
     assert "HP model but was given as the ICT model" in v("hp.safetensors", "none", "auto", "cpu")
     assert "not found" in v("nope.safetensors", "none", "auto", "cpu")
@@ -172,23 +248,23 @@ def test_a_wrong_file_is_refused_at_queue_time_and_the_loaded_model_stays(models
     (models_dir / "broken.safetensors").write_bytes(b"not a safetensors file at all")
     assert "\n" not in v("broken.safetensors", "none", "auto", "cpu")
     with pytest.raises(ModelFileError):
-        loader.ICTModelLoader().load("hp.safetensors", "none", "auto", "cpu")
-    assert loader.ICTModelLoader().load("ict.safetensors", "hp.safetensors", "auto", "cpu")[0] is good
+        load("hp.safetensors", "none", "auto", "cpu")
+    assert load("ict.safetensors", "hp.safetensors", "auto", "cpu")[0] is good
 
 
 def test_loader_wrong_kind_and_missing_file_say_so(models_dir):
     with pytest.raises(ModelFileError, match="HP model but was given as the ICT model"):
-        loader.ICTModelLoader().load("hp.safetensors", "none", "auto", "cpu")
+        load("hp.safetensors", "none", "auto", "cpu")
     with pytest.raises(ModelFileError, match="not found"):
-        loader.ICTModelLoader().load("nope.safetensors", "none", "auto", "cpu")
+        load("nope.safetensors", "none", "auto", "cpu")
     with pytest.raises(InputError, match="precision"):
-        loader.ICTModelLoader().load("ict.safetensors", "none", "fp8", "cpu")
+        load("ict.safetensors", "none", "fp8", "cpu")
 
 
 # ------------------------------------------------------------------------------------------------- scoring
 def test_score_gives_one_float_per_image_and_a_table(model):
     imgs = batch()
-    out = ICTScore().score([model], [imgs], [PROMPT])
+    out = score([model], [imgs], [PROMPT])
     scores, report = out["result"]
     direct = model.scorer.score([t.permute(2, 0, 1) for t in imgs], PROMPT)
     assert scores == pytest.approx([r.score for r in direct], abs=1e-6)
@@ -200,7 +276,7 @@ def test_score_gives_one_float_per_image_and_a_table(model):
 
 def test_select_best_picks_images_latent_and_mask_alike(model):
     imgs, lat, mask = batch(), latent(), torch.arange(4, dtype=torch.float32).view(4, 1, 1).expand(4, 64, 48)
-    out = ICTSelectBest().select([model], [imgs], [PROMPT], [2], ["ict*hp"], [-1.0], latent=[lat], mask=[mask])
+    out = select([model], [imgs], [PROMPT], [2], ["ict*hp"], [-1.0], latent=[lat], mask=[mask])
     images, lat_out, mask_out, indices, scores, report = out["result"]
     idx = [int(i) for i in indices.split(",")]
     assert len(idx) == 2 and scores[0] >= scores[1]
@@ -217,22 +293,22 @@ def test_select_best_picks_images_latent_and_mask_alike(model):
 
 def test_select_best_clamps_k_and_keeps_the_best_below_min_score(model):
     imgs = batch()
-    out = ICTSelectBest().select([model], [imgs], [PROMPT], [9], ["ict"], [-1.0])
+    out = select([model], [imgs], [PROMPT], [9], ["ict"], [-1.0])
     assert len(out["result"][3].split(",")) == 4 and "k=9" in out["result"][5]
-    out = ICTSelectBest().select([model], [imgs], [PROMPT], [3], ["ict"], [0.99])
+    out = select([model], [imgs], [PROMPT], [3], ["ict"], [0.99])
     images, _, _, indices, scores, report = out["result"]
     assert images.shape[0] == 1 and "min_score" in report and "single best" in report
     assert out["ui"]["ict_table"][0]["notes"]
 
 
 def test_outputs_without_latent_or_mask_inputs_are_blocked_not_broken(model):
-    _, lat_out, mask_out, *_ = ICTSelectBest().select(model, batch(2), PROMPT, 1, "ict", 0.0)["result"]
+    _, lat_out, mask_out, *_ = select(model, batch(2), PROMPT, 1, "ict", 0.0)["result"]
     assert lat_out is None and mask_out is None  # ComfyUI gets an ExecutionBlocker with a message instead
 
 
 def test_rerank_orders_everything_best_first(model):
     imgs, lat = batch(5), latent(5)
-    out = ICTRerank().rerank([model], [imgs], [PROMPT], ["group"], latent=[lat], mask=[torch.ones(64, 48)])
+    out = rerank([model], [imgs], [PROMPT], ["group"], latent=[lat], mask=[torch.ones(64, 48)])
     images, lat_out, mask_out, order, scores, report = out["result"]
     idx = [int(i) for i in order.split(",")]
     assert sorted(idx) == list(range(5)) and scores == sorted(scores, reverse=True)
@@ -243,19 +319,19 @@ def test_rerank_orders_everything_best_first(model):
 def test_bad_inputs_give_one_clear_message(model, model_ict_only):
     imgs = batch()
     with pytest.raises(InputError, match="prompt is empty"):
-        ICTScore().score([model_ict_only], [imgs], ["  \n"])
+        score([model_ict_only], [imgs], ["  \n"])
     with pytest.raises(InputError, match="prompt is empty.*score_by hp"):
-        ICTSelectBest().select([model], [imgs], [""], [1], ["ict*hp"], [0.0])
+        select([model], [imgs], [""], [1], ["ict*hp"], [0.0])
     with pytest.raises(InputError, match="latent holds 3 samples but 4 images"):
-        ICTSelectBest().select([model], [imgs], [PROMPT], [1], ["ict"], [0.0], latent=[latent(3)])
+        select([model], [imgs], [PROMPT], [1], ["ict"], [0.0], latent=[latent(3)])
     with pytest.raises(InputError, match="mask holds 3 masks but 4 images"):
-        ICTRerank().rerank([model], [imgs], [PROMPT], ["ict"], mask=[torch.zeros(3, 64, 48)])
+        rerank([model], [imgs], [PROMPT], ["ict"], mask=[torch.zeros(3, 64, 48)])
     with pytest.raises(InputError, match="needs an HP model"):
-        ICTSelectBest().select([model_ict_only], [imgs], [PROMPT], [1], ["ict*hp"], [0.0])
+        select([model_ict_only], [imgs], [PROMPT], [1], ["ict*hp"], [0.0])
     with pytest.raises(InputError, match="connect an ICT Model Loader"):
-        ICTScore().score([None], [imgs], [PROMPT])
+        score([None], [imgs], [PROMPT])
     with pytest.raises(InputError, match="3 prompts"):
-        ICTScore().score([model], [imgs], ["a\n---\nb\n---\nc"])
+        score([model], [imgs], ["a\n---\nb\n---\nc"])
 
 
 def test_empty_prompt_scores_by_hp_alone(model, monkeypatch):
@@ -266,28 +342,28 @@ def test_empty_prompt_scores_by_hp_alone(model, monkeypatch):
     calls = []
     vision = model.scorer.modules.ict.vision_model
     monkeypatch.setattr(vision, "forward", lambda *a, **k: calls.append(1))
-    images, _lat, _mask, order, scores, report = ICTSelectBest().select([model], [imgs], [""], [2], ["hp"],
+    images, _lat, _mask, order, scores, report = select([model], [imgs], [""], [2], ["hp"],
                                                                         [0.0])["result"]
     idx = [int(i) for i in order.split(",")]
     assert idx == sorted(range(5), key=lambda i: -with_prompt[i])[:2]
     assert scores == pytest.approx([with_prompt[i] for i in idx], abs=1e-5) and torch.equal(images, imgs[idx])
-    scores, report = ICTScore().score([model], [imgs], [""])["result"]
+    scores, report = score([model], [imgs], [""])["result"]
     assert scores == pytest.approx(with_prompt, abs=1e-5) and calls == []
 
 
 def test_images_of_different_sizes_in_a_list(model):
     a, b = batch(2, 64, 48), batch(1, 40, 72, seed=1)
-    scores, _ = ICTScore().score([model], [a, b], [PROMPT])["result"]
+    scores, _ = score([model], [a, b], [PROMPT])["result"]
     assert len(scores) == 3 and all(math.isfinite(s) for s in scores)
-    best, *_ = ICTSelectBest().select([model], [a, b], [PROMPT], [1], ["ict"], [0.0])["result"]
+    best, *_ = select([model], [a, b], [PROMPT], [1], ["ict"], [0.0])["result"]
     assert best.shape[0] == 1
     with pytest.raises(InputError, match="different sizes"):
-        ICTRerank().rerank([model], [a, b], [PROMPT], ["ict"])
+        rerank([model], [a, b], [PROMPT], ["ict"])
 
 
 def test_one_prompt_per_image_or_per_group(model):
     imgs = batch(4)
-    out = ICTScore().score([model], [imgs], ["a red cube\n---\na blue ball"])
+    out = score([model], [imgs], ["a red cube\n---\na blue ball"])
     rows = out["ui"]["ict_table"][0]["rows"]
     assert [r["prompt"] for r in rows] == ["a red cube", "a red cube", "a blue ball", "a blue ball"]
     assert adapters.split_prompts(["x", "y", "z", "w"], 4, "n") == ["x", "y", "z", "w"]
@@ -297,8 +373,8 @@ def test_one_prompt_per_image_or_per_group(model):
 
 def test_rgba_and_grayscale_images_are_scored(model):
     rgba = torch.rand(2, 32, 32, 4)
-    scores, _ = ICTScore().score(model, rgba, PROMPT)["result"]
-    rgb, _ = ICTScore().score(model, rgba[..., :3].contiguous(), PROMPT)["result"]
+    scores, _ = score(model, rgba, PROMPT)["result"]
+    rgb, _ = score(model, rgba[..., :3].contiguous(), PROMPT)["result"]
     assert scores == pytest.approx(rgb)
 
 
@@ -334,7 +410,7 @@ def test_an_empty_prompt_block_is_an_error_not_a_redivision(model):
     with pytest.raises(InputError, match="block 3 of 3"):
         adapters.split_prompts("a fox\n---\na cat\n---\n", 4, "ICTScore")
     with pytest.raises(InputError, match="block 2 of 2"):
-        ICTScore().score([model], [batch(4)], ["a fox", "(:1.2)"])
+        score([model], [batch(4)], ["a fox", "(:1.2)"])
     assert adapters.split_prompts("a fox\n---\na cat", 4, "n") == ["a fox"] * 2 + ["a cat"] * 2
     assert adapters.split_prompts("embedding:x\n---\n ", 2, "n", optional=True) is None
 
@@ -365,9 +441,9 @@ def test_each_saved_png_carries_its_own_scores(model, tmp_path):
 
     imgs = batch(4)
     pnginfo = {"workflow": {"nodes": []}}
-    out = ICTRerank().rerank([model], [imgs], [PROMPT], ["ict*hp"], extra_pnginfo=[pnginfo])
+    out = rerank([model], [imgs], [PROMPT], ["ict*hp"], extra_pnginfo=[pnginfo])
     images, _lat, _mask, order, scores, _report = out["result"]
-    best = ICTSelectBest().select([model], [imgs], [PROMPT], [1], ["hp"], [0.0], extra_pnginfo=[pnginfo])["result"]
+    best = select([model], [imgs], [PROMPT], [1], ["hp"], [0.0], extra_pnginfo=[pnginfo])["result"]
     assert len(pnginfo[metadata.KEY]["images"]) == 4  # the same pixels again: the later record replaces
     ranked = model.scorer.score([t.permute(2, 0, 1) for t in imgs], PROMPT)
     for pos, path in enumerate(_save_like_comfyui(images, pnginfo, tmp_path)):
@@ -383,7 +459,73 @@ def test_each_saved_png_carries_its_own_scores(model, tmp_path):
     (tmp_path / "flipped").mkdir()
     other = _save_like_comfyui(imgs.flip(1), pnginfo, tmp_path / "flipped")
     assert metadata.own_scores(other[0]) is None  # an image changed after scoring has no record of its own
-    ICTScore().score([model], [imgs], [PROMPT], extra_pnginfo=[None])  # API client without extra_pnginfo: fine
+    score([model], [imgs], [PROMPT], extra_pnginfo=[None])  # API client without extra_pnginfo: fine
+
+
+def _api_prompt(prompt_text: str = PROMPT, prefix: str = "ICT_best") -> dict:
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "a.png"}},
+        "6": {"class_type": "ICTModelLoader", "inputs": {"ict_model": "ict.safetensors", "hp_model": "hp.safetensors",
+                                                         "precision": "auto", "device": "cpu"}},
+        "7": {"class_type": "ICTSelectBest", "inputs": {"model": ["6", 0], "images": ["1", 0], "prompt": prompt_text,
+                                                        "k": 2, "score_by": "ict*hp", "min_score": -1.0},
+              "_meta": {"title": "ICT Select Best"}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": prefix}},
+    }
+
+
+def test_a_cached_nodes_records_reach_the_next_runs_saved_images(model, tmp_path):
+    """ComfyUI takes an ICT node whose inputs did not change from its cache and does not run it: the /prompt
+    hook puts the records it wrote last time into the new run's extra_pnginfo (created when the client sends
+    none), so Save Image after it (a new filename_prefix, a second Save Image) still writes each image's own."""
+    from ict_core import metadata
+
+    records.forget()
+    imgs = batch(4)
+    first = {"workflow": {"nodes": []}}
+    out = v3_standin.run(ICTSelectBest, hidden={"extra_pnginfo": first, "prompt": _api_prompt(), "unique_id": "7"},
+                         model=[model], images=[imgs], prompt=[PROMPT], k=[2], score_by=["ict*hp"], min_score=[-1.0])
+    picked = out.args[0]
+    assert len(first[metadata.KEY]["images"]) == 2
+
+    again = {"prompt": _api_prompt(prefix="another_prefix"), "extra_data": {"extra_pnginfo": {"workflow": {}}}}
+    assert records.on_prompt(again) is again
+    carried = again["extra_data"]["extra_pnginfo"]
+    assert carried[metadata.KEY] == first[metadata.KEY] and carried["workflow"] == {}
+    for pos, path in enumerate(_save_like_comfyui(picked, carried, tmp_path)):
+        own = metadata.own_scores(path)
+        assert own is not None and own["rank"] == pos + 1 and own["by"] == "ict*hp"
+
+    api_client = {"prompt": _api_prompt()}                     # sends no extra_data at all
+    records.on_prompt(api_client)
+    assert api_client["extra_data"]["extra_pnginfo"][metadata.KEY] == first[metadata.KEY]
+    changed = {"prompt": _api_prompt(prompt_text="another prompt"), "extra_data": {}}  # the node runs again
+    records.on_prompt(changed)
+    assert metadata.KEY not in changed["extra_data"]["extra_pnginfo"]
+    upstream = _api_prompt()
+    upstream["1"]["inputs"]["image"] = "b.png"                 # an upstream change reaches the node too
+    assert records.signature(upstream, "7") != records.signature(_api_prompt(), "7")
+    records.forget()
+
+
+def test_the_prompt_hook_is_bounded_and_never_raises():
+    """It runs on every /prompt before ComfyUI validates it: odd requests pass through untouched, and the
+    records it keeps stay within MAX_SIGNATURES sets and MAX_RECORDS records."""
+    records.forget()
+    loop = {"1": {"class_type": "ICTScore", "inputs": {"images": ["1", 0]}}}
+    for bad in (None, [], {"prompt": "x"}, {"prompt": loop}, {"prompt": {"1": {"class_type": "ICTScore"}}},
+                {"prompt": {"1": 5}}, {"prompt": _api_prompt(), "extra_data": []}):
+        assert records.on_prompt(bad) is bad
+    assert records.signature(loop, "1") is None  # a cycle
+    for i in range(records.MAX_SIGNATURES + 5):
+        records._keep(f"sig{i}", [{"pixels": f"p{i}"}] * 300)
+    with records._lock:
+        assert len(records._kept) <= records.MAX_SIGNATURES
+        assert sum(len(v) for v in records._kept.values()) <= records.MAX_RECORDS
+    records._keep("huge", [{}] * (records.MAX_RECORDS + 1))
+    with records._lock:
+        assert sum(len(v) for v in records._kept.values()) <= records.MAX_RECORDS
+    records.forget()
 
 
 def test_tables_give_the_rank_and_hp_once():
@@ -511,9 +653,9 @@ def fake_comfy(monkeypatch, tmp_path):
     for name, mod in {"folder_paths": fp, "comfy": comfy, "comfy.model_management": mm,
                       "comfy.model_patcher": mp, "comfy.utils": ut, "comfy.ops": ops}.items():
         monkeypatch.setitem(sys.modules, name, mod)
-    loader.clear_cache()
+    clear_loader_cache()
     yield types.SimpleNamespace(fp=fp, calls=calls, extra=extra)
-    loader.clear_cache()
+    clear_loader_cache()
 
 
 def test_host_glue_registers_folder_patcher_progress_and_cancel(fake_comfy, tiny_models):
@@ -522,30 +664,30 @@ def test_host_glue_registers_folder_patcher_progress_and_cancel(fake_comfy, tiny
     comfy_host.register_model_folder()
     paths, exts = fake_comfy.fp.folder_names_and_paths["ict"]
     assert exts == {".safetensors"} and paths[0] == str(fake_comfy.extra) and paths[1].endswith(os.sep + "ict")
-    assert loader.ICTModelLoader.INPUT_TYPES()["required"]["ict_model"][0] == ["ict.safetensors"]
+    assert options(loader.ICTModelLoader, "ict_model") == ["ict.safetensors"]
 
-    model = loader.ICTModelLoader().load("ict.safetensors", "none", "auto", "auto")[0]
+    model = load("ict.safetensors", "none", "auto", "auto")[0]
     assert model.patcher is not None and model.patcher.model is model.scorer.modules
     assert model.patcher.load_device.type == "cpu"  # --cpu respected
-    assert loader.ICTModelLoader().load("ict.safetensors", "none", "auto", "auto")[0] is model
+    assert load("ict.safetensors", "none", "auto", "auto")[0] is model
 
     from ict_core.modeling import activation_bytes
 
     per_image = activation_bytes(model.scorer.modules, model.scorer.dtype)
     fake_comfy.calls["free"] = 2 * per_image + 1          # room for two images' activations: chunks of 2
-    ICTScore().score(model, batch(5), PROMPT)
+    score(model, batch(5), PROMPT)
     (patchers, kw), = fake_comfy.calls["load"][-1:]
     assert patchers == [model.patcher] and "force_full_load" not in kw  # ComfyUI may load it in part
     assert kw["memory_required"] == 5 * per_image and model.scorer.chunk_size == 2
     bar = fake_comfy.calls["bars"][-1]
     assert bar.updates[-1][0] == 5 and len(bar.updates) >= 4  # per chunk of 2
     fake_comfy.calls["free"] = 0                           # no memory left: one image at a time, never 0
-    ICTScore().score(model, batch(2), PROMPT)
+    score(model, batch(2), PROMPT)
     assert model.scorer.chunk_size == 1
 
     fake_comfy.calls["interrupt"] = True
     with pytest.raises(_Interrupted):
-        ICTScore().score(model, batch(5), PROMPT)
+        score(model, batch(5), PROMPT)
 
 
 def test_precision_is_resolved_for_the_run_device(fake_comfy, monkeypatch, tiny_models):
@@ -556,14 +698,14 @@ def test_precision_is_resolved_for_the_run_device(fake_comfy, monkeypatch, tiny_
     seen = {}
     real = scorer_mod.resolve_dtype
     monkeypatch.setattr(scorer_mod, "resolve_dtype", lambda p, d: seen.setdefault((p, d.type), real(p, d)))
-    loader.clear_cache()
-    model = loader.ICTModelLoader().load("ict.safetensors", "none", "auto", "auto")[0]
+    clear_loader_cache()
+    model = load("ict.safetensors", "none", "auto", "auto")[0]
     assert model.scorer.dtype == torch.float32 and ("auto", "cpu") in seen
     mm = sys.modules["comfy.model_management"]
     mm.text_encoder_device = lambda: torch.device("meta")  # ComfyUI's rule decides where it runs
     assert comfy_host.plan_device("auto") == (torch.device("meta"), torch.device("cpu"))
     assert comfy_host.plan_device("cpu") == (torch.device("cpu"), torch.device("cpu"))
-    loader.clear_cache()
+    clear_loader_cache()
 
 
 def test_layers_cast_at_use_keep_the_official_fp32_scores(fake_comfy, tiny_models):
@@ -574,7 +716,7 @@ def test_layers_cast_at_use_keep_the_official_fp32_scores(fake_comfy, tiny_model
 
     shutil.copy(tiny_models.ict, fake_comfy.extra / "ict.safetensors")
     shutil.copy(tiny_models.hp, fake_comfy.extra / "hp.safetensors")
-    model = loader.ICTModelLoader().load("ict.safetensors", "hp.safetensors", "auto", "auto")[0]
+    model = load("ict.safetensors", "hp.safetensors", "auto", "auto")[0]
     mods = model.scorer.modules
     fc1 = mods.ict.vision_model.encoder.layers[0].mlp.fc1
     assert isinstance(fc1, CastOps.Linear) and fc1.weight.dtype == torch.bfloat16   # as released, not fp16
@@ -589,8 +731,8 @@ def test_layers_cast_at_use_keep_the_official_fp32_scores(fake_comfy, tiny_model
     assert fake_comfy.calls and model.patcher.callbacks == []  # fake has no patcher_extension: nothing to add
     mm = sys.modules["comfy.model_management"]
     mm.text_encoder_dtype = lambda device=None: torch.float32  # --fp32-text-enc: weights wait in fp32
-    loader.clear_cache()
-    fp32 = loader.ICTModelLoader().load("ict.safetensors", "none", "auto", "auto")[0]
+    clear_loader_cache()
+    fp32 = load("ict.safetensors", "none", "auto", "auto")[0]
     assert fp32.scorer.modules.ict.vision_model.encoder.layers[0].mlp.fc1.weight.dtype == torch.float32
 
 
@@ -603,7 +745,7 @@ def test_a_released_model_is_given_back_to_the_os_after_the_collection(fake_comf
     shutil.copy(tiny_models.ict, fake_comfy.extra / "ict.safetensors")
     trims = []
     monkeypatch.setattr(comfy_host, "_trim", lambda: trims.append(1))
-    model = loader.ICTModelLoader().load("ict.safetensors", "none", "auto", "auto")[0]
+    model = load("ict.safetensors", "none", "auto", "auto")[0]
     with caplog.at_level(logging.INFO, logger="nodes.comfy_host"):
         del model
         gc.collect()
@@ -615,12 +757,12 @@ def test_a_partial_load_moves_the_loose_tensors_with_the_model(fake_comfy, tiny_
     """ComfyUI's partial load moves layer by layer; the class embedding and position ids, outside any layer,
     follow the model to its device after each load (ON_LOAD callback), the layers stay where ComfyUI put them."""
     shutil.copy(tiny_models.ict, fake_comfy.extra / "ict.safetensors")
-    model = loader.ICTModelLoader().load("ict.safetensors", "none", "auto", "auto")[0]
+    model = load("ict.safetensors", "none", "auto", "auto")[0]
     comfy_host._move_loose_tensors(model.patcher, torch.device("meta"))
     emb = model.scorer.modules.ict.vision_model.embeddings
     assert emb.class_embedding.device.type == "meta" and emb.position_ids.device.type == "meta"
     assert emb.patch_embedding.weight.device.type == "cpu"  # a layer: ComfyUI's to move (or cast at use)
-    loader.clear_cache()
+    clear_loader_cache()
 
 
 def test_bf16_on_comfyuis_cpu_where_the_cpu_runs_it(fake_comfy, monkeypatch, tiny_models):
@@ -629,17 +771,17 @@ def test_bf16_on_comfyuis_cpu_where_the_cpu_runs_it(fake_comfy, monkeypatch, tin
 
     shutil.copy(tiny_models.ict, fake_comfy.extra / "ict.safetensors")
     monkeypatch.setattr(scorer_mod, "cpu_runs_bf16", lambda: True)
-    loader.clear_cache()
-    model = loader.ICTModelLoader().load("ict.safetensors", "none", "bf16", "auto")[0]
+    clear_loader_cache()
+    model = load("ict.safetensors", "none", "bf16", "auto")[0]
     assert model.scorer.dtype == torch.bfloat16 and model.scorer.device.type == "cpu"
-    images, _lat, _mask, order, scores, _report = ICTRerank().rerank([model], [batch(3)], [PROMPT], ["ict"])["result"]
+    images, _lat, _mask, order, scores, _report = rerank([model], [batch(3)], [PROMPT], ["ict"])["result"]
     assert images.shape == batch(3).shape and len(scores) == 3 and scores == sorted(scores, reverse=True)
-    loader.clear_cache()
+    clear_loader_cache()
 
 
 def test_errors_are_ict_errors_with_one_line(model):
     with pytest.raises(ICTError) as e:
-        ICTSelectBest().select([model], [batch()], [PROMPT], [1], ["best"], [0.0])
+        select([model], [batch()], [PROMPT], [1], ["best"], [0.0])
     assert "\n" not in str(e.value) and "score_by" in str(e.value)
 
 
@@ -658,6 +800,6 @@ def test_prompt_is_encoded_once_across_queue_runs(model, monkeypatch):
     original = text_model.forward
     monkeypatch.setattr(text_model, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
     prompt = "a prompt only this test uses"
-    first = ICTScore().score(model, batch(2), prompt)
-    second = ICTScore().score(model, batch(2), prompt)
+    first = score(model, batch(2), prompt)
+    second = score(model, batch(2), prompt)
     assert len(calls) == 1 and first["result"][0] == second["result"][0]
