@@ -136,10 +136,9 @@ def plan_device(choice: str):
 def load_scorer(ict_path, hp_path, precision: str, plan):
     """A scorer built like comfy/clip_vision.py builds CLIP vision: comfy.ops cast-at-use layers, weights
     waiting on the offload device in ComfyUI's text-encoder dtype where that keeps them exact (else as in
-    the file; precision auto still scores in fp32), and a ModelPatcher that owns them, so ComfyUI can load
-    them in part (--lowvram on a small GPU), offload and free them."""
+    the file; precision auto still scores in fp32), and the same ModelPatcher class that owns them, so
+    ComfyUI can load them in part (--lowvram on a small GPU), offload and free them."""
     import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.ops
     from ict_core import Scorer
 
@@ -147,7 +146,7 @@ def load_scorer(ict_path, hp_path, precision: str, plan):
     scorer = Scorer.load(ict_path, hp_path, device=offload_device, run_device=load_device, precision=precision,
                          cache=open_cache(), operations=comfy.ops.manual_cast,
                          storage_dtype=mm.text_encoder_dtype(load_device))
-    patcher = comfy.model_patcher.ModelPatcher(scorer.modules, load_device=load_device, offload_device=offload_device)
+    patcher = _patcher_class()(scorer.modules, load_device=load_device, offload_device=offload_device)
     weakref.finalize(scorer.modules, _released, str(ict_path))
     try:
         from comfy.patcher_extension import CallbacksMP
@@ -156,6 +155,14 @@ def load_scorer(ict_path, hp_path, precision: str, plan):
     except ImportError:  # pragma: no cover - older ComfyUI: every load is a full one there
         pass
     return scorer, patcher
+
+
+def _patcher_class():
+    """The ModelPatcher class ComfyUI's own CLIP vision uses: `CoreModelPatcher` (0.33+; main.py points it at
+    the Dynamic VRAM patcher where that is on, which hands CPU loads to the plain one), else `ModelPatcher`."""
+    import comfy.model_patcher as mp
+
+    return getattr(mp, "CoreModelPatcher", None) or mp.ModelPatcher
 
 
 def _released(name: str) -> None:

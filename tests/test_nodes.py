@@ -690,6 +690,24 @@ def test_host_glue_registers_folder_patcher_progress_and_cancel(fake_comfy, tiny
         score(model, batch(5), PROMPT)
 
 
+def test_the_patcher_is_the_class_comfyuis_clip_vision_uses(fake_comfy, tiny_models):
+    """ComfyUI 0.33's CLIP vision takes comfy.model_patcher.CoreModelPatcher, which main.py points at the
+    Dynamic VRAM patcher where that is on; the ICT model goes the same way (plain ModelPatcher before 0.33)."""
+    shutil.copy(tiny_models.ict, fake_comfy.extra / "ict.safetensors")
+    mp = sys.modules["comfy.model_patcher"]
+    plain = load("ict.safetensors", "none", "auto", "auto")[0]
+    assert type(plain.patcher) is mp.ModelPatcher
+    del plain
+    clear_loader_cache()
+
+    class CoreModelPatcher(mp.ModelPatcher):
+        pass
+
+    mp.CoreModelPatcher = CoreModelPatcher
+    model = load("ict.safetensors", "none", "auto", "auto")[0]
+    assert type(model.patcher) is CoreModelPatcher and model.patcher.model is model.scorer.modules
+
+
 def test_precision_is_resolved_for_the_run_device(fake_comfy, monkeypatch, tiny_models):
     """auto stays fp32 (the official scores); fp16 weights may wait on the CPU to run on the GPU."""
     import ict_core.scorer as scorer_mod
