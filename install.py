@@ -12,8 +12,9 @@ can pull a different torch in.
 
 Under the webui, the packages it pins (Pillow, numpy, transformers, open-clip-torch, safetensors, ...; A1111 and
 Forge main pin in ``requirements_versions.txt``, Forge Classic and Neo in ``requirements.txt``) are the webui's
-too: the webui re-installs its pins at every start, so changing them would flip-flop on each launch. They are left as they are (pinned like torch) and a warning says when one is
-older than this project asks for. Model weights are not downloaded here (see the hint printed at the end).
+too: the webui re-installs its pins at every start, so changing them would flip-flop on each launch. They are
+left as they are (pinned like torch) and a warning says when one is older than this project asks for. Model
+weights are not downloaded here (see the hint printed at the end).
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROTECTED = ("torch", "torchvision", "torchaudio")
@@ -243,7 +244,7 @@ def main(argv: Sequence[str] | None = None, *, root: str = HERE,
             host_pins = webui_pins()
     run_pip = run_pip or None
     plan = make_plan(reqs, version_of, host_pins)
-    if "torch" in {r.name for r in plan.protected} and version_of("torch") is None:
+    if version_of("torch") is None:
         log.warning("ICT reward: torch is not installed in %s; install the build for your GPU first "
                     "(this script never installs torch)", sys.executable)
     for r in plan.host_too_old:

@@ -14,7 +14,41 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # Small but complete: the real vocabulary (open_clip ids reach 49407), 77 positions, 224 px input.
+from hosts import COMFYUI, REQUIRE_ENV, hosts_required, is_real_host_test  # noqa: E402
 from ict_core.config import TINY  # noqa: E402, F401  (re-exported to the tests)
+
+
+def pytest_report_header(config):
+    """Which real hosts this session runs against (or why the real-host tests skip)."""
+    return COMFYUI.describe()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With ICT_REQUIRE_HOSTS=1 (CI after laying the hosts out) a skipped real-host test is a failure."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.skipped and not hasattr(rep, "wasxfail") and hosts_required() and is_real_host_test(item.path):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        rep.outcome = "failed"
+        rep.longrepr = f"{REQUIRE_ENV}=1 but this real-host test skipped: {reason}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line: how the real-host tests of this session went, and against which ComfyUI."""
+    counts: dict[str, int] = {}
+    for outcome in ("passed", "failed", "error", "skipped"):
+        ids = {rep.nodeid for rep in terminalreporter.stats.get(outcome, [])
+               if hasattr(rep, "nodeid") and is_real_host_test(rep.nodeid.split("::")[0])}
+        if ids:
+            counts[outcome] = len(ids)
+    if not counts:
+        return
+    where = (f"ComfyUI {COMFYUI.version or '?'} (frontend {COMFYUI.frontend_version or '?'}) at {COMFYUI.dir}"
+             if not COMFYUI.missing() else "no ComfyUI")
+    line = ", ".join(f"{n} {'errors' if k == 'error' else k}" for k, n in counts.items())
+    terminalreporter.write_line(f"real-host tests against {where}: {line}")
 
 
 def tiny_clip(seed: int):
@@ -25,7 +59,7 @@ def tiny_clip(seed: int):
     model = CLIPModel(CLIPConfig(text_config=TINY["text_config"], vision_config=TINY["vision_config"],
                                  projection_dim=TINY["projection_dim"]))
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim >= 2:
                 p.normal_(0, 0.1)
     return model.eval()

@@ -76,7 +76,52 @@ def test_the_repository_requirements_never_install_torch(inst):
     assert reqs, "requirements.txt lists nothing"
     plan = inst.make_plan(reqs, lambda name: None)          # nothing installed at all
     assert not {r.name for r in plan.install} & {"torch", "torchvision", "torchaudio"}
-    assert "torch" in {r.name for r in plan.protected}
+    assert not plan.protected, "torch is the host's: requirements.txt does not list it"
+
+
+def test_requirements_txt_is_the_registry_dependency_list_without_torch(inst):
+    """The legacy Manager and the webuis read requirements.txt, the Comfy Registry reads [project].dependencies:
+    one list, and neither names torch (the host ships the build for its GPU)."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    from_txt = sorted(r.line for r in inst.parse_requirements((ROOT / "requirements.txt").read_text()))
+    assert from_txt == sorted(project["dependencies"])
+    names = {inst.canonical(r.name) for r in inst.parse_requirements("\n".join(project["dependencies"]))}
+    assert not names & set(inst.PROTECTED)
+
+
+def test_torch_missing_is_said_even_though_no_requirement_names_it(inst, tmp_path, caplog):
+    calls = []
+    rc = inst.main([], root=write_reqs(tmp_path, "tqdm>=4\n"), version_of=lambda name: None, run_pip=False,
+                   run=lambda cmd: calls.append(cmd) or 0)
+    assert rc == 0 and calls
+    assert "torch is not installed" in caplog.text
+
+
+def test_registry_metadata_in_pyproject():
+    """What the Comfy Registry reads: [tool.comfy], the OS/GPU classifiers it accepts, a license file, an icon."""
+    tomllib = pytest.importorskip("tomllib")
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    comfy, project = data["tool"]["comfy"], data["project"]
+    assert comfy["PublisherId"] and comfy["DisplayName"]
+    assert comfy["Icon"].endswith("/web/icon.png") and (ROOT / "web" / "icon.png").is_file()
+    assert comfy["requires-comfyui"].startswith(">=")
+    accelerators = {"GPU :: NVIDIA CUDA", "GPU :: AMD ROCm", "GPU :: Intel Arc", "NPU :: Huawei Ascend",
+                    "GPU :: Apple Metal"}
+    envs = [c.split(" :: ", 1)[1] for c in project["classifiers"] if c.startswith("Environment ::")]
+    oses = [c for c in project["classifiers"] if c.startswith("Operating System ::")]
+    assert envs and set(envs) <= accelerators and oses
+    assert all(f.is_file() for f in map(ROOT.joinpath, project["license-files"]))
+    assert "MIT" in (ROOT / "LICENSE").read_text().splitlines()[0]
+
+
+def test_comfyignore_keeps_tests_bench_and_docs_out_of_the_node_archive():
+    patterns = {line.strip() for line in (ROOT / ".comfyignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")}
+    assert {"tests/", "bench/", "docs/"} <= patterns
+    for needed in ("__init__.py", "nodes", "ict_core", "web", "example_workflows", "install.py", "requirements.txt",
+                   "pyproject.toml", "LICENSE"):
+        assert not any(p.rstrip("/") == needed for p in patterns), needed
 
 
 def test_real_environment_is_read(inst):
@@ -202,7 +247,8 @@ def test_webui_pins_are_left_alone_and_pinned(inst, tmp_path, monkeypatch, caplo
 
 def test_read_pins(inst, tmp_path):
     f = tmp_path / "r.txt"
-    f.write_text("# c\nGitPython==3.1.32\nPillow == 9.5.0  # x\naccelerate\ntorch\nfoo[bar]==1.0 ; python_version>'3'\n")
+    f.write_text("# c\nGitPython==3.1.32\nPillow == 9.5.0  # x\naccelerate\ntorch\n"
+                 "foo[bar]==1.0 ; python_version>'3'\n")
     assert inst.read_pins(str(f)) == {"gitpython": "3.1.32", "pillow": "9.5.0", "foo": "1.0"}
     assert inst.read_pins(str(tmp_path / "missing.txt")) == {}
 
