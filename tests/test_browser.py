@@ -98,7 +98,7 @@ def _run_in_page(srv, wf: dict, renderer: str, shots: Path, name: str) -> dict:
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     try:
-        page.goto(srv.url)
+        page.goto(srv.url, timeout=300_000)
         page.wait_for_function("window.app && window.app.graph && window.app.extensionManager", timeout=120_000)
         page.wait_for_timeout(1000)
         page.keyboard.press("Escape")  # a first-start dialog (templates) if any
