@@ -63,6 +63,9 @@ def test_ray_option_leaves_images_to_the_images(images):
     (["--out", "o"], "--out is an option of --ray runs"),
     (["--ray"], "pass --out DIR"),
     (["--ray", "--out", "o", "--json"], "--json/--csv print results of the plain path"),
+    (["--ray", "--out", "o", "--actors", "0"], "--actors must be at least 1, got 0"),
+    (["--ray", "--out", "o", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--ray", "--out", "o", "--batch-size", "-3"], "--batch-size must be at least 1, got -3"),
 ])
 def test_bad_usage_is_one_line(tiny_models, images, capsys, argv, msg):
     code = cli.main(["score", str(images[0]), "--prompt", PROMPT, "--model", str(tiny_models.ict), *argv])
@@ -297,13 +300,13 @@ def test_a_killed_job_resumes_where_it_stopped(scored, inputs, tiny_models, tmp_
     shutil.copy(src / "_ict_job.json", out)
     rows = _rows(src)
     schema = pq.read_schema(next(src.glob("*.parquet")))
-    pq.write_table(pa.Table.from_pylist(rows[:4], schema=schema), out / "done-0.parquet")
-    (out / "cut-1.parquet").write_bytes(b"PAR1 half a file")
+    pq.write_table(pa.Table.from_pylist(rows[:4], schema=schema), out / "ict-rows-done_000000.parquet")
+    (out / "ict-rows-cut_000001.parquet").write_bytes(b"PAR1 half a file")
     assert cli.main([*argv, "--ray", "--out", str(out), "--batch-size", "4"]) == 0
     assert f"score: {len(rows) - 4} new row(s)" in capsys.readouterr().out
     again = _rows(out)
     assert [r["path"] for r in again] == [r["path"] for r in rows]
-    assert (out / "_broken-cut-1.parquet").exists()
+    assert (out / "_broken-ict-rows-cut_000001.parquet").exists()
 
 
 def test_index_feeds_the_gallery(ray_session, tiny_models, inputs, tmp_path, capsys, monkeypatch):
@@ -360,3 +363,100 @@ def test_index_that_cannot_save_to_the_gallery_says_so(ray_session, tiny_models,
     assert cli.main([*argv, "--ray", "--out", str(tmp_path / "out")]) != 0
     assert "could not save to the cache folder" in capsys.readouterr().err
     assert len(_rows(tmp_path / "out")) == 1
+
+
+def test_out_naming_a_file_is_one_line(tiny_models, images, tmp_path, capsys):
+    """--out names an existing file: one line, no traceback, the file untouched (checked before Ray starts)."""
+    target = tmp_path / "results.parquet"
+    target.write_bytes(b"the user's own file")
+    argv = ["score", str(images[0]), "--prompt", PROMPT, *_models(tiny_models, tmp_path)]
+    assert cli.main([*argv, "--ray", "--out", str(target)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"ict: error: --out {target} is a file; --out takes a folder (new, or the --out of an earlier run)"]
+    assert target.read_bytes() == b"the user's own file"
+
+
+@pytest.mark.parametrize("with_manifest", [False, True])
+def test_out_holding_the_users_parquet_is_refused_untouched(tiny_models, images, tmp_path, capsys, with_manifest):
+    """A folder of the user's own Parquet files (one of them unreadable): refused in one line, before Ray
+    starts, and nothing in it is renamed or written (the tool used to rename the unreadable one `_broken-*`)."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    pq.write_table(pa.table({"x": [1, 2]}), out / "sales.parquet")
+    (out / "draft.parquet").write_bytes(b"PAR1 not finished")
+    argv = ["score", str(images[0]), "--prompt", PROMPT, *_models(tiny_models, tmp_path)]
+    if with_manifest:  # the folder of an earlier run, into which the user copied their own files
+        (out / "_ict_job.json").write_text("{}")
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    assert cli.main([*argv, "--ray", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "this tool did not write (draft.parquet, sales.parquet" in err[0], err
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
+def test_ingest_never_reports_rows_it_did_not_store(tiny_models, tmp_path, capsys):
+    """An `ict index --ray` output with a row whose embedding the gallery refuses (another width): the
+    ingest says how many rows were not stored and exits non-zero; it used to count them as stored."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from ict_core.scale.output import schema
+
+    out = tmp_path / "out"
+    out.mkdir()
+    rows = [{"index": i, "path": f"/x/{i}.png", "hash": f"{i:064x}", "gallery": "g+none", "hp_raw": None,
+             "embedding": [1.0] + [0.0] * (dim - 1), "error": None} for i, dim in enumerate((16, 16, 8))]
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema("index")), out / "ict-rows-x_000000.parquet")
+    argv = ["index", "--ingest", str(out), "--cache-dir", str(tmp_path / "cache")]
+    assert cli.main(argv) == 1
+    captured = capsys.readouterr()
+    assert "gallery:" not in captured.out
+    assert captured.err.strip().splitlines() == [
+        f"ict: error: 1 row(s) of {out} could not be stored in the gallery at {tmp_path / 'cache'} (locked, "
+        f"read-only, or not a valid embedding); 2 were: run `ict index --ingest {out}` again"]
+
+
+def test_one_row_per_input_path_on_every_run(ray_session, tiny_models, images, tmp_path, capsys):
+    """Resume is by input: a byte copy of a file already done gets its own row, a file changed since its
+    row was written and a file that failed once keep their one row, and a file name that is not UTF-8
+    is scored as the plain path scores it (its `path` written with \\xNN escapes)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    shutil.copy(images[0], folder / "a.png")
+    shutil.copy(images[0], folder / "copy.png")                     # the same bytes as a.png
+    odd = os.path.join(os.fsencode(folder), b"\xff-odd.png")         # not UTF-8: surrogate escapes in Python
+    shutil.copy(images[1], odd)
+    missing = folder / "late.png"                                    # fails on the first run
+    out = tmp_path / "out"
+    argv = ["score", str(folder), str(missing), "--prompt", PROMPT, *_models(tiny_models, tmp_path)]
+    assert cli.main([*argv, "--ray", "--out", str(out), "--batch-size", "2"]) == 0
+    first = _rows(out)
+    names = [Path(r["path"]).name for r in first]
+    assert names == ["a.png", "copy.png", "\\xff-odd.png", "late.png"], names
+    assert first[3]["error"].endswith("file not found")
+    capsys.readouterr()
+    assert cli.main([*argv, "--no-cache", "--json"]) == 0           # the plain path on the same inputs
+    plain = json.loads(capsys.readouterr().out)["results"]
+    assert abs(plain[2]["score"] - first[2]["score"]) <= 1e-6
+
+    # a killed job: copy.png's row was never written
+    schema = pq.read_schema(next(out.glob("ict-rows-*.parquet")))
+    for f in out.glob("ict-rows-*.parquet"):
+        f.unlink()
+    kept = [r for r in first if Path(r["path"]).name != "copy.png"]
+    pq.write_table(pa.Table.from_pylist(kept, schema=schema), out / "ict-rows-killed_000000.parquet")
+    shutil.copy(images[2], folder / "a.png")                        # a.png changed since its row
+    shutil.copy(images[0], missing)                                 # late.png readable now
+    assert cli.main([*argv, "--ray", "--out", str(out), "--batch-size", "2"]) == 0
+    assert "score: 1 new row(s) (0 failed), 3 input(s) already done" in capsys.readouterr().out
+    again = _rows(out)
+    assert [r["index"] for r in again] == [0, 1, 2, 3]
+    assert [Path(r["path"]).name for r in again] == names
+    assert again[1]["hash"] == first[0]["hash"] and again[1]["error"] is None   # the copy: a row of its own
+    assert [again[i] for i in (0, 2, 3)] == [first[i] for i in (0, 2, 3)]      # one row each, as first written

@@ -26,7 +26,7 @@ def _local(item: str) -> str:
 
 
 def _text_list(path: Path, base: Path) -> Iterable[str]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:  # file names need not be UTF-8
         for line in f:
             line = line.strip()
             if line and not line.startswith("#"):

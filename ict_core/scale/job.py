@@ -1,13 +1,13 @@
 """The Ray Data pipeline of `ict score|index --ray`: list -> CPU crop tasks -> Scorer actors -> Parquet.
 
-    from_arrow([index, path] blocks)
-      .map_batches(prepare)                      # CPU tasks: read, sha256, skip done, decode, crop
+    from_arrow([index, path] blocks)             # the inputs without a row in OUT
+      .map_batches(prepare)                      # CPU tasks: read, sha256, decode, crop
       .map_batches(ScoreActor, concurrency=N,    # one Scorer per actor: 1 GPU each, or CPU threads
                    num_gpus=1 | 0)
       .write_parquet(OUT)                        # files appear as batches finish
 
 Ray restarts a dead actor and retries its batch (Ray Data's defaults for actor pools), so a batch
-is written once or not at all; rows already in OUT are skipped by content hash on a re-run.
+is written once or not at all; a re-run skips the inputs that already have a row in OUT.
 """
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ class Job:
     device: str = "auto"
     precision: str = "auto"
     config: str | None = None
-    actors: int | None = None         # default: one per GPU of the cluster, else 1
-    batch_size: int | None = None     # default: 32 on GPUs, 8 on CPUs (the Scorer's chunk)
+    actors: int | None = None         # default: one per GPU of the cluster, else 1 (scale.cli checks >= 1)
+    batch_size: int | None = None     # default: 32 on GPUs, 8 on CPUs (the Scorer's chunk; checked >= 1)
     quiet: bool = False
     manifest: dict = field(default_factory=dict)
 
@@ -85,14 +85,10 @@ def _layout(ray, job: Job) -> tuple[bool, int, int, float, int]:
     if job.device.startswith("cuda") and not gpus:
         raise InputError("--device cuda asked for, but the Ray cluster has no GPU; use --device cpu or auto")
     use_gpu = job.device != "cpu" and gpus > 0
-    actors = job.actors or (gpus if use_gpu else 1)
-    if actors < 1:
-        raise InputError(f"--actors must be at least 1, got {actors}")
+    actors = job.actors if job.actors is not None else (gpus if use_gpu else 1)
     if use_gpu and actors > gpus:
         raise InputError(f"--actors {actors} asks for more GPU actors than the cluster's {gpus} GPU(s)")
-    batch = job.batch_size or (32 if use_gpu else 8)
-    if batch < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch}")
+    batch = job.batch_size if job.batch_size is not None else (32 if use_gpu else 8)
     # CPU actors leave at least one CPU to the crop and write tasks, or the pipeline would stall
     per_actor = 1.0 if use_gpu else max(0.1, min(1.0, (cpus - 1) / actors))
     node_cpus = min((n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive")), default=cpus)
@@ -100,12 +96,31 @@ def _layout(ray, job: Job) -> tuple[bool, int, int, float, int]:
     return use_gpu, actors, batch, per_actor, threads
 
 
+def file_names(ray, run_id: str):
+    """A Ray FilenameProvider naming every file `ict-rows-<write>_<task>[_<block>].parquet`: the folder's own
+    files are told from anything else by name (Ray >= 2.50 asks per task with its write id, older Ray per
+    block, with this run's id)."""
+    from ray.data.datasource import FilenameProvider
+
+    class RowFiles(FilenameProvider):
+        def get_filename_for_task(self, write_uuid, task_index):
+            return f"{output.ROWS_PREFIX}{write_uuid}_{task_index:06}.parquet"
+
+        def get_filename_for_block(self, block, *ids):  # (task_index, block_index), after write_uuid on 2.50+
+            return f"{output.ROWS_PREFIX}{run_id}_{ids[-2]:06}_{ids[-1]:06}.parquet"
+
+    return RowFiles()
+
+
 def run(job: Job, address: str | None) -> Summary:
-    """Run the job to the end; rows already in job.out are not done again."""
+    """Run the job to the end; inputs that already have a row in job.out are not done again."""
+    import uuid
+
     pa = output.need_pyarrow()
     ray = import_ray()
-    output.check_manifest(job.out, job.manifest)
+    output.check_out(job.out, job.manifest)
     done, rows_before, errors_before = output.done_rows(job.out)
+    todo = [i for i in range(len(job.paths)) if i not in done]
     started = connect(address)
     try:
         from . import stages
@@ -116,31 +131,36 @@ def run(job: Job, address: str | None) -> Summary:
             logging.getLogger("ray.data").setLevel(logging.ERROR if job.quiet else logging.WARNING)
         use_gpu, actors, batch, per_actor, threads = _layout(ray, job)
         log.info("%s %d image(s) with %d %s actor(s), batches of %d; %d row(s) already in %s",
-                 job.command, len(job.paths), actors, "GPU" if use_gpu else "CPU", batch, rows_before, job.out)
-        table = pa.table({"index": pa.array(range(len(job.paths)), pa.int64()),
-                          "path": pa.array(job.paths, pa.string())})
-        block = batch * max(1, -(-table.num_rows // (2000 * batch)))  # about 2,000 blocks at most
-        ds = ray.data.from_arrow([table.slice(s, block) for s in range(0, table.num_rows, block)])
-        # A task pool of another size than the actor pool: Ray Data then keeps the crop tasks out of
-        # the actors (it fuses equal pools), so decoding overlaps scoring instead of delaying it
-        tasks = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        ds = ds.map_batches(stages.prepare, fn_kwargs={"done": frozenset(done)}, batch_size=batch,
-                            batch_format="numpy", num_cpus=1,
-                            compute=ray.data.TaskPoolStrategy(size=tasks if tasks != actors else tasks + 1))
-        ds = ds.map_batches(stages.ScoreActor, batch_size=batch, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(size=actors),
-                            num_gpus=1 if use_gpu else 0, num_cpus=per_actor,
-                            fn_constructor_kwargs=dict(command=job.command, ict=job.ict, hp=job.hp,
-                                                       prompt=job.prompt, device="cuda" if use_gpu else "cpu",
-                                                       precision=job.precision, config=job.config,
-                                                       threads=None if use_gpu else threads))
-        # files of ~4,096 rows on GPUs (~17 MB of index rows, a few seconds of one GPU's work: what a
-        # killed job can lose), smaller on CPUs where a batch takes minutes
-        ds.write_parquet(str(job.out), min_rows_per_file=4096 if use_gpu else batch * 2)
+                 job.command, len(todo), actors, "GPU" if use_gpu else "CPU", batch, rows_before, job.out)
+        if todo:
+            _pipeline(ray, pa, stages, job, todo, use_gpu, actors, batch, per_actor, threads, uuid.uuid4().hex[:12])
     finally:
         if started:
             ray.shutdown()
     _, rows_after, errors_after = output.done_rows(job.out)
     new = rows_after - rows_before
-    return Summary(new, errors_after - errors_before, len(job.paths) - new, rows_after, actors,
-                   "GPU" if use_gpu else "CPU")
+    return Summary(new, errors_after - errors_before, len(done), rows_after, actors, "GPU" if use_gpu else "CPU")
+
+
+def _pipeline(ray, pa, stages, job: Job, todo: list[int], use_gpu, actors, batch, per_actor, threads, run_id):
+    # paths travel as bytes: a file name that is not UTF-8 is no Arrow string (stages.prepare decodes it)
+    table = pa.table({"index": pa.array(todo, pa.int64()),
+                      "path": pa.array([os.fsencode(job.paths[i]) for i in todo], pa.binary())})
+    block = batch * max(1, -(-table.num_rows // (2000 * batch)))  # about 2,000 blocks at most
+    ds = ray.data.from_arrow([table.slice(s, block) for s in range(0, table.num_rows, block)])
+    # A task pool of another size than the actor pool: Ray Data then keeps the crop tasks out of
+    # the actors (it fuses equal pools), so decoding overlaps scoring instead of delaying it
+    tasks = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    ds = ds.map_batches(stages.prepare, batch_size=batch, batch_format="numpy", num_cpus=1,
+                        compute=ray.data.TaskPoolStrategy(size=tasks if tasks != actors else tasks + 1))
+    ds = ds.map_batches(stages.ScoreActor, batch_size=batch, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=actors),
+                        num_gpus=1 if use_gpu else 0, num_cpus=per_actor,
+                        fn_constructor_kwargs=dict(command=job.command, ict=job.ict, hp=job.hp,
+                                                   prompt=job.prompt, device="cuda" if use_gpu else "cpu",
+                                                   precision=job.precision, config=job.config,
+                                                   threads=None if use_gpu else threads))
+    # files of ~4,096 rows on GPUs (~17 MB of index rows, a few seconds of one GPU's work: what a
+    # killed job can lose), smaller on CPUs where a batch takes minutes
+    ds.write_parquet(str(job.out), min_rows_per_file=4096 if use_gpu else batch * 2,
+                     filename_provider=file_names(ray, run_id))

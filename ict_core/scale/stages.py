@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Any, Iterator
 
 import numpy as np
@@ -17,8 +18,8 @@ import torch
 
 from .. import preprocess
 from ..files import open_regular
+from . import output
 from .inputs import is_uri
-from .output import done_key
 
 log = logging.getLogger(__name__)
 SIZE = preprocess.SIZE
@@ -41,34 +42,31 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
-def prepare(batch: dict[str, np.ndarray], done: frozenset = frozenset()) -> Iterator[dict[str, np.ndarray]]:
-    """CPU stage: drop images already in the output (by content hash), crop the rest to uint8 224x224.
-    An image that cannot be read keeps its row with `error` set (and zero pixels, never scored).
-    A batch that is all done yields nothing (Ray cannot hold an empty pixel tensor column)."""
+def prepare(batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+    """CPU stage: read each input once, hash and crop it to uint8 224x224. An image that cannot be read
+    keeps its row with `error` set (and zero pixels, never scored). Paths arrive as bytes (os.fsencode)
+    and leave as output.shown() text."""
     from ..errors import ICTError
 
     torch.set_num_threads(1)  # one Ray task per CPU
     keep: dict[str, list] = {"index": [], "path": [], "hash": [], "error": [], "pixels": []}
     blank = np.zeros((3, SIZE, SIZE), np.uint8)
-    for index, path in zip(batch["index"], batch["path"]):
-        path, digest, error, pixels = str(path), None, None, blank
+    for index, raw in zip(batch["index"], batch["path"]):
+        path = os.fsdecode(bytes(raw)) if isinstance(raw, (bytes, np.bytes_)) else str(raw)
+        digest, error, pixels = None, None, blank
         try:  # the plain path's image, of the bytes read now: decoded and hashed from them, never read again
             ref = preprocess.bytes_ref(path, read_bytes(path))
             digest = ref.digest()
+            pixels = crop_uint8(ref.load()).numpy()  # load(): the plain path's checks and error text
         except OSError as e:
             error = f"{path}: file not found" if isinstance(e, FileNotFoundError) else (
                 f"{path}: {e.strerror}" if e.strerror else str(e))  # open_regular's own text names the path
-        if done_key(path, digest) in done:
-            continue
-        if error is None:
-            try:
-                pixels = crop_uint8(ref.load()).numpy()  # load(): the plain path's checks and error text
-            except ICTError as e:
-                error = str(e)
+        except ICTError as e:
+            error = str(e)
         keep["index"].append(int(index))
-        keep["path"].append(path)
+        keep["path"].append(output.shown(path))
         keep["hash"].append(digest)
-        keep["error"].append(error)
+        keep["error"].append(None if error is None else output.shown(error))
         keep["pixels"].append(pixels)
     if keep["index"]:
         out = {k: np.array(v, dtype=object) for k, v in keep.items() if k != "pixels"}
@@ -92,8 +90,6 @@ class ScoreActor:
         log.info("actor ready: %s on %s", command, self.scorer.device)
 
     def __call__(self, batch: dict[str, np.ndarray]):
-        from . import output
-
         n = len(batch["index"])
         rows: dict[str, list[Any]] = {"index": [int(x) for x in batch["index"]],
                                       **{c: [_text(v) for v in batch[c]] for c in ("path", "hash", "error")}}
