@@ -1,11 +1,8 @@
 """Converting the released pickles to safetensors once, and loading safetensors (never a pickle) at run time."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from . import config as arch_config
 from .errors import InputError, ModelFileError
 from .files import atomic_write, check_new_file, open_regular, regular_file_problem
+from .model_checks import BOTH, check_arch_fits, check_shapes
 
 if TYPE_CHECKING:
     import torch  # annotations only: reading a header or a fingerprint imports no torch
@@ -115,55 +113,40 @@ def read_kind(path: str | Path) -> str:
 
 
 def fingerprint(path: str | Path, info: FileInfo | None = None) -> str:
-    """Identity of a weight file for caches: header + size + 16 sampled 4 KiB blocks, never a full read."""
+    """Identity of a weight file for caches: the sha256 of the whole file (24 hex digits), so two files
+    differing in any byte never share cached features. Hashed once per file and remembered by
+    (path, size, mtime, inode), as the webuis remember checkpoint hashes (model_hashes)."""
+    from .model_hashes import file_hash
+
     info = info or read_info(path)
-    h = hashlib.sha256(info.header_bytes)
-    h.update(str(info.size).encode())
-    with open_regular(info.path) as f:
-        for i in range(16):
-            f.seek(info.size * i // 16)
-            h.update(f.read(4096))
-    return h.hexdigest()[:24]
+    return file_hash(info.path)[:24]
 
 
 # ------------------------------------------------------------------------------------------------------ loading
-def _check_tensors(info: FileInfo, expected: dict[str, tuple[int, ...]]) -> None:
-    got = {k: v[1] for k, v in info.tensors.items()}
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    shaped = sorted(k for k in set(got) & set(expected) if tuple(got[k]) != tuple(expected[k]))
-    if missing or unexpected or shaped:
-        raise ModelFileError(f"{info.path} does not match its own architecture record ({_describe(missing, unexpected, shaped, got, expected)}); convert it again")
-
-
 def load_state(info: FileInfo, device: torch.device, dtype_for=None) -> dict[str, torch.Tensor]:
-    """Stream tensors one by one from the file straight to `device`, cast there to `dtype_for(name)`.
+    """Tensors one by one from the file to `device`, each cast there to `dtype_for(name)`.
 
-    Plain reads (no mmap) and one tensor in flight keep peak memory at the size of the loaded model:
-    a bf16 file loaded as fp32 never holds both copies of the weights. read_info had the library check
-    the header (types, bounds, contiguous offsets); only the offsets, which it does not expose, are read
-    back here, and each one is checked against the library's dtype and shape."""
+    The safetensors library reads each tensor (safe_open(...).get_tensor, as ComfyUI's load_torch_file
+    does); one tensor in flight keeps peak memory near the size of the loaded model, so a bf16 file loaded
+    as fp32 never holds both copies of the weights. Each tensor is checked against the header read_info
+    checked (a file replaced since then is refused)."""
     import torch
-    entries = json.loads(info.header_bytes)
-    base = 8 + len(info.header_bytes)
+    from safetensors import safe_open
+
     state: dict[str, torch.Tensor] = {}
     try:
-        with open_regular(info.path) as f:
-            for name in sorted(info.tensors, key=lambda k: entries[k]["data_offsets"][0]):
+        with safe_open(str(info.path), framework="pt", device="cpu") as f:
+            if set(f.keys()) != set(info.tensors):
+                raise ValueError("the tensor names changed since the header was read")
+            for name in sorted(info.tensors):
                 st_dtype, shape = info.tensors[name]
-                start, end = entries[name]["data_offsets"]
-                src_dtype = getattr(torch, _ST_DTYPES[st_dtype])
-                if end - start != math.prod(shape) * src_dtype.itemsize:
-                    raise ValueError(f"{name}: {end - start} bytes for {st_dtype}{list(shape)}")
-                buf = bytearray(end - start)
-                f.seek(base + start)
-                if f.readinto(buf) != len(buf):
-                    raise EOFError("short read")
-                x = torch.frombuffer(buf, dtype=src_dtype) if buf else torch.empty(0, dtype=src_dtype)
-                x = x.reshape(shape).to(device)
+                x = f.get_tensor(name)
+                if x.dtype != getattr(torch, _ST_DTYPES[st_dtype]) or tuple(x.shape) != tuple(shape):
+                    raise ValueError(f"{name}: {x.dtype}{list(x.shape)} where the header said {st_dtype}{list(shape)}")
                 want = dtype_for(name) if dtype_for is not None and x.is_floating_point() else None
-                state[name] = x.to(want) if want is not None else x
-    except (OSError, EOFError, KeyError, TypeError, RuntimeError, ValueError) as e:
+                # a copy, never a view of the file's mapping: fresh, aligned memory (kernels round alike)
+                state[name] = x.to(device, copy=True).to(want) if want is not None else x.to(device, copy=True)
+    except Exception as e:  # noqa: BLE001 - the library's SafetensorError, OSError, a changed file
         raise ModelFileError(f"{info.path} could not be read ({type(e).__name__}: {str(e)[:120]}); it may be "
                              f"corrupt: download or convert it again") from None
     return state
@@ -181,19 +164,14 @@ def open_model_file(path: str | Path, kind: str, arch: dict[str, Any] | None = N
     if arch is not None and arch_config.dumps(arch) != arch_config.dumps(info.arch):
         raise ModelFileError(f"{info.path} is for another architecture than the one asked for; use the matching "
                              f"--config or the right weights")
-    _check_tensors(info, expected_ict_shapes(info.arch) if kind == "ict" else expected_hp_shapes(info.arch))
+    got = {k: v[1] for k, v in info.tensors.items()}
+    what, fix = f"{info.path} does not match its own architecture record", "convert it again"
+    check_arch_fits(info.arch, got, BOTH if kind == "ict" else ("vision_config",), what, fix)
+    check_shapes(got, expected_ict_shapes(info.arch) if kind == "ict" else expected_hp_shapes(info.arch), what, fix)
     return info
 
 
 # --------------------------------------------------------------------------------------------------- converting
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open_regular(path) as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     """The one place a pickle is read: the converter, with weights_only=True (no code can run)."""
     import torch
@@ -209,27 +187,12 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _describe(missing, unexpected, shaped, got, expected) -> str:
-    parts = []
-    if missing:
-        parts.append(f"missing {len(missing)}: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
-    if unexpected:
-        parts.append(f"unexpected {len(unexpected)}: {', '.join(unexpected[:4])}"
-                     f"{' ...' if len(unexpected) > 4 else ''}")
-    if shaped:
-        parts.append("wrong shape: " + ", ".join(f"{k} {tuple(got[k])} != {tuple(expected[k])}"
-                                                 for k in shaped[:4]))
-    return "; ".join(parts)
-
-
-def _check_source(sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], src: Path) -> None:
+def _check_source(sd: dict[str, torch.Tensor], expected, src: Path, arch: dict[str, Any] | None = None) -> None:
     got = {k: tuple(v.shape) for k, v in sd.items()}
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    shaped = sorted(k for k in set(got) & set(expected) if got[k] != tuple(expected[k]))
-    if missing or unexpected or shaped:
-        raise ModelFileError(f"{src} does not match the architecture ({_describe(missing, unexpected, shaped, got, expected)}); "
-                             f"check the source folder or pass the right --config")
+    what, fix = f"{src} does not match the architecture", "check the source folder or pass the right --config"
+    if arch is not None:
+        check_arch_fits(arch, got, BOTH, what, fix)
+    check_shapes(got, expected(arch) if arch is not None else expected, what, fix)
 
 
 def detect_layout(src: Path) -> tuple[str, dict[str, Path]]:
@@ -269,6 +232,7 @@ def _storage(sd: dict[str, torch.Tensor], dtype: str | None, src: str) -> dict[s
 def convert(src: str | Path, out: str | Path, config_path: str | Path | None = None,
             dtype: str | None = None) -> FileInfo:
     """Convert a released 8y/ICT or 8y/HP copy to one checked safetensors file (atomic write)."""
+    from .model_hashes import sha256_file
     from .modeling import expected_hp_shapes, expected_ict_shapes
 
     src, out = Path(src), Path(out)
@@ -285,11 +249,11 @@ def convert(src: str | Path, out: str | Path, config_path: str | Path | None = N
     if kind == "ict":
         sd = _load_pickle(files["ict"])
         sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
-        _check_source(sd, expected_ict_shapes(arch), files["ict"])
+        _check_source(sd, expected_ict_shapes, files["ict"], arch)
         sources = {"ict": files["ict"]}
     else:
         backbone = {k: v for k, v in _load_pickle(files["backbone"]).items() if not k.endswith("position_ids")}
-        _check_source(backbone, expected_ict_shapes(arch), files["backbone"])
+        _check_source(backbone, expected_ict_shapes, files["backbone"], arch)
         head = _load_pickle(files["scorer"])
         head_expected = {k[len("head."):]: v for k, v in expected_hp_shapes(arch).items() if k.startswith("head.")}
         _check_source(head, head_expected, files["scorer"])
@@ -301,7 +265,7 @@ def convert(src: str | Path, out: str | Path, config_path: str | Path | None = N
     metadata = {
         "format": "pt", META_VER: FORMAT_VERSION, META_KIND: kind, META_ARCH: arch_config.dumps(arch),
         META_SRC: ",".join(f"{k}={p.name}" for k, p in sources.items()),
-        META_SHA: ",".join(f"{k}={_sha256(p)}" for k, p in sources.items()),
+        META_SHA: ",".join(f"{k}={sha256_file(p)}" for k, p in sources.items()),
     }
     from safetensors.torch import save_file
 

@@ -12,7 +12,8 @@ from ict_core import Scorer
 from ict_core.errors import ModelFileError, InputError
 from ict_core.weights import convert, read_info, fingerprint
 
-from conftest import TINY, save_ict_layout, tiny_clip
+from conftest import save_ict_layout, tiny_clip
+from tiny_config import TINY
 
 
 def _bin(folder):
