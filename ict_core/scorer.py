@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CHUNK_BYTES = 256 << 20  # decoded uint8 pixels held by one chunk before it is scored
 
 
 @dataclass
@@ -34,9 +35,7 @@ class ScoreResult:
     def as_dict(self) -> dict[str, Any]:
         d = {"image": self.label if self.label is not None else self.index, "prompt": self.prompt,
              "ict": self.ict, "hp": self.hp, "score": self.score}
-        if self.error is not None:
-            d["error"] = self.error
-        return d
+        return d if self.error is None else {**d, "error": self.error}
 
 
 @dataclass
@@ -105,13 +104,8 @@ class Scorer:
     def __init__(self, modules: RewardModules, *, ict_fingerprint: str, hp_fingerprint: str | None = None,
                  dtype: torch.dtype = torch.float32, cache=None, chunk_size: int | None = None,
                  paths: tuple[Path, Path | None] | None = None):
-        self.modules = modules
-        self.dtype = dtype
-        self.ict_fingerprint = ict_fingerprint
-        self.hp_fingerprint = hp_fingerprint
-        self.cache = cache
-        self.chunk_size = chunk_size
-        self.paths = paths
+        self.modules, self.dtype, self.cache, self.chunk_size, self.paths = modules, dtype, cache, chunk_size, paths
+        self.ict_fingerprint, self.hp_fingerprint = ict_fingerprint, hp_fingerprint
         self.last_cache_stats = _zero_stats()
 
     # ---------------------------------------------------------------------------------------------- loading
@@ -216,7 +210,7 @@ class Scorer:
         """Forward a chunk; on CUDA out-of-memory, halve it (and later chunks) and retry."""
         try:
             return self._forward_images(batch, with_ict)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError (2.5+) is this class; 2.1-2.4 have only it
             if len(batch) == 1:
                 raise ICTError("out of GPU memory for a single image; free memory or use device cpu") from None
             torch.cuda.empty_cache()
@@ -247,16 +241,20 @@ class Scorer:
         while i < len(todo):
             if should_stop is not None and should_stop():
                 raise InterruptedError("scoring cancelled")
-            idx = todo[i:i + self._chunk()]
-            i += len(idx)
-            loaded, ok = [], []
-            for j in idx:
+            loaded, ok, held, start = [], [], 0, i
+            # a chunk ends at its size, or once its decoded images hold CHUNK_BYTES: large images are
+            # decoded a few at a time, never a whole chunk of them at once
+            while i < len(todo) and i - start < self._chunk() and held < CHUNK_BYTES:
+                j = todo[i]
+                i += 1
                 try:
                     loaded.append(refs[j].load())
                     ok.append(j)
+                    held += loaded[-1].numel()
                 except ICTError as e:
                     errors[j] = str(e)
                     log.info("image %s skipped: %s", refs[j].label or j, e)  # the result row carries it
+            idx = todo[start:i]
             if loaded:
                 feats, hp_raw = self._forward_split(loaded, with_ict)
                 out[ok] = feats

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 CONTEXT_LENGTH = 77
 _ALONE = "ict_core._open_clip_tokenizer"
+_FIRST_CUT, _MARGIN = 256, 64  # characters of a long word merged first; the safety margin before a cut
 
 
 @functools.lru_cache(maxsize=1)
@@ -30,16 +31,31 @@ def _tokenizer() -> tuple:
     spec = None if "open_clip" in sys.modules else importlib.util.find_spec("open_clip")
     module = None
     if spec is not None and spec.submodule_search_locations:
-        path = os.path.join(list(spec.submodule_search_locations)[0], "tokenizer.py")
         try:
-            alone = importlib.util.spec_from_file_location(_ALONE, path)
-            module = importlib.util.module_from_spec(alone)
-            alone.loader.exec_module(module)
+            module = load_alone(os.path.join(list(spec.submodule_search_locations)[0], "tokenizer.py"))
         except Exception as exc:  # e.g. a version whose tokenizer imports the rest of its package
             log.debug("open_clip's tokenizer module cannot be loaded alone (%s); importing open_clip", exc)
             module = None
     if module is None:
         from open_clip import tokenizer as module
+    return parts(module)
+
+
+def load_alone(path: str):
+    """open_clip's tokenizer.py, executed alone under a private module name (it imports no other part of
+    open_clip: ftfy, regex, torch and its vocabulary file beside it)."""
+    alone = importlib.util.spec_from_file_location(_ALONE, path)
+    module = importlib.util.module_from_spec(alone)
+    alone.loader.exec_module(module)
+    return module
+
+
+def parts(module) -> tuple:
+    """(module, encode, tokenize) of a tokenizer module. What is relied on, in open_clip 2.20 to 3.x
+    (tests/test_tokenizer_bounds.py pins it): the module's `_tokenizer` SimpleTokenizer with `encode`,
+    `bpe`, `pat`, `byte_encoder`, `encoder` (special tokens included) and `clean_fn` (>= 2.24) or the
+    module's `basic_clean`/`whitespace_clean` (older); the tokenize call is the instance (>= 2.24) or the
+    module's `tokenize`."""
     tok = module._tokenizer  # held by the caller: release() may drop the module's reference mid-call
     return module, tok.encode, (tok if callable(tok) else module.tokenize)  # < 2.24: a module function
 
@@ -67,12 +83,59 @@ def check_prompt(prompt: object, where: str = "prompt") -> str:
     return prompt
 
 
+def _clean(module, tok):
+    """The tokenizer's own text cleaning (ftfy, html unescape, whitespace, lower case): its `clean_fn`
+    (open_clip >= 2.24), else the module functions its encode() calls (2.20-2.23)."""
+    clean = getattr(tok, "clean_fn", None)
+    return clean if clean is not None else (lambda t: module.whitespace_clean(module.basic_clean(t)).lower())
+
+
+def _word_ids(tok, word: str, need: int) -> list[int]:
+    """The first `need` BPE ids of one word, as tok.bpe(word) gives them, with bounded work.
+
+    BPE is quadratic in a word's length, and only 75 ids are used: the word is merged in prefixes of
+    256, 512, ... characters until `need` ids end at least _MARGIN characters before the cut (where a
+    merge can differ from the whole word's: measured at most 8; a vocabulary entry is at most 32)."""
+    cut = _FIRST_CUT
+    while cut < len(word):
+        pieces = tok.bpe(word[:cut]).split(" ")
+        end = sum(len(p) for p in pieces[:need])
+        if len(pieces) > need and end <= cut - _MARGIN:
+            return [tok.encoder[p] for p in pieces[:need]]
+        cut *= 2
+    return [tok.encoder[p] for p in tok.bpe(word).split(" ")][:need]
+
+
+def encode_head(module, tok, text: str, limit: int) -> list[int]:
+    """tok.encode(text)[:limit], without encoding the words past the limit nor more of a long word than
+    its first ids need (the work is bounded by `limit`, not by the text)."""
+    ids: list[int] = []
+    for m in tok.pat.finditer(_clean(module, tok)(text)):
+        word = "".join(tok.byte_encoder[b] for b in m.group().encode("utf-8"))
+        ids += _word_ids(tok, word, limit - len(ids))
+        if len(ids) >= limit:
+            break
+    return ids
+
+
 def tokenize(prompts: list[str]) -> torch.Tensor:
-    """LongTensor [n, 77]; a prompt longer than 75 BPE tokens is cut (its last id set to end-of-text)."""
-    _, encode, call = _tokenizer()
-    for p in prompts:
-        n = len(encode(p))
-        if n > CONTEXT_LENGTH - 2:
-            log.warning("prompt has %d tokens, more than the model's %d: the text after token %d is ignored "
-                        "(%r...)", n, CONTEXT_LENGTH - 2, CONTEXT_LENGTH - 2, p[:60])
-    return call(prompts, context_length=CONTEXT_LENGTH)
+    """LongTensor [n, 77], open_clip's ids: [start, BPE ids..., end, 0...]; a prompt longer than 75 BPE
+    ids is cut (its last id set to end-of-text), as get_tokenizer('ViT-H-14') does. Each prompt is
+    encoded once, and no further than the 76 ids that tell whether it is cut."""
+    return tokenize_with(_tokenizer(), prompts)
+
+
+def tokenize_with(tokenizer: tuple, prompts: list[str]) -> torch.Tensor:
+    """tokenize() with the (module, encode, tokenize) of parts()."""
+    module, encode, _ = tokenizer
+    tok = encode.__self__
+    sot, eot, keep = tok.encoder["<start_of_text>"], tok.encoder["<end_of_text>"], CONTEXT_LENGTH - 2
+    out = torch.zeros(len(prompts), CONTEXT_LENGTH, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids = encode_head(module, tok, p, keep + 1)
+        if len(ids) > keep:
+            log.warning("prompt has more than the model's %d tokens: the text after token %d is ignored (%r...)",
+                        keep, keep, p[:60])
+        row = [sot, *ids[:keep], eot]
+        out[i, :len(row)] = torch.tensor(row)
+    return out
