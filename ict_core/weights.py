@@ -24,7 +24,7 @@ META_KIND, META_ARCH, META_SHA, META_SRC, META_VER = (
     "ict_reward.format")
 KINDS = ("ict", "hp")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # names in torch
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # pickles' file names: refused, named, never loaded
 _ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}  # what a model file may hold
 
 
@@ -288,7 +288,9 @@ def fetch(kind: str, dest: Path, download_dir: Path | None = None) -> Path:
     except ImportError:  # pragma: no cover - a dependency
         raise ModelFileError("huggingface_hub is not installed; pip install huggingface_hub") from None
     repo = REPOS[kind]
-    out = dest / (f"{kind}.safetensors")
+    from .paths import HP_FILE, ICT_FILE
+
+    out = dest / (ICT_FILE if kind == "ict" else HP_FILE)
     local = download_dir or dest / f".download-{kind}"
     try:
         for name in _REPO_FILES[kind]:

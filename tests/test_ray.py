@@ -432,7 +432,7 @@ def test_one_row_per_input_path_on_every_run(ray_session, tiny_models, images, t
     shutil.copy(images[0], folder / "copy.png")                     # the same bytes as a.png
     odd = os.path.join(os.fsencode(folder), b"\xff-odd.png")         # not UTF-8: surrogate escapes in Python
     shutil.copy(images[1], odd)
-    missing = folder / "late.png"                                    # fails on the first run
+    missing = tmp_path / "late.png"                                  # fails on the first run
     out = tmp_path / "out"
     argv = ["score", str(folder), str(missing), "--prompt", PROMPT, *_models(tiny_models, tmp_path)]
     assert cli.main([*argv, "--ray", "--out", str(out), "--batch-size", "2"]) == 0
@@ -455,6 +455,9 @@ def test_one_row_per_input_path_on_every_run(ray_session, tiny_models, images, t
     shutil.copy(images[0], missing)                                 # late.png readable now
     assert cli.main([*argv, "--ray", "--out", str(out), "--batch-size", "2"]) == 0
     assert "score: 1 new row(s) (0 failed), 3 input(s) already done" in capsys.readouterr().out
+    shutil.copy(images[0], folder / "new.png")                      # the folder's list changed: refused
+    assert cli.main([*argv, "--ray", "--out", str(out)]) == 1
+    assert "holds the rows of another input list (4 paths, 5 now)" in capsys.readouterr().err
     again = _rows(out)
     assert [r["index"] for r in again] == [0, 1, 2, 3]
     assert [Path(r["path"]).name for r in again] == names

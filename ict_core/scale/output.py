@@ -98,6 +98,10 @@ def check_out(out: Path, job: dict) -> None:
             have = None
         if have != job:
             diff = sorted(k for k in job if not isinstance(have, dict) or have.get(k) != job[k])
+            if diff == ["inputs"] and isinstance(have["inputs"], dict):
+                raise InputError(f"{out} holds the rows of another input list ({have['inputs'].get('count')} paths, "
+                                 f"{job['inputs']['count']} now): `index` is a position in that list, so a changed "
+                                 f"list needs another --out folder")
             raise InputError(f"{out} holds the results of another job (different {', '.join(diff) or 'settings'}); "
                              f"use another --out folder")
         return
