@@ -1,9 +1,9 @@
-"""Best-of-N seed search with early pruning: the host-independent part (seeds, plan, costs, ranking, audit, report).
+"""Best-of-N seed search with early pruning: ranking, the audit and the report, without any host.
 
-A host (the ComfyUI node) samples candidate i with seed + i, runs every candidate to the prune step,
-scores the model's prediction of the final image there, lets the best `survivors` finish, scores
-them again and keeps the best k.  Everything that decides or counts lives here so it is tested
-without a host; the host only samples, decodes and scores.
+A host (the ComfyUI node) samples candidate i with seed + i and follows a Plan (best_of_n_plan): it
+samples the running candidates up to each cut, scores the model's prediction of the final image there,
+lets the best continue, scores the finished ones and keeps the best k.  Everything that decides or
+counts lives here and in best_of_n_plan, so it is tested without a host; the host samples and scores.
 """
 from __future__ import annotations
 
@@ -11,109 +11,18 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from .best_of_n_plan import (SEED_SPACE, Cut, Plan, candidate_seeds, parse_counts, parse_fractions,  # noqa: F401
+                             prune_step)
 from .errors import InputError
 
-SEED_SPACE = 2 ** 64  # ComfyUI's seed widget range is 0 .. 2**64-1; seed + i wraps around inside it
 
-
-def candidate_seeds(seed: int, n: int) -> list[int]:
-    """Candidate i samples with seed + i (wrapping at 2**64), so a plain batch-1 run with it regenerates it."""
-    if not 0 <= seed < SEED_SPACE:
-        raise InputError(f"seed must be between 0 and {SEED_SPACE - 1}, got {seed}")
-    return [(seed + i) % SEED_SPACE for i in range(n)]
-
-
-def prune_step(prune_at: float, steps: int) -> int:
-    """The step where candidates are scored: ceil(prune_at * steps), at least 1, at most steps.
-
-    Rounded to 9 decimals first, so that 0.3 * 20 (= 6.000000000000001 in floats) gives 6, not 7."""
-    return min(steps, max(1, math.ceil(round(prune_at * steps, 9))))
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What a best-of-N run will do and what it costs, in candidate-steps (one sampler step of one candidate)."""
-    n: int
-    k: int
-    steps: int
-    prune_at: float
-    survivors: int
-    chunk: int
-    audit: bool = False
-
-    @classmethod
-    def build(cls, n: int, k: int, steps: int, prune_at: float, survivors: int, chunk: int,
-              audit: bool = False) -> "Plan":
-        if n < 1:
-            raise InputError(f"n (candidates) must be at least 1, got {n}")
-        if not 1 <= k <= n:
-            raise InputError(f"k (kept) must be between 1 and n={n}, got {k}")
-        if steps < 1:
-            raise InputError(f"steps must be at least 1, got {steps}")
-        if not (0.0 < prune_at <= 1.0) or math.isnan(prune_at):
-            raise InputError(f"prune_at must be a fraction of the steps in (0, 1] (1.0 = no pruning), got {prune_at}")
-        if not k <= survivors:
-            raise InputError(f"survivors must be at least k={k} (the kept images come from the survivors), "
-                             f"got {survivors}")
-        if chunk < 1:
-            raise InputError(f"chunk must be at least 1, got {chunk}")
-        return cls(n, k, steps, float(prune_at), min(survivors, n), chunk, bool(audit))
-
-    @property
-    def step(self) -> int:
-        """The step where candidates are scored and pruned (== steps when nothing is pruned)."""
-        return prune_step(self.prune_at, self.steps) if self.prunes else self.steps
-
-    @property
-    def prunes(self) -> bool:
-        """Pruning happens only when it saves something: a step before the last and fewer survivors than n."""
-        return prune_step(self.prune_at, self.steps) < self.steps and self.survivors < self.n
-
-    @property
-    def plain_cost(self) -> int:
-        """Candidate-steps of a plain best-of-n: every candidate sampled to the end."""
-        return self.n * self.steps
-
-    @property
-    def pruned_cost(self) -> int:
-        """Candidate-steps with pruning: n * step + survivors * (steps - step)."""
-        return self.n * self.step + self.survivors * (self.steps - self.step)
-
-    @property
-    def cost(self) -> int:
-        """Candidate-steps this run spends (an audit finishes every candidate)."""
-        return self.plain_cost if self.audit else self.pruned_cost
-
-    @property
-    def finishers(self) -> int:
-        """How many candidates are sampled to the last step."""
-        return self.n if (self.audit or not self.prunes) else self.survivors
-
-    def chunks(self, indices: Sequence[int]) -> list[list[int]]:
-        """The candidates in sampling groups of at most `chunk`."""
-        idx = list(indices)
-        return [idx[i:i + self.chunk] for i in range(0, len(idx), self.chunk)]
-
-    def cost_line(self) -> str:
-        if not self.prunes:
-            return (f"cost: {self.plain_cost} candidate-steps ({self.n}x{self.steps}), the same as a plain "
-                    f"best-of-{self.n} (no pruning)")
-        s, rest = self.step, self.steps - self.step
-        saved = self.plain_cost - self.pruned_cost
-        pct = 100.0 * saved / self.plain_cost
-        line = (f"cost with pruning: {self.pruned_cost} candidate-steps ({self.n}x{s} + {self.survivors}x{rest}) "
-                f"instead of {self.plain_cost} for a plain best-of-{self.n} ({self.n}x{self.steps}): "
-                f"{saved} fewer ({pct:.0f}%)")
-        if self.audit:
-            line += f"; this audit run spent all {self.plain_cost} to finish every candidate"
-        return line
+def _ok(v) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
 
 
 def order(values: Sequence[float | None]) -> list[int]:
     """Indices best first; ties keep index order; unscored (None or NaN) last, in index order."""
-    def bad(v):
-        return v is None or (isinstance(v, float) and math.isnan(v))
-    return sorted(range(len(values)), key=lambda i: (bad(values[i]), 0.0 if bad(values[i]) else -values[i], i))
+    return sorted(range(len(values)), key=lambda i: (not _ok(values[i]), -values[i] if _ok(values[i]) else 0.0, i))
 
 
 def pick(values: Sequence[float | None], among: Sequence[int], count: int) -> list[int]:
@@ -155,56 +64,69 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
     return cov / math.sqrt(va * vb)
 
 
-def _ok(v) -> bool:
-    return v is not None and not (isinstance(v, float) and math.isnan(v))
+@dataclass
+class StageAudit:
+    """What finishing every candidate showed about one cut."""
+    step: int
+    spearman: float | None   # rank correlation of this cut's scores with the final scores
+    pairs: int
+    best_rank: int           # 1-based rank of the true best among this cut's scores (all n in an audit)
+    best_rank_running: int   # ... among the candidates this cut chose from (0: already cut before)
+    running: int
+    survived: bool           # the true best is among this cut's survivors
 
 
 @dataclass
 class Audit:
-    """What finishing every candidate showed about the early scores."""
-    spearman: float | None
-    pairs: int
     true_best: int
-    true_best_early_rank: int          # 1-based rank of the true best among the early scores
-    lost_best: bool                    # pruning would have dropped the candidate with the best final score
-    saved: int                         # candidate-steps pruning would have saved
+    stages: list[StageAudit]
+    lost_best: bool          # pruning drops the candidate with the best final score
+    saved: int               # candidate-steps pruning saves
     plain: int
 
 
 @dataclass
 class Search:
-    """The state of one run: seeds, early and final values per candidate, survivors and the kept ones."""
+    """The state of one run: seeds, each cut's and the final values per candidate, survivors, the kept ones."""
     plan: Plan
     seeds: list[int]
     by: str = "ict"
-    early: list[float | None] = field(default_factory=list)
+    stage: list[list[float | None]] = field(default_factory=list)  # per cut, per candidate
     final: list[float | None] = field(default_factory=list)
-    survivors: list[int] = field(default_factory=list)
+    alive: list[list[int]] = field(default_factory=list)           # each cut's survivors, best first
     kept: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @classmethod
     def start(cls, plan: Plan, seed: int, by: str = "ict") -> "Search":
-        return cls(plan, candidate_seeds(seed, plan.n), by, [None] * plan.n, [None] * plan.n)
+        return cls(plan, candidate_seeds(seed, plan.n), by, [], [None] * plan.n)
 
-    def set_early(self, values: Sequence[float | None]) -> list[int]:
-        """Early values of all n candidates: returns the survivors, best first."""
-        if len(values) != self.plan.n:
-            raise ValueError(f"{len(values)} early values for {self.plan.n} candidates")
-        self.early = list(values)
-        self.survivors = pick(self.early, range(self.plan.n), self.plan.survivors)
-        return self.survivors
+    def _before(self, j: int) -> list[int]:
+        """The candidates cut j chooses from (all n for the first)."""
+        return list(range(self.plan.n)) if j == 0 else list(self.alive[j - 1])
 
-    def to_finish(self) -> list[int]:
-        """The candidates sampled to the end, survivors first (then, in an audit, the pruned ones)."""
-        if not self.plan.prunes:
-            return list(range(self.plan.n))
-        rest = [i for i in range(self.plan.n) if i not in self.survivors] if self.plan.audit else []
-        return self.survivors + rest
+    def running(self, phase: int) -> list[int]:
+        """The candidates sampled in phase `phase` (between cut phase-1 and cut phase), survivors first; an
+        audit also runs the cut ones, after them."""
+        alive = self._before(phase)
+        if not self.plan.audit:
+            return alive
+        return alive + [i for i in range(self.plan.n) if i not in set(alive)]
+
+    def set_stage(self, j: int, values: dict[int, float | None]) -> list[int]:
+        """Cut j's values by candidate index: returns its survivors, best first."""
+        if j != len(self.stage) or j >= len(self.plan.cuts):
+            raise ValueError(f"cut {j} out of order ({len(self.stage)} of {len(self.plan.cuts)} done)")
+        vals: list[float | None] = [None] * self.plan.n
+        for i, v in values.items():
+            vals[i] = v
+        self.stage.append(vals)
+        self.alive.append(pick(vals, self._before(j), self.plan.cuts[j].keep))
+        return self.alive[-1]
 
     def contenders(self) -> list[int]:
-        """The candidates the kept ones are chosen from: the survivors (all n without pruning)."""
-        return list(self.survivors) if self.plan.prunes else list(range(self.plan.n))
+        """The candidates the kept ones are chosen from: the last cut's survivors (all n without pruning)."""
+        return list(self.alive[-1]) if self.alive else list(range(self.plan.n))
 
     def set_final(self, values: dict[int, float | None]) -> list[int]:
         """Final values by candidate index: returns the k kept, best first."""
@@ -216,53 +138,79 @@ class Search:
         return self.kept
 
     def audit(self) -> Audit | None:
-        if not (self.plan.audit and self.plan.prunes):
+        if not (self.plan.audit and self.plan.prunes) or not any(_ok(v) for v in self.final):
             return None
-        both = [i for i in range(self.plan.n) if _ok(self.early[i]) and _ok(self.final[i])]
-        rho = spearman([self.early[i] for i in both], [self.final[i] for i in both])
         best = order(self.final)[0]
-        early_rank = order(self.early).index(best) + 1
-        return Audit(rho, len(both), best, early_rank, best not in self.survivors,
-                     self.plan.plain_cost - self.plan.pruned_cost, self.plan.plain_cost)
+        stages = []
+        for j, cut in enumerate(self.plan.cuts):
+            vals = self.stage[j]
+            both = [i for i in range(self.plan.n) if _ok(vals[i]) and _ok(self.final[i])]
+            rho = spearman([vals[i] for i in both], [self.final[i] for i in both])
+            before = self._before(j)
+            in_running = [i for i in order(vals) if i in set(before)]
+            rank_running = in_running.index(best) + 1 if best in in_running else 0
+            stages.append(StageAudit(cut.step, rho, len(both), order(vals).index(best) + 1, rank_running,
+                                     len(before), best in self.alive[j]))
+        return Audit(best, stages, best not in self.alive[-1], self.plan.plain_cost - self.plan.pruned_cost,
+                     self.plan.plain_cost)
+
+    def table_order(self) -> list[int]:
+        """Rows of the report: the finished candidates by final value, then the cut ones, latest cut first,
+        each by its last score."""
+        rows = [i for i in order(self.final) if _ok(self.final[i])]
+        for j in reversed(range(len(self.stage))):
+            rows += [i for i in order(self.stage[j]) if i not in rows and _ok(self.stage[j][i])]
+        return rows + [i for i in range(self.plan.n) if i not in rows]
+
+    def _status(self, i: int, kept: set[int]) -> str:
+        if i in kept:
+            return "kept"
+        for j, cut in enumerate(self.plan.cuts):
+            if i in self._before(j) and i not in self.alive[j]:
+                return f"cut at step {cut.step}" + (" (audit: finished)" if self.plan.audit else "")
+        return "finished" if _ok(self.final[i]) else "not scored"
 
     def report(self, header: str = "") -> str:
         p = self.plan
-        lines = []
-        if header:
-            lines.append(header)
+        lines = [header] if header else []
         lines.append(f"best-of-{p.n}: seeds {self.seeds[0]}..{self.seeds[-1]} (candidate i uses seed+i), keep {p.k}, "
                      f"score by {self.by}, chunk {p.chunk}")
-        if p.prunes:
-            lines.append(f"pruned at step {p.step} of {p.steps} (prune_at {p.prune_at:g}): the best {p.survivors} "
-                         f"of {p.n} by the predicted final image continue")
-        else:
-            why = "prune_at 1.0" if prune_step(p.prune_at, p.steps) >= p.steps else f"survivors {p.survivors} >= n"
-            lines.append(f"no pruning ({why}): every candidate sampled to step {p.steps}")
-        lines.append(p.cost_line())
-        lines.append(f"{'rank':>4} {'#':>3} {'seed':>20} {'early':>8} {'final':>8}  status")
-        kept, surv = set(self.kept), set(self.survivors)
+        lines.extend(p.describe())
+        sw = max(4, max(len(str(s)) for s in self.seeds))
+        cols = [f"@{c.step}" for c in p.cuts[:len(self.stage)]]
+        lines.append(f"{'rank':>4} {'#':>3} {'seed':>{sw}} " + "".join(f"{c:>8} " for c in cols) + f"{'final':>8}"
+                     "  status")
+        kept = set(self.kept)
+
+        def cell(v):
+            return f"{v:8.4f}" if _ok(v) else f"{'-':>8}"
+
         for pos, i in enumerate(self.table_order(), 1):
-            status = ("kept" if i in kept else "survivor" if (i in surv or not p.prunes)
-                      else "pruned (audit: finished)" if p.audit else "pruned")
-            early = f"{self.early[i]:8.4f}" if _ok(self.early[i]) else f"{'-':>8}"
-            final = f"{self.final[i]:8.4f}" if _ok(self.final[i]) else f"{'-':>8}"
-            lines.append(f"{pos:>4} {i:>3} {self.seeds[i]:>20} {early} {final}  {status}".rstrip())
+            early = "".join(cell(vals[i]) + " " for vals in self.stage)
+            lines.append(f"{pos:>4} {i:>3} {self.seeds[i]:>{sw}} {early}{cell(self.final[i])}  "
+                         f"{self._status(i, kept)}")
         if self.kept:
             lines.append("kept: " + ", ".join(f"seed {self.seeds[i]} ({self.final[i]:.4f})" for i in self.kept))
         a = self.audit()
         if a is not None:
-            rho = "undefined (fewer than 2 distinct scores)" if a.spearman is None else f"{a.spearman:+.3f}"
-            lines.append(f"audit: Spearman rank correlation of early vs final scores = {rho} over {a.pairs} candidates")
-            verdict = ("LOST it: pruning would have dropped the true best" if a.lost_best
-                       else "kept it: pruning keeps the true best")
-            lines.append(f"audit: the true best is seed {self.seeds[a.true_best]} (final {self.final[a.true_best]:.4f}, "
-                         f"early rank {a.true_best_early_rank} of {p.n}); {verdict}")
-            lines.append(f"audit: pruning saves {a.saved} of {a.plain} candidate-steps "
-                         f"({100.0 * a.saved / a.plain:.0f}%)")
+            lines.extend(self._audit_lines(a))
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
-    def table_order(self) -> list[int]:
-        """Rows of the report: the finished candidates by final value, then the pruned ones by early value."""
-        finished = [i for i in order(self.final) if _ok(self.final[i])]
-        return finished + [i for i in order(self.early) if i not in finished]
+    def _audit_lines(self, a: Audit) -> list[str]:
+        n = self.plan.n
+        out = [f"audit: the true best is seed {self.seeds[a.true_best]} (final {self.final[a.true_best]:.4f})"]
+        for j, s in enumerate(a.stages):
+            rho = "undefined (fewer than 2 distinct scores)" if s.spearman is None else f"{s.spearman:+.3f}"
+            out.append(f"audit: cut {j + 1} at step {s.step}: Spearman rank correlation of early vs final scores "
+                       f"= {rho} over {s.pairs} candidates")
+            if s.best_rank_running == 0:
+                where = "already cut"
+            else:
+                where = (f"ranks {s.best_rank} of {n} there ({s.best_rank_running} of the {s.running} running): "
+                         + ("survives" if s.survived else "cut"))
+            out.append(f"audit: cut {j + 1}: the true best {where}")
+        out.append("audit: LOST it: pruning would have dropped the true best" if a.lost_best
+                   else "audit: kept it: pruning keeps the true best")
+        out.append(f"audit: pruning saves {a.saved} of {a.plain} candidate-steps ({100.0 * a.saved / a.plain:.0f}%)")
+        return out

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from ict_core.best_of_n import Plan, Search, candidate_seeds, order, pick, prune_step, spearman
+from ict_core.best_of_n import Cut, Plan, Search, candidate_seeds, order, pick, prune_step, spearman
 from ict_core.errors import InputError
 
 
@@ -27,24 +27,67 @@ def test_prune_step_is_ceil_of_fraction(prune_at, steps, expected):
 
 def test_issue_example_cost_76_instead_of_160():
     plan = Plan.build(n=8, k=1, steps=20, prune_at=0.3, survivors=2, chunk=4)
-    assert plan.prunes and plan.step == 6
+    assert plan.prunes and plan.cuts == (Cut(6, 2, 0.3),) and plan.bounds == [0, 6, 20]
     assert (plan.pruned_cost, plan.plain_cost, plan.cost, plan.finishers) == (76, 160, 76, 2)
-    assert "76 candidate-steps (8x6 + 2x14) instead of 160" in plan.cost_line()
+    text = "\n".join(plan.describe())
+    assert "cost with pruning: 76 candidate-steps (8x6 + 2x14)" in text and "instead of 160" in text
     audit = Plan.build(n=8, k=1, steps=20, prune_at=0.3, survivors=2, chunk=4, audit=True)
     assert (audit.cost, audit.pruned_cost, audit.finishers) == (160, 76, 8)
 
 
-@pytest.mark.parametrize("kw", [dict(prune_at=1.0, survivors=2), dict(prune_at=0.3, survivors=8),
-                                dict(prune_at=0.96, survivors=2)])  # ceil(0.96*20) = 20: nothing left to save
-def test_no_pruning_when_it_saves_nothing(kw):
+def test_funnel_plan_counts_each_stage():
+    plan = Plan.build(n=16, k=1, steps=8, prune_at="0.25, 0.5", survivors="4, 2", chunk=1)
+    assert plan.cuts == (Cut(2, 4, 0.25), Cut(4, 2, 0.5)) and plan.bounds == [0, 2, 4, 8]
+    assert plan.phase_costs() == [(16, 2), (4, 2), (2, 4)] and plan.pruned_cost == 48 and plan.plain_cost == 128
+    text = "\n".join(plan.describe())
+    assert "funnel: prune_at 0.25, 0.5, survivors 4, 2 (2 cuts)" in text
+    assert "steps 1-2: 16 candidates x 2 = 32 candidate-steps, then the best 4" in text
+    assert "steps 3-4: 4 candidates x 2 = 8 candidate-steps, then the best 2" in text
+    assert "steps 5-8: 2 candidates x 4 = 8 candidate-steps" in text
+    assert "(16x2 + 4x2 + 2x4)" in text and "instead of 128 for a plain best-of-16 (16x8): 80 fewer (62%)" in text
+
+
+@pytest.mark.parametrize("prune_at,survivors", [(0.5, 2), ("0.5", "2"), ([0.5], [2]), ("0.5", 2.0), (" 0.5 ", " 2 ")])
+def test_a_saved_workflow_number_or_text_gives_the_same_single_cut(prune_at, survivors):
+    """A workflow saved with the FLOAT/INT widgets holds 0.5 and 2 as numbers; ComfyUI hands a STRING widget
+    str(value); both are one cut."""
+    plan = Plan.build(n=8, k=1, steps=10, prune_at=prune_at, survivors=survivors, chunk=1)
+    assert plan.cuts == (Cut(5, 2, 0.5),) and plan.prune_at == (0.5,) and plan.survivors == (2,)
+
+
+@pytest.mark.parametrize("kw,says", [
+    (dict(prune_at=1.0, survivors=2), "prune_at 1.0: no cut"),
+    (dict(prune_at=0.3, survivors=8), "survivors 8 at prune_at 0.3 is not fewer than the 8 candidates running"),
+    (dict(prune_at=0.96, survivors=2), "prune_at 0.96 falls on the last step (20 of 20)"),
+    (dict(prune_at=0.3, survivors=9), "survivors 9 at prune_at 0.3"),  # the value the user set, not n
+])
+def test_no_pruning_when_it_saves_nothing_says_why_with_the_value_set(kw, says):
     plan = Plan.build(n=8, k=1, steps=20, chunk=1, **kw)
-    assert not plan.prunes and plan.step == 20 and plan.cost == plan.plain_cost == 160 and plan.finishers == 8
-    assert "no pruning" in plan.cost_line()
+    assert not plan.prunes and plan.cost == plan.plain_cost == 160 and plan.finishers == 8
+    text = "\n".join(plan.describe())
+    assert says in text and "no pruning" in text
 
 
-def test_survivors_are_capped_at_n_and_chunks_split_the_candidates():
+def test_survivors_below_k_is_refused_only_when_that_stage_prunes():
+    plan = Plan.build(n=4, k=3, steps=10, prune_at=1.0, survivors=2, chunk=1)  # nothing pruned: survivors unused
+    assert not plan.prunes
+    plan = Plan.build(n=1, k=1, steps=10, prune_at=0.5, survivors=1, chunk=1)  # survivors == n: no cut
+    assert not plan.prunes
+    with pytest.raises(InputError, match="survivors 2 at prune_at 0.5 must be at least k=3"):
+        Plan.build(n=4, k=3, steps=10, prune_at=0.5, survivors=2, chunk=1)
+
+
+def test_two_fractions_on_one_step_are_one_cut_and_a_non_cut_stage_is_skipped():
+    plan = Plan.build(n=8, k=1, steps=4, prune_at="0.2, 0.25, 0.9", survivors="4, 3, 2", chunk=1)
+    assert plan.cuts == (Cut(1, 3, 0.25),)  # 0.2 and 0.25 -> step 1; 0.9 -> step 4 (the last)
+    text = "\n".join(plan.describe())
+    assert "prune_at 0.2 and 0.25 both fall on step 1: one cut to 3" in text
+    assert "prune_at 0.9 falls on the last step (4 of 4)" in text
+
+
+def test_survivors_are_chunked_and_not_capped_silently():
     plan = Plan.build(n=5, k=2, steps=10, prune_at=0.5, survivors=9, chunk=2)
-    assert plan.survivors == 5 and not plan.prunes
+    assert not plan.prunes and plan.survivors == (9,)
     assert plan.chunks(range(5)) == [[0, 1], [2, 3], [4]]
     assert plan.chunks([4, 1, 3]) == [[4, 1], [3]]
 
@@ -54,10 +97,21 @@ def test_survivors_are_capped_at_n_and_chunks_split_the_candidates():
     (dict(k=0), "k \\(kept\\) must be between 1 and n=4"),
     (dict(k=5), "k \\(kept\\) must be between 1 and n=4"),
     (dict(steps=0), "steps must be at least 1"),
-    (dict(prune_at=0.0), "prune_at must be a fraction"),
-    (dict(prune_at=1.5), "prune_at must be a fraction"),
-    (dict(prune_at=float("nan")), "prune_at must be a fraction"),
-    (dict(k=3, survivors=2), "survivors must be at least k=3"),
+    (dict(prune_at=0.0), "prune_at must be fractions"),
+    (dict(prune_at=1.5), "prune_at must be fractions"),
+    (dict(prune_at=float("nan")), "prune_at must be fractions"),
+    (dict(prune_at="0.5, 0.25", survivors="2, 1"), "prune_at fractions must increase"),
+    (dict(prune_at="half"), "prune_at 'half' is not a number"),
+    (dict(prune_at=""), "prune_at is empty"),
+    (dict(prune_at="0.25,,0.5"), "has an empty item"),
+    (dict(prune_at="0.1," * 100), "characters long"),
+    (dict(prune_at=",".join(["0.5"] * 9), survivors="1"), "at most 8 stages"),
+    (dict(prune_at="0.25, 0.5", survivors="2"), "give one survivors count per prune_at fraction"),
+    (dict(prune_at="0.25, 0.5", survivors="1, 2"), "survivors must not grow"),
+    (dict(survivors="0"), "survivors '0' is not a whole number"),
+    (dict(survivors="1.5"), "survivors '1.5' is not a whole number"),
+    (dict(survivors="1e400"), "survivors '1e400' is not a whole number"),
+    (dict(k=3, survivors=2), "survivors 2 at prune_at 0.3 must be at least k=3"),
     (dict(chunk=0), "chunk must be at least 1"),
 ])
 def test_bad_plans_are_refused_with_one_line(kw, msg):
@@ -84,57 +138,91 @@ def test_spearman_matches_the_textbook_values():
     assert spearman([1.0], [2.0]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
 
 
+def _rows(rep):
+    return [ln.split() for ln in rep.splitlines() if ln.split() and ln.split()[0].isdigit()]
+
+
 def test_pruned_search_keeps_the_best_survivors_and_reports_cost():
     plan = Plan.build(n=6, k=2, steps=10, prune_at=0.3, survivors=3, chunk=2)
     s = Search.start(plan, seed=40, by="ict")
     assert s.seeds == [40, 41, 42, 43, 44, 45]
-    assert s.set_early([0.1, 0.5, 0.3, 0.9, 0.2, 0.4]) == [3, 1, 5]
-    assert s.to_finish() == [3, 1, 5]
+    assert s.running(0) == [0, 1, 2, 3, 4, 5]
+    assert s.set_stage(0, dict(enumerate([0.1, 0.5, 0.3, 0.9, 0.2, 0.4]))) == [3, 1, 5]
+    assert s.running(1) == [3, 1, 5]
     assert s.set_final({3: 0.2, 1: 0.7, 5: 0.6}) == [1, 5]
     assert s.audit() is None
     rep = s.report()
-    assert "pruned at step 3 of 10" in rep
-    assert "cost with pruning: 39 candidate-steps (6x3 + 3x7) instead of 60" in rep
+    assert "steps 1-3: 6 candidates x 3 = 18 candidate-steps, then the best 3" in rep
+    assert "cost with pruning: 39 candidate-steps (6x3 + 3x7)" in rep and "instead of 60" in rep
     assert "kept: seed 41 (0.7000), seed 45 (0.6000)\n" in rep + "\n"
-    rows = [ln.split() for ln in rep.splitlines() if ln.split() and ln.split()[0].isdigit()]
-    assert [r[1] for r in rows] == ["1", "5", "3", "2", "4", "0"]  # finished by final, then pruned by early
-    assert [r[-1] for r in rows] == ["kept", "kept", "survivor", "pruned", "pruned", "pruned"]
+    rows = _rows(rep)
+    assert [r[1] for r in rows] == ["1", "5", "3", "2", "4", "0"]  # finished by final, then cut ones by score
+    assert [" ".join(r[5:]) for r in rows] == ["kept", "kept", "finished"] + ["cut at step 3"] * 3
 
 
-def test_audit_reports_correlation_lost_best_and_savings():
-    plan = Plan.build(n=5, k=1, steps=10, prune_at=0.5, survivors=2, chunk=5, audit=True)
-    s = Search.start(plan, seed=7)
-    s.set_early([0.5, 0.4, 0.3, 0.2, 0.1])          # survivors 0, 1
-    assert s.to_finish() == [0, 1, 2, 3, 4]           # an audit finishes everyone, survivors first
-    kept = s.set_final({0: 0.3, 1: 0.2, 2: 0.9, 3: 0.1, 4: 0.05})
-    assert kept == [0]                                # the pick is what pruning gives, candidate 2 was pruned
-    a = s.audit()
-    assert a.lost_best and a.true_best == 2 and a.true_best_early_rank == 3
-    assert a.saved == 50 - 35 and a.plain == 50 and a.pairs == 5
-    assert a.spearman == pytest.approx(spearman([5, 4, 3, 2, 1], [3, 2, 5, 1, 0]))
+def test_funnel_search_keeps_the_best_of_the_running_at_each_cut():
+    plan = Plan.build(n=6, k=1, steps=8, prune_at="0.25, 0.5", survivors="3, 2", chunk=1)
+    s = Search.start(plan, seed=0)
+    assert s.set_stage(0, dict(enumerate([0.6, 0.1, 0.5, 0.9, 0.2, 0.4]))) == [3, 0, 2]
+    assert s.running(1) == [3, 0, 2]
+    assert s.set_stage(1, {3: 0.1, 0: 0.7, 2: 0.3}) == [0, 2]
+    assert s.running(2) == [0, 2]
+    assert s.set_final({0: 0.2, 2: 0.8}) == [2]
     rep = s.report()
-    assert f"Spearman rank correlation of early vs final scores = {a.spearman:+.3f} over 5" in rep
-    assert "true best is seed 9" in rep and "LOST it" in rep
-    assert "pruning saves 15 of 50 candidate-steps (30%)" in rep
-    assert "pruned (audit: finished)" in rep and "this audit run spent all 50" in rep
+    header = next(ln for ln in rep.splitlines() if ln.lstrip().startswith("rank"))
+    assert header.split() == ["rank", "#", "seed", "@2", "@4", "final", "status"]
+    rows = _rows(rep)
+    assert [r[1] for r in rows] == ["2", "0", "3", "5", "4", "1"]
+    assert [" ".join(r[6:]) for r in rows] == ["kept", "finished", "cut at step 4"] + ["cut at step 2"] * 3
+    with pytest.raises(ValueError, match="out of order"):
+        s.set_stage(1, {})
+
+
+def test_funnel_audit_reports_each_cut():
+    plan = Plan.build(n=5, k=1, steps=8, prune_at="0.25, 0.5", survivors="3, 1", chunk=5, audit=True)
+    s = Search.start(plan, seed=7)
+    assert s.running(0) == [0, 1, 2, 3, 4]
+    s.set_stage(0, dict(enumerate([0.5, 0.4, 0.3, 0.2, 0.1])))       # survivors 0, 1, 2
+    assert s.running(1) == [0, 1, 2, 3, 4]                             # an audit runs everyone, survivors first
+    s.set_stage(1, dict(enumerate([0.3, 0.2, 0.35, 0.9, 0.0])))       # among 0, 1, 2: 2 survives
+    assert s.alive == [[0, 1, 2], [2]]
+    kept = s.set_final(dict(enumerate([0.3, 0.2, 0.1, 0.9, 0.05])))  # true best: 3, cut at the first cut
+    assert kept == [2]                                                 # the pick is what pruning gives
+    a = s.audit()
+    assert a.true_best == 3 and a.lost_best and a.saved == 40 - (5 * 2 + 3 * 2 + 1 * 4) and a.plain == 40
+    assert [st.step for st in a.stages] == [2, 4]
+    assert (a.stages[0].best_rank, a.stages[0].best_rank_running, a.stages[0].survived) == (4, 4, False)
+    assert (a.stages[1].best_rank, a.stages[1].best_rank_running, a.stages[1].survived) == (1, 0, False)
+    assert a.stages[1].spearman == pytest.approx(spearman([0.3, 0.2, 0.35, 0.9, 0.0], [0.3, 0.2, 0.1, 0.9, 0.05]))
+    rep = s.report()
+    assert "audit: the true best is seed 10 (final 0.9000)" in rep
+    assert "audit: cut 1: the true best ranks 4 of 5 there (4 of the 5 running): cut" in rep
+    assert "audit: cut 2: the true best already cut" in rep
+    assert f"audit: cut 2 at step 4: Spearman rank correlation of early vs final scores = " \
+           f"{a.stages[1].spearman:+.3f} over 5 candidates" in rep
+    assert "LOST it" in rep and "pruning saves 20 of 40 candidate-steps (50%)" in rep
+    assert "cut at step 2 (audit: finished)" in rep and "this audit run spent all 40" in rep
 
 
 def test_audit_that_keeps_the_best():
     plan = Plan.build(n=4, k=1, steps=4, prune_at=0.5, survivors=2, chunk=1, audit=True)
     s = Search.start(plan, seed=0)
-    s.set_early([0.1, 0.2, 0.3, 0.4])
-    s.set_final({0: 0.1, 1: 0.2, 2: 0.3, 3: 0.4})
+    s.set_stage(0, dict(enumerate([0.1, 0.2, 0.3, 0.4])))
+    s.set_final(dict(enumerate([0.1, 0.2, 0.3, 0.4])))
     a = s.audit()
-    assert a.spearman == pytest.approx(1.0) and not a.lost_best and a.true_best == 3
-    assert "kept it" in s.report()
+    assert a.stages[0].spearman == pytest.approx(1.0) and not a.lost_best and a.true_best == 3
+    rep = s.report()
+    assert "kept it" in rep and "the true best ranks 1 of 4 there (1 of the 4 running): survives" in rep
 
 
 def test_no_pruning_picks_over_all_and_unscorable_run_fails_clearly():
     plan = Plan.build(n=3, k=1, steps=5, prune_at=1.0, survivors=1, chunk=3)
     s = Search.start(plan, seed=1)
-    assert s.to_finish() == [0, 1, 2]
+    assert s.running(0) == [0, 1, 2]
     assert s.set_final({0: 0.1, 1: 0.3, 2: 0.2}) == [1]
-    assert "no pruning (prune_at 1.0)" in s.report()
+    rep = s.report()
+    assert "no pruning (prune_at 1.0: no cut)" in rep and [" ".join(r[4:]) for r in _rows(rep)] == [
+        "kept", "finished", "finished"]
     s2 = Search.start(plan, seed=1)
     with pytest.raises(InputError, match="no candidate image could be scored"):
         s2.set_final({0: None, 1: None, 2: None})
