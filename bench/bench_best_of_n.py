@@ -1,21 +1,25 @@
-"""ICT Best-of-N Sampler: best-of-8 with and without pruning in a real ComfyUI on this CPU, side by side.
+"""ICT Best-of-N Sampler in a real ComfyUI on this CPU: a pruning funnel against plain best-of-n, side by side.
 
-Run with ComfyUI's Python (it imports ComfyUI in-process through tests/comfyui_inproc.py, the same
-bootstrap the real-ComfyUI test uses) under the benchmark lock:
+Run with ComfyUI's Python (it imports ComfyUI in-process through tests/comfyui_inproc.py, the bootstrap the
+real-ComfyUI test uses):
 
-    flock /work/bench.lock $COMFYUI_PYTHON bench/bench_best_of_n.py --comfyui $COMFYUI_DIR \
-        --checkpoint /path/to/sd15.safetensors --ict /path/to/ict.safetensors [--render]
+    $COMFYUI_PYTHON bench/bench_best_of_n.py --comfyui $COMFYUI_DIR --checkpoint /path/to/sd15.safetensors \
+        --ict /path/to/ict.safetensors [--render]
 
-Per round the two configurations alternate (A = prune_at 1.0, a plain best-of-8; B = pruned), in one
-process with the models loaded once (a warm-up run first), so the ratios B/A within a round cancel the
-drift of a shared machine; the median over rounds is reported.  Model evaluations are counted per
-candidate with ComfyUI's unet function wrapper (tests/comfyui_inproc.CallCounter), independently of the
-node's own count.  Results: bench/out/best_of_n_chunk{C}.json; --render writes their tables into docs/BENCHMARKS.md.
+Part 1, side by side (chunk 1): best-of-16 with a two-cut funnel, a plain best-of-16 and a plain best-of-4
+(about the funnel's cost), one after the other in one process with the models loaded once (a warm-up run
+first); rounds alternate the order.  Candidate-steps and model evaluations are counted with ComfyUI's unet
+function wrapper (tests/comfyui_inproc.CallCounter), independently of the node's own count.  Part 2, the
+audit: the funnel with audit on over a set of prompts, each cut's rank correlation with the final scores
+and whether it kept the true best.  With random weights (the checkpoint and the ICT model) this checks the
+mechanics and the costs only: the scores and correlations say nothing about real images.  Results:
+bench/out/best_of_n_funnel.json; --render writes them into docs/BENCHMARKS.md's sampler section.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import statistics
 import sys
@@ -24,10 +28,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT_DIR = ROOT / "bench" / "out"  # best_of_n_chunk{C}.json, one per chunk size
+OUT = ROOT / "bench" / "out" / "best_of_n_funnel.json"
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 BEGIN, END = "<!-- best_of_n:begin -->", "<!-- best_of_n:end -->"
-PROMPT = "a red fox standing in fresh snow at sunrise, photograph"
+PROMPTS = [
+    "a red fox standing in fresh snow at sunrise, photograph", "a bowl of ramen with a soft boiled egg",
+    "an old lighthouse on a rocky coast in a storm", "a watercolor painting of a hummingbird",
+    "a city street at night in the rain, neon signs", "a cozy reading nook with a cat on a blanket",
+    "a vintage red bicycle leaning against a brick wall", "a snowy mountain range under a starry sky",
+    "a close-up of a dew drop on a green leaf", "a medieval castle on a hill at dusk",
+    "a cup of coffee with latte art on a wooden table", "a herd of elephants crossing a river",
+    "an astronaut riding a horse on the moon", "a field of sunflowers under a blue sky",
+    "a wooden sailboat on a calm lake at dawn", "a portrait of an old fisherman, black and white",
+    "a plate of sushi on a slate board", "a futuristic train in a glass tunnel",
+    "a stack of pancakes with blueberries and syrup", "a koi pond with lily pads in autumn",
+    "a desert canyon with a winding river", "a steaming teapot next to a stack of books",
+]
+log = logging.getLogger("bench_best_of_n")
 
 
 def measure(args) -> dict:
@@ -38,55 +55,105 @@ def measure(args) -> dict:
     ict = Path(args.ict).resolve()
     ckpt = Path(args.checkpoint).resolve()
     job = {"comfy_dir": args.comfyui, "checkpoints": str(ckpt.parent), "checkpoint": ckpt.name,
-           "ict_dir": str(ict.parent), "ict_model": ict.name, "prompt": PROMPT, "size": args.size}
+           "ict_dir": str(ict.parent), "ict_model": ict.name, "prompt": PROMPTS[0], "size": args.size}
     cn, pack, model, vae, pos, neg, latent, ict_model = ci.setup(job)
+    seen = ci.node_search()
     node = pack.NODE_CLASS_MAPPINGS["ICTBestOfNSampler"]()
-    configs = {"A": dict(prune_at=1.0, survivors=args.n), "B": dict(prune_at=args.prune_at, survivors=args.survivors)}
+    funnel = {"prune_at": args.prune_at, "survivors": args.survivors}
+    configs = {"funnel": dict(n=args.n, **funnel),
+               "plain": dict(n=args.n, prune_at="1.0", survivors=str(args.n)),
+               "small": dict(n=args.small_n, prune_at="1.0", survivors=str(args.small_n))}
 
-    def run(cfg):
+    def run(cfg, positive=pos, prompt=PROMPTS[0], audit=False, chunk=1, steps=args.steps, **kw):
         counter = ci.CallCounter()
+        seen.clear()
         t = time.perf_counter()
-        r = node.sample(counter.wrap(model), args.seed, args.steps, 7.0, "euler", "normal", pos, neg, latent, 1.0,
-                        vae, ict_model, PROMPT, args.n, 1, "ict", chunk=args.chunk, audit=False, **configs[cfg])
+        r = node.sample(counter.wrap(model), args.seed, steps, args.cfg, "euler", "normal", positive, neg, latent,
+                        1.0, vae, ict_model, prompt, k=1, score_by="ict", chunk=chunk, audit=audit,
+                        **{**configs.get(cfg, {}), **kw})
         return {"wall_s": time.perf_counter() - t, "candidate_evals": counter.candidate_evals,
-                "model_calls": counter.calls, "kept_seed": r["result"][2][0], "report": r["result"][4]}
+                "model_calls": counter.calls, "kept_seed": r["result"][2][0], "kept_score": r["result"][3][0],
+                "report": r["result"][4], "search": seen[-1] if seen else None}
 
-    run("B")  # warm-up: first-touch of the weights, allocator
-    rounds = []
-    for i in range(args.rounds):
-        pair = {c: run(c) for c in (("A", "B") if i % 2 == 0 else ("B", "A"))}
-        pair["ratio_wall_B_over_A"] = pair["B"]["wall_s"] / pair["A"]["wall_s"]
-        rounds.append(pair)
-        print(f"round {i + 1}: A {pair['A']['wall_s']:.1f} s, B {pair['B']['wall_s']:.1f} s", flush=True)
-    med = {c: statistics.median(r[c]["wall_s"] for r in rounds) for c in "AB"}
-    return {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": platform.processor() or
-            platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "args": {k: v for k, v in vars(args).items() if k not in ("render",)}, "rounds": rounds,
-            "median_wall_s": med, "median_ratio": statistics.median(r["ratio_wall_B_over_A"] for r in rounds)}
+    res = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": platform.processor() or
+           platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "comfyui": _version(args.comfyui), "args": {k: v for k, v in vars(args).items() if k != "render"}}
+    with torch.inference_mode():
+        if args.rounds:
+            run("small", steps=1)  # warm-up: first touch of the weights, allocator
+        rounds = []
+        for i in range(args.rounds):
+            names = ["funnel", "plain", "small"] if i % 2 == 0 else ["small", "plain", "funnel"]
+            rows = {}
+            for c in names:
+                r = run(c)
+                r.pop("search")
+                rows[c] = r
+                log.info("round %d: %s %.1f s, %d candidate-steps", i + 1, c, r["wall_s"], r["candidate_evals"])
+            rounds.append(rows)
+        res["rounds"] = rounds
+        res["audit"] = _audit(args, cn, run, job["clip"])
+    return res
+
+
+def _audit(args, cn, run, clip) -> list[dict]:
+    """The funnel with audit on for each prompt (its own conditioning); per cut: Spearman, the true best kept."""
+    rows = []
+    for p in PROMPTS[:args.audit_prompts]:
+        positive = cn.CLIPTextEncode().encode(clip, p)[0]
+        r = run("audit", positive=positive, prompt=p, audit=True, chunk=args.audit_n, steps=args.audit_steps,
+                n=args.audit_n, prune_at=args.audit_prune_at, survivors=args.audit_survivors)
+        a = r["search"].audit()
+        rows.append({"prompt": p, "wall_s": r["wall_s"], "candidate_evals": r["candidate_evals"],
+                     "stages": [{"step": s.step, "spearman": s.spearman, "best_rank": s.best_rank,
+                                 "survived": s.survived} for s in a.stages], "lost_best": a.lost_best})
+        log.info("audit %d/%d: %s", len(rows), args.audit_prompts, rows[-1]["stages"])
+    return rows
+
+
+def _version(comfy_dir: str) -> str:
+    f = Path(comfy_dir) / "comfyui_version.py"
+    return f.read_text().split('"')[1] if f.is_file() else "?"
 
 
 def render(res: dict) -> str:
     a = res["args"]
-    r0 = res["rounds"][0]
-    rows = [
-        ("candidate-steps (euler: model evaluations per candidate), counted", r0["A"]["candidate_evals"],
-         r0["B"]["candidate_evals"], f"{r0['B']['candidate_evals'] / r0['A']['candidate_evals']:.3f}"),
-        ("diffusion model calls (batches of up to chunk candidates), counted", r0["A"]["model_calls"],
-         r0["B"]["model_calls"], f"{r0['B']['model_calls'] / r0['A']['model_calls']:.3f}"),
-        ("images decoded and scored", a["n"], f"{a['n']} + {a['survivors']}", ""),
-        (f"wall time (s), median of {len(res['rounds'])} rounds", f"{res['median_wall_s']['A']:.1f}",
-         f"{res['median_wall_s']['B']:.1f}", f"{res['median_ratio']:.3f} (pair by pair)"),
-    ]
+    rounds = res["rounds"]
+    med = {c: statistics.median(r[c]["wall_s"] for r in rounds) for c in ("funnel", "plain", "small")}
+    r0 = rounds[0]
+    head = (f"| | best-of-{a['n']}, funnel (prune_at {a['prune_at']}, survivors {a['survivors']}) | plain "
+            f"best-of-{a['n']} | plain best-of-{a['small_n']} |")
     lines = [f"Measured {res['when']} on {res['cpu']} ({res['threads']} torch threads), torch {res['torch']}, "
-             f"ComfyUI 0.3.64 --cpu, random-weight SD1.5 at {a['size']}x{a['size']}, euler/normal, {a['steps']} "
-             f"steps, cfg 7, n={a['n']}, chunk={a['chunk']}, tiny random ICT model. The machine was shared "
-             f"with other jobs (A and B alternate, ratios pair by pair).", "",
-             f"Command: `{res['command']}`", "",
-             f"| best-of-{a['n']} | A: no pruning (prune_at 1.0) | B: prune_at {a['prune_at']}, "
-             f"{a['survivors']} survivors | B / A |", "|---|---:|---:|---:|"]
-    lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |" for r in rows]
-    lines += ["", "Per round (s): " + "; ".join(f"A {r['A']['wall_s']:.1f} / B {r['B']['wall_s']:.1f}"
-                                                 for r in res["rounds"])]
+             f"ComfyUI {res['comfyui']} --cpu imported in one process, random-weight SD1.5 at {a['size']}x"
+             f"{a['size']}, euler/normal, {a['steps']} steps, cfg {a['cfg']:g}, chunk 1, tiny random ICT model. "
+             f"The 2 cores were shared with other jobs. Random weights: this checks the mechanics and the costs, "
+             f"not the quality of a pick.", "",
+             f"Command: `{res['command']}`", "", head, "|---|---:|---:|---:|"]
+    for label, key in [("candidate-steps = model evaluations (euler), counted", "candidate_evals"),
+                       ("diffusion model calls, counted", "model_calls")]:
+        lines.append(f"| {label} | " + " | ".join(str(r0[c][key]) for c in ("funnel", "plain", "small")) + " |")
+    lines.append(f"| wall time (s), median of {len(rounds)} round{'s' if len(rounds) > 1 else ''} | "
+                 + " | ".join(f"{med[c]:.1f}" for c in ("funnel", "plain", "small")) + " |")
+    lines.append(f"| wall time / plain best-of-{a['n']} | "
+                 + " | ".join(f"{med[c] / med['plain']:.2f}" for c in ("funnel", "plain", "small")) + " |")
+    lines.append("| kept seed (its final score) | " + " | ".join(
+        f"{r0[c]['kept_seed']} ({r0[c]['kept_score']:.4f})" for c in ("funnel", "plain", "small")) + " |")
+    audit = res.get("audit") or []
+    if audit:
+        cuts = len(audit[0]["stages"])
+        lines += ["", f"Audit over {len(audit)} prompts (each sampled with its own conditioning): best-of-"
+                  f"{a['audit_n']}, {a['audit_steps']} steps, prune_at {a['audit_prune_at']}, survivors "
+                  f"{a['audit_survivors']}, chunk {a['audit_n']} (every candidate finished and scored at every cut, "
+                  f"{audit[0]['candidate_evals']} candidate-steps a prompt).", "",
+                  "| cut | step | median Spearman (early vs final) | prompts whose true best survived the cut |",
+                  "|---|---:|---:|---:|"]
+        for j in range(cuts):
+            rhos = [r["stages"][j]["spearman"] for r in audit if r["stages"][j]["spearman"] is not None]
+            kept = sum(r["stages"][j]["survived"] for r in audit)
+            rho = f"{statistics.median(rhos):+.3f} ({len(rhos)} defined)" if rhos else "undefined"
+            lines.append(f"| {j + 1} | {audit[0]['stages'][j]['step']} | {rho} | {kept} of {len(audit)} |")
+        lost = sum(r["lost_best"] for r in audit)
+        lines += ["", f"The funnel kept the true best for {len(audit) - lost} of {len(audit)} prompts."]
     return "\n".join(lines)
 
 
@@ -98,29 +165,37 @@ def write_doc(text: str) -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--comfyui", required=True)
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--ict", required=True)
-    p.add_argument("--n", type=int, default=8)
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--prune-at", type=float, default=0.25)
-    p.add_argument("--survivors", type=int, default=2)
-    p.add_argument("--chunk", type=int, default=8)
+    p.add_argument("--comfyui", required=False)
+    p.add_argument("--checkpoint", required=False)
+    p.add_argument("--ict", required=False)
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--small-n", type=int, default=4)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--prune-at", default="0.25, 0.5")
+    p.add_argument("--survivors", default="2, 1")
+    p.add_argument("--cfg", type=float, default=1.0)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seed", type=int, default=100)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--audit-prompts", type=int, default=20)
+    p.add_argument("--audit-n", type=int, default=8)
+    p.add_argument("--audit-steps", type=int, default=3)
+    p.add_argument("--audit-prune-at", default="0.3, 0.6")
+    p.add_argument("--audit-survivors", default="4, 2")
     p.add_argument("--render", action="store_true", help="only rewrite docs/BENCHMARKS.md from the last results")
     args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.render:
-        write_doc("\n\n".join(render(json.loads(f.read_text()))
-                                for f in sorted(OUT_DIR.glob("best_of_n_chunk*.json"), reverse=True)))
+        write_doc(render(json.loads(OUT.read_text())))
         return
+    if not (args.comfyui and args.checkpoint and args.ict):
+        p.error("--comfyui, --checkpoint and --ict are needed to measure (or --render)")
     res = measure(args)
     res["command"] = "python bench/bench_best_of_n.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in res["args"].items()
-        if k in ("n", "steps", "prune_at", "survivors", "chunk", "size", "rounds"))
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    (OUT_DIR / f"best_of_n_chunk{args.chunk}.json").write_text(json.dumps(res, indent=1))
+        f"--{k.replace('_', '-')} '{v}'" if isinstance(v, str) else f"--{k.replace('_', '-')} {v}"
+        for k, v in res["args"].items() if k not in ("comfyui", "checkpoint", "ict"))
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(res, indent=1))
     print(render(res))
 
 

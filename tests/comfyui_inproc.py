@@ -76,6 +76,7 @@ def setup(job: dict):
     neg = comfy_nodes.CLIPTextEncode().encode(clip, "blurry")[0]
     size = job.get("size", 64)
     latent = comfy_nodes.EmptyLatentImage().generate(size, size, 1)[0]
+    job["clip"] = clip  # for callers that encode more prompts
     loader = pack.NODE_CLASS_MAPPINGS["ICTModelLoader"]()
     ict = loader.load(job["ict_model"], job.get("hp_model", "none"), "auto", "auto")[0]
     return comfy_nodes, pack, model, vae, pos, neg, latent, ict
@@ -85,12 +86,31 @@ if __name__ == "__main__":  # python tests/comfyui_inproc.py JOB.json: runs the 
     job = json.loads(Path(sys.argv[1]).read_text())
     sys.path.insert(0, str(ROOT / "tests"))
     module = importlib.import_module(job["module"])
-    result = getattr(module, job["function"])(job)
+    import torch
+
+    with torch.inference_mode():  # as ComfyUI's executor runs a node
+        result = getattr(module, job["function"])(job)
     Path(job["out"]).write_text(json.dumps(result, indent=1))
 
 
+def node_search():
+    """Patch ict_core's Search.report to keep each run's Search (its cut values and survivors), for the tests."""
+    from ict_core import best_of_n as bon
+
+    seen: list = []
+    if not hasattr(bon.Search, "_orig_report"):
+        bon.Search._orig_report = bon.Search.report
+
+    def report(self, header=""):
+        seen.append(self)
+        return bon.Search._orig_report(self, header)
+
+    bon.Search.report = report
+    return seen
+
+
 def sampler_split_table(job: dict) -> dict:
-    """For each sampler: does a run split at step s (the node's way) end on the unsplit run's latent?
+    """For each sampler: does a run cut at step s (the node's way) end on the unsplit run's latent?
 
     Also KSamplerAdvanced's own split (leftover noise returned, then continued without noise) for euler,
     which goes through ComfyUI's latent scaling between the halves."""
@@ -99,16 +119,17 @@ def sampler_split_table(job: dict) -> dict:
     cn, pack, model, vae, pos, neg, latent, ict = setup(job)
     from ict_core.best_of_n import Plan, Search  # importable once the pack is loaded
 
-    bon = sys.modules["ict_reward_pack.nodes.best_of_n"]
+    run_mod = sys.modules["ict_reward_pack.nodes.sampler_run"]
     steps, split, seed, cfg = job["steps"], job["split"], job["seed"], 7.0
     rows = {}
     for name in job["samplers"]:
         plain = cn.common_ksampler(model, seed, steps, cfg, name, "normal", pos, neg, latent)[0]["samples"]
-        search = Search.start(Plan.build(1, 1, steps, split / steps, 1, 1), seed)
-        run = bon._Run(model, seed, steps, cfg, name, "normal", pos, neg, latent, 1.0, search)
-        bar = bon._Steps(model, steps)
-        run.phase([0], 0, split, bar)
-        out = run.phase_out([0], split, steps, bar)[0]
+        search = Search.start(Plan.build(2, 1, steps, split / steps, 1, 1), seed)
+        run = run_mod.Run(model, steps, cfg, name, "normal", pos, neg, latent, 1.0, search)
+        bar = run_mod.Progress(model, steps)
+        run.advance([0], 0, split, bar)
+        run.advance([0], split, steps, bar)
+        out = run.outputs[0]
         rows[name] = {"equal": bool(torch.equal(out, plain)), "max_abs_diff": float((out - plain).abs().max()),
                       "plain_abs_max": float(plain.abs().max())}
         if name == "euler":
@@ -123,36 +144,142 @@ def sampler_split_table(job: dict) -> dict:
     return {"steps": steps, "split": split, "seed": seed, "rows": rows}
 
 
+def _compare(kept_latents, seeds, plain_of) -> dict:
+    import torch
+
+    plain = [plain_of(s) for s in seeds]
+    lat = [kept_latents[j:j + 1] for j in range(len(seeds))]
+    return {"equal_to_plain": [bool(torch.equal(a, b)) for a, b in zip(lat, plain)],
+            "max_abs_diff_to_plain": [float((a - b).abs().max()) for a, b in zip(lat, plain)],
+            "plain_abs_max": [float(b.abs().max()) for b in plain]}
+
+
 def best_of_n_acceptance(job: dict) -> dict:
     """The facts tests/test_comfyui_best_of_n.py checks: plain KSampler runs of seeds seed..seed+n-1, ICT Select
-    Best over their images, and the node with and without pruning, chunk 1 and chunk n, with an audit."""
+    Best over their images, and the node with and without pruning, chunk 1 and chunk n, with an audit; samplers
+    that draw noise at chunk 2; denoise 0; heun's evaluations; a funnel; a mask with Differential Diffusion;
+    hook keyframes; Save Image after the node.  Few steps and candidates: a model call costs 15-25 s on 2
+    shared cores."""
     import torch
 
     cn, pack, model, vae, pos, neg, latent, ict = setup(job)
+    seen = node_search()
     node = pack.NODE_CLASS_MAPPINGS["ICTBestOfNSampler"]()
-    seed, n, steps, prompt = job["seed"], job["n"], job["steps"], job["prompt"]
-    common = dict(steps=steps, cfg=7.0, sampler_name="euler", scheduler="normal", positive=pos, negative=neg,
+    seed, n, steps, prompt, cfg = job["seed"], job["n"], job["steps"], job["prompt"], job.get("cfg", 7.0)
+    common = dict(steps=steps, cfg=cfg, sampler_name="euler", scheduler="normal", positive=pos, negative=neg,
                   latent_image=latent, denoise=1.0, vae=vae, ict_model=ict, prompt=prompt, n=n, score_by="ict")
-    plain = [cn.common_ksampler(model, seed + i, steps, 7.0, "euler", "normal", pos, neg, latent)[0]["samples"]
-             for i in range(n)]
+    cache: dict = {}
+
+    def plain_of(s, sampler="euler", lat=latent, mdl=model, n_steps=steps):
+        key = (s, sampler, id(lat), id(mdl), n_steps)
+        if key not in cache:
+            cache[key] = cn.common_ksampler(mdl, s, n_steps, cfg, sampler, "normal", pos, neg, lat)[0]["samples"]
+        return cache[key]
+
+    plain = [plain_of(seed + i) for i in range(n)]
     images = vae.decode(torch.cat(plain))
     sel = pack.NODE_CLASS_MAPPINGS["ICTSelectBest"]().select([ict], [images], [prompt], [n], ["ict"], [-1.0])
     out = {"select_best_order": [int(i) for i in sel["result"][3].split(",")],
            "select_best_scores": sel["result"][4]}
 
-    def run(name, **kw):
+    def run(name, sampler="euler", lat=latent, mdl=model, **kw):
         counter = CallCounter()
-        r = node.sample(counter.wrap(model), seed, **{**common, **kw})
-        lat, imgs, seeds, scores, report = r["result"]
-        diffs = [float((lat["samples"][j:j + 1] - plain[s - seed]).abs().max()) for j, s in enumerate(seeds)]
-        same = [bool(torch.equal(lat["samples"][j:j + 1], plain[s - seed])) for j, s in enumerate(seeds)]
+        seen.clear()
+        args = {**common, "sampler_name": sampler, "latent_image": lat, **kw}
+        r = node.sample(counter.wrap(mdl), seed, **args)
+        lat_out, imgs, seeds, scores, report = r["result"]
+        search = seen[-1] if seen else None
+        n_steps = args["steps"]
         out[name] = {"seeds": seeds, "scores": scores, "report": report, "ui_text": r["ui"]["text"][0],
                      "model_calls": counter.calls, "candidate_evals": counter.candidate_evals,
-                     "equal_to_plain": same, "max_abs_diff_to_plain": diffs,
-                     "plain_abs_max": [float(plain[s - seed].abs().max()) for s in seeds],
-                     "image_shape": list(imgs.shape), "latent_shape": list(lat["samples"].shape)}
+                     "image_shape": list(imgs.shape), "latent_shape": list(lat_out["samples"].shape),
+                     "stage": search.stage if search else None, "alive": search.alive if search else None,
+                     **_compare(lat_out["samples"], seeds, lambda s: plain_of(s, sampler, lat, mdl, n_steps))}
+        return r
 
-    run("no_pruning", k=n, prune_at=1.0, survivors=n, chunk=1, audit=False)
-    run("pruned_chunk1_audit", k=1, prune_at=0.5, survivors=2, chunk=1, audit=True)
-    run("pruned_chunk_n", k=1, prune_at=0.5, survivors=2, chunk=n, audit=False)
+    pnginfo = {"workflow": {"nodes": []}}
+    r = run("no_pruning", k=n, prune_at=1.0, survivors=n, chunk=1, audit=False, extra_pnginfo=pnginfo)
+    _saved(out, r, pnginfo, job)
+    run("pruned_chunk1_audit", k=1, prune_at=0.5, survivors=1, chunk=1, audit=True)
+    run("pruned_chunk_n", k=1, prune_at=0.5, survivors=1, chunk=n, audit=False)
+    run("euler_chunk2", k=n, prune_at=1.0, survivors=n, chunk=2, audit=False)
+    quick = dict(steps=2, k=1, prune_at=0.5, survivors=1, audit=False)
+    for sampler in job.get("noise_samplers", []):  # per-candidate noise: chunk 2 without pruning, chunk 1 cut
+        run(f"noise_chunk2_{sampler}", sampler, **{**quick, "k": 2, "prune_at": 1.0, "survivors": 2, "chunk": 2})
+        run(f"noise_cut_{sampler}", sampler, **quick, chunk=1)
+    run("heun_cut", "heun", **quick, chunk=1)
+    r = run("denoise0", k=1, prune_at=0.5, survivors=1, chunk=1, audit=False, denoise=0.0)
+    out["denoise0"]["latent_is_input"] = r["result"][0] is latent or bool(
+        torch.equal(r["result"][0]["samples"], latent["samples"]))
+    _funnel(out, run, pack, vae, ict, prompt, model, pos, neg, latent, seed, cfg)
+    _masked(out, run, cn, latent, model)
+    _hooks(out, node, common, model, pos, seed)
     return out
+
+
+def _funnel(out, run, pack, vae, ict, prompt, model, pos, neg, latent, seed, cfg):
+    """A two-cut funnel over 3 candidates and 3 steps (cuts at steps 1 and 2); each candidate's score at the
+    first cut computed independently from a plain run stopped there (x0 of its last step, decoded, ICT Score)."""
+    import comfy.sample
+    import torch
+
+    n, steps, first = 3, 3, 1
+    run("funnel", n=n, steps=steps, k=1, prune_at="0.3, 0.6", survivors="2, 1", chunk=1, audit=False)
+    scores = []
+    for i in range(n):
+        x0: dict = {}
+        noise = comfy.sample.prepare_noise(latent["samples"], seed + i)
+        comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", pos, neg, latent["samples"], last_step=first,
+                            force_full_denoise=False, callback=lambda st, d, x, t: x0.update(x0=d), seed=seed + i)
+        img = vae.decode(model.model.process_latent_out(x0["x0"].to(torch.float32)))
+        scores.append(pack.NODE_CLASS_MAPPINGS["ICTScore"]().score([ict], [img], [prompt])["result"][0][0])
+    out["funnel"]["independent_first_cut"] = scores
+
+
+def _masked(out, run, cn, latent, model):
+    """An inpainting latent (graded noise_mask) with Differential Diffusion, cut at half the steps."""
+    import torch
+
+    dd = sys.modules.get("comfy_extras.nodes_differential_diffusion")
+    if dd is None:
+        import comfy_extras.nodes_differential_diffusion as dd
+    g = torch.Generator().manual_seed(5)
+    base = {"samples": torch.randn(latent["samples"].shape, generator=g)}
+    h, w = base["samples"].shape[-2:]
+    mask = torch.linspace(0, 1, w).repeat(h, 1)[None]
+    masked = cn.SetLatentNoiseMask().set_mask(base, mask)[0]
+    res = dd.DifferentialDiffusion.execute(model)
+    dd_model = res[0] if isinstance(res, tuple) else res.result[0]
+    run("masked_dd", lat=masked, mdl=dd_model, k=1, prune_at=0.5, survivors=1, chunk=1, audit=False)
+
+
+def _hooks(out, node, common, model, pos, seed):
+    import comfy.hooks
+
+    group = comfy.hooks.HookGroup()
+    group.add(comfy.hooks.WeightHook())
+    frames = comfy.hooks.HookKeyframeGroup()
+    frames.add(comfy.hooks.HookKeyframe(strength=1.0, start_percent=0.0))
+    frames.add(comfy.hooks.HookKeyframe(strength=0.0, start_percent=0.5))
+    group.set_keyframes_on_hooks(frames)
+    hooked = comfy.hooks.set_hooks_for_conditioning(pos, group)
+    try:
+        node.sample(model, seed, **{**common, "positive": hooked, "k": 1, "prune_at": 0.5, "survivors": 1,
+                                    "chunk": 1, "audit": False})
+        out["hooks"] = {"error": None}
+    except Exception as e:  # noqa: BLE001 - the test reads what was raised
+        out["hooks"] = {"error": f"{type(e).__name__}: {e}"}
+
+
+def _saved(out, r, pnginfo, job):
+    """Save Image after the node, with the extra_pnginfo the node wrote into: each PNG's own record."""
+    import folder_paths
+    import nodes as comfy_nodes
+
+    from ict_core import metadata
+
+    folder_paths.set_output_directory(job["output_dir"])
+    imgs, seeds, scores = r["result"][1], r["result"][2], r["result"][3]
+    saved = comfy_nodes.SaveImage().save_images(imgs, "ict_bon", extra_pnginfo=pnginfo)
+    files = [Path(job["output_dir"]) / f["subfolder"] / f["filename"] for f in saved["ui"]["images"]]
+    out["saved"] = {"seeds": seeds, "scores": scores, "own": [metadata.own_scores(str(f)) for f in files]}

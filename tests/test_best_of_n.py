@@ -238,7 +238,11 @@ def test_node_takes_ksampler_inputs_plus_the_search_and_imports_without_comfyui(
     assert list(req) == ["model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative",
                          "latent_image", "denoise", "vae", "ict_model", "prompt", "n", "k", "score_by", "prune_at",
                          "survivors", "chunk", "audit"]
-    assert req["seed"][1]["max"] == 2 ** 64 - 1 and req["prune_at"][1]["max"] == 1.0
+    assert req["seed"][1]["max"] == 2 ** 64 - 1
+    # text widgets (a funnel is a list); a saved workflow's number arrives as its text (see the plan tests)
+    assert req["prune_at"] == ("STRING", req["prune_at"][1]) and req["prune_at"][1]["default"] == "0.5"
+    assert req["survivors"][0] == "STRING" and req["survivors"][1]["default"] == "2"
+    assert ICTBestOfNSampler.INPUT_TYPES()["hidden"] == {"extra_pnginfo": "EXTRA_PNGINFO"}
     assert req["score_by"][0] == ["ict", "hp", "ict*hp", "group"] and req["audit"][0] == "BOOLEAN"
     assert ICTBestOfNSampler.RETURN_NAMES == ("latent", "images", "seeds", "scores", "report")
     assert ICTBestOfNSampler.RETURN_TYPES == ("LATENT", "IMAGE", "INT", "FLOAT", "STRING")
@@ -258,7 +262,8 @@ def test_node_refuses_bad_input_before_sampling_with_one_line():
                 prompt="a fox", n=4, k=1, score_by="ict", prune_at=0.5, survivors=2, chunk=1, audit=False)
     for kw, msg in [(dict(ict_model=object()), "connect an ICT Model Loader"),
                     (dict(score_by="ict*hp"), "needs an HP model"),
-                    (dict(k=3), "survivors must be at least k=3"),
+                    (dict(k=3), "survivors 2 at prune_at 0.5 must be at least k=3"),
+                    (dict(prune_at="0.5, 0.25"), "prune_at fractions must increase"),
                     (dict(prompt="  "), "the prompt is empty"),
                     (dict(prompt="a\n---\nb"), "give one prompt")]:
         with pytest.raises(InputError, match=msg) as e:
@@ -266,10 +271,17 @@ def test_node_refuses_bad_input_before_sampling_with_one_line():
         assert str(e.value).startswith("ICTBestOfNSampler") and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("sampler,chunk,prune_at,says", [
-    ("euler", 1, 0.5, "bit for bit"), ("dpmpp_2m", 1, 1.0, "bit for bit"), ("euler", 4, 0.5, "up to the last bits"),
-    ("dpmpp_2m", 1, 0.5, "restarts its multistep history"), ("euler_ancestral", 2, 0.5, "slightly different")])
-def test_report_says_when_a_plain_ksampler_regenerates_the_kept_image(sampler, chunk, prune_at, says):
+@pytest.mark.parametrize("sampler,chunk,run_chunk,prune_at,says", [
+    ("euler", 1, 1, 0.5, "bit for bit"), ("dpmpp_2m", 1, 1, 1.0, "bit for bit"),
+    ("euler", 4, 4, 0.5, "up to the last bits"), ("euler_ancestral", 2, 2, 0.5, "up to the last bits"),
+    ("dpmpp_2m", 1, 1, 0.5, "restarts its multistep history"), ("euler_ancestral", 1, 1, 0.5, "bit for bit"),
+    ("sa_solver", 4, 1, 1.0, "sampled one at a time (chunk 1 instead of 4)")])
+def test_report_says_when_a_plain_ksampler_regenerates_the_kept_image(sampler, chunk, run_chunk, prune_at, says):
+    from types import SimpleNamespace
+
     from nodes.best_of_n import _reproducibility
 
-    assert says in _reproducibility(Plan.build(8, 1, 10, prune_at, 2, chunk), sampler)
+    notes = _reproducibility(Plan.build(8, 1, 10, prune_at, 2, chunk), sampler, SimpleNamespace(chunk=run_chunk))
+    assert says in " ".join(notes)
+    if run_chunk < chunk:
+        assert notes[-1].endswith("bit for bit")
