@@ -58,7 +58,7 @@ def measure(args) -> dict:
            "ict_dir": str(ict.parent), "ict_model": ict.name, "prompt": PROMPTS[0], "size": args.size}
     cn, pack, model, vae, pos, neg, latent, ict_model = ci.setup(job)
     seen = ci.node_search()
-    node = pack.NODE_CLASS_MAPPINGS["ICTBestOfNSampler"]()
+    node = pack.NODE_CLASS_MAPPINGS["ICTBestOfNSampler"]
     funnel = {"prune_at": args.prune_at, "survivors": args.survivors}
     configs = {"funnel": dict(n=args.n, **funnel),
                "plain": dict(n=args.n, prune_at="1.0", survivors=str(args.n)),
@@ -68,12 +68,13 @@ def measure(args) -> dict:
         counter = ci.CallCounter()
         seen.clear()
         t = time.perf_counter()
-        r = node.sample(counter.wrap(model), args.seed, steps, args.cfg, "euler", "normal", positive, neg, latent,
-                        1.0, vae, ict_model, prompt, k=1, score_by="ict", chunk=chunk, audit=audit,
-                        **{**configs.get(cfg, {}), **kw})
+        r = ci.call(node, model=counter.wrap(model), seed=args.seed, steps=steps, cfg=args.cfg, sampler_name="euler",
+                    scheduler="normal", positive=positive, negative=neg, latent_image=latent, denoise=1.0, vae=vae,
+                    ict_model=ict_model, prompt=prompt, k=1, score_by="ict", chunk=chunk, audit=audit,
+                    **{**configs.get(cfg, {}), **kw}).result
         return {"wall_s": time.perf_counter() - t, "candidate_evals": counter.candidate_evals,
-                "model_calls": counter.calls, "kept_seed": r["result"][2][0], "kept_score": r["result"][3][0],
-                "report": r["result"][4], "search": seen[-1] if seen else None}
+                "model_calls": counter.calls, "kept_seed": r[2][0], "kept_score": r[3][0], "report": r[4],
+                "search": seen[-1] if seen else None}
 
     res = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": platform.processor() or
            platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -11,9 +11,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .best_of_n_plan import (SEED_SPACE, Cut, Plan, candidate_seeds, parse_counts, parse_fractions,  # noqa: F401
-                             prune_step)
+from .best_of_n_plan import SEED_SPACE, Cut, Plan, candidate_seeds, parse_counts, parse_fractions, prune_step
 from .errors import InputError
+
+__all__ = ["SEED_SPACE", "Cut", "Plan", "candidate_seeds", "parse_counts", "parse_fractions", "prune_step", "order",
+           "pick", "spearman", "StageAudit", "Audit", "Search"]
 
 
 def _ok(v) -> bool:

@@ -1,24 +1,26 @@
-"""ICTBestOfNSampler: seed search in one node, with a pruning funnel that users can audit.
+"""ICTBestOfNSampler (V3 schema): seed search in one node, with a pruning funnel that users can audit.
 
 ComfyUI glue only: ict_core.best_of_n decides (seeds, plan, survivors, audit, report); nodes.sampler_run
 samples through comfy.sample; this module checks the inputs, decodes with the VAE, scores through
-nodes.scoring and writes each kept image's scores into the PNG metadata of the run.
+nodes.scoring and writes each kept image's scores into the PNG metadata of the run (nodes.records).
 """
 from __future__ import annotations
 
 import logging
 
-from . import adapters
+from ict_core.ranking import BY
+
+from . import adapters, records, v3
 from .sampler_run import Progress, Run, keyframed_hooks
-from .scoring import BY, CATEGORY, record_scores, run_scorer
+from .scoring import records_for, run_scorer
+from .v3 import io
 
 log = logging.getLogger(__name__)
 NODE = "ICTBestOfNSampler"
 
-# Measured (docs/sampler.md, tests/comfyui_inproc.py sampler_split_table): a run cut at a step and resumed
-# ends on the unsplit run's latent with these samplers.
-EXACT_SPLIT = frozenset({"euler", "heun", "dpm_2", "ddim", "euler_ancestral", "dpm_2_ancestral",
-                         "dpmpp_2s_ancestral", "dpmpp_sde", "lcm"})
+# Measured (docs/sampler.md, tests/test_comfyui_best_of_n.py, tests/comfyui_inproc.py sampler_split_table): a run
+# cut at a step and resumed ends on the unsplit run's latent with these samplers.
+EXACT_SPLIT = frozenset({"euler", "heun", "dpm_2", "ddim", "euler_ancestral", "dpmpp_sde"})
 
 PRUNE_AT_TIP = ("fraction of the steps after which the running candidates are scored and cut (1.0 = no pruning); "
                 "several for a funnel, e.g. 0.25, 0.5 (one survivors count each). Early scores of half-denoised "
@@ -42,55 +44,57 @@ def _samplers():
         return ["euler"], ["normal"]
 
 
-class ICTBestOfNSampler:
+class ICTBestOfNSampler(io.ComfyNode):
     """Samples n candidates (seed + i), cuts weak ones part-way by the ICT score of the predicted image, keeps k."""
 
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("LATENT", "IMAGE", "INT", "FLOAT", "STRING")
-    RETURN_NAMES = ("latent", "images", "seeds", "scores", "report")
-    OUTPUT_IS_LIST = (False, False, True, True, False)
-    OUTPUT_NODE = True
-    FUNCTION = "sample"
-    DESCRIPTION = DESCRIPTION
+    @classmethod
+    def define_schema(cls):
+        samplers, schedulers = _samplers()
+        return v3.schema(
+            node_id=NODE, display_name="ICT Best-of-N Sampler", description=DESCRIPTION,
+            search_aliases=["best of n", "seed search", "pruning", "funnel", "ksampler reward"],
+            inputs=[
+                io.Model.Input("model"),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="candidate i uses seed + i"),
+                io.Int.Input("steps", default=20, min=1, max=10000),
+                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Combo.Input("sampler_name", options=samplers),
+                io.Combo.Input("scheduler", options=schedulers),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Latent.Input("latent_image", tooltip="one latent (batch 1): every candidate starts from it"),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+                io.Vae.Input("vae"),
+                v3.ICT_MODEL.Input("ict_model"),
+                io.String.Input("prompt", multiline=True, default="", tooltip=(
+                    "the prompt to score against (usually the positive prompt's text); empty only with "
+                    "score_by hp")),
+                io.Int.Input("n", default=8, min=1, max=4096, tooltip="candidates (seeds seed .. seed+n-1)"),
+                io.Int.Input("k", default=1, min=1, max=4096, tooltip="how many to keep, best first"),
+                io.Combo.Input("score_by", options=list(BY), default="ict"),
+                # text, so that a funnel fits; a saved workflow's number (0.5, 2) arrives as its text
+                io.String.Input("prune_at", default="0.5", tooltip=PRUNE_AT_TIP),
+                io.String.Input("survivors", default="2", tooltip=SURVIVORS_TIP),
+                io.Int.Input("chunk", default=1, min=1, max=4096, tooltip=(
+                    "candidates sampled at once (VRAM). 1 reproduces a batch-1 KSampler bit for bit; larger "
+                    "batches can differ in the last bits")),
+                io.Boolean.Input("audit", default=False, tooltip=(
+                    "also finish the cut candidates and report each cut's early/final rank correlation and "
+                    "whether it would have lost the true best (costs a plain best-of-n)")),
+            ],
+            outputs=[io.Latent.Output(display_name="latent"), io.Image.Output(display_name="images"),
+                     io.Int.Output(display_name="seeds", is_output_list=True),
+                     io.Float.Output(display_name="scores", is_output_list=True),
+                     io.String.Output(display_name="report")],
+            hidden=records.HIDDEN, is_output_node=True)
 
     @classmethod
-    def INPUT_TYPES(cls):
-        samplers, schedulers = _samplers()
-        return {"required": {
-            "model": ("MODEL",),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
-                             "tooltip": "candidate i uses seed + i"}),
-            "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
-            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
-            "sampler_name": (samplers,),
-            "scheduler": (schedulers,),
-            "positive": ("CONDITIONING",),
-            "negative": ("CONDITIONING",),
-            "latent_image": ("LATENT", {"tooltip": "one latent (batch 1): every candidate starts from it"}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
-            "vae": ("VAE",),
-            "ict_model": ("ICT_MODEL",),
-            "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "the prompt to score against "
-                                  "(usually the positive prompt's text); empty only with score_by hp"}),
-            "n": ("INT", {"default": 8, "min": 1, "max": 4096, "tooltip": "candidates (seeds seed .. seed+n-1)"}),
-            "k": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": "how many to keep, best first"}),
-            "score_by": (list(BY), {"default": "ict"}),
-            # text, so that a funnel fits; a saved workflow's number (0.5, 2) arrives as its text
-            "prune_at": ("STRING", {"default": "0.5", "tooltip": PRUNE_AT_TIP}),
-            "survivors": ("STRING", {"default": "2", "tooltip": SURVIVORS_TIP}),
-            "chunk": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": (
-                "candidates sampled at once (VRAM). 1 reproduces a batch-1 KSampler bit for bit; larger "
-                "batches can differ in the last bits")}),
-            "audit": ("BOOLEAN", {"default": False, "tooltip": (
-                "also finish the cut candidates and report each cut's early/final rank correlation and whether "
-                "it would have lost the true best (costs a plain best-of-n)")}),
-        }, "hidden": {"extra_pnginfo": "EXTRA_PNGINFO"}}
-
-    def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
-               vae, ict_model, prompt, n, k, score_by, prune_at, survivors, chunk, audit, extra_pnginfo=None):
-        return best_of_n(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
-                         denoise, vae, ict_model, prompt, n, k, score_by, prune_at, survivors, chunk, audit,
-                         extra_pnginfo)
+    def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
+                vae, ict_model, prompt, n, k, score_by, prune_at, survivors, chunk, audit) -> io.NodeOutput:
+        out = run_search(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
+                     vae, ict_model, prompt, n, k, score_by, prune_at, survivors, chunk, audit, cls.hidden)
+        return io.NodeOutput(*out["result"], ui=v3.table_ui(out["report"]))
 
 
 def _check(ict_model, score_by, prompt, n, latent_image):
@@ -114,12 +118,13 @@ def _check(ict_model, score_by, prompt, n, latent_image):
     return prompts
 
 
-def best_of_n(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise, vae,
-              ict_model, prompt, n, k, score_by, prune_at, survivors, chunk, audit, extra_pnginfo=None) -> dict:
-    """The node's work: {"ui": {"text": [report]}, "result": (latent, images, seeds, scores, report)}."""
+def run_search(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise, vae,
+               ict_model, prompt, n, k, score_by, prune_at, survivors, chunk, audit, hidden=None) -> dict:
+    """The node's work: {"report": report, "result": (latent, images, seeds, scores, report)}."""
     import torch
 
-    from ict_core import best_of_n as bon, ranking
+    from ict_core import best_of_n as bon
+    from ict_core import ranking
     from ict_core.errors import InputError
 
     try:
@@ -143,7 +148,7 @@ def best_of_n(model, seed, steps, cfg, sampler_name, scheduler, positive, negati
     run = Run(model, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise, search)
     header = f"{sampler_name}/{scheduler}, {steps} steps, cfg {cfg:g}, denoise {denoise:g}"
     if run.sampled_steps == 0:
-        return _unchanged(latent_image, search, score, header, ict_model, score_by, extra_pnginfo)
+        return _unchanged(latent_image, search, score, header, ict_model, score_by, hidden)
     if audit and not plan.prunes:
         search.notes.append("audit needs a cut (a prune_at step before the last with fewer survivors than running): "
                             "nothing to audit")
@@ -172,13 +177,13 @@ def best_of_n(model, seed, steps, cfg, sampler_name, scheduler, positive, negati
     out_latent = {key: v for key, v in latent_image.items() if key not in ("samples", "batch_index")}
     out_latent["samples"] = torch.cat([run.outputs[i] for i in kept])
     out_images = images[[pos[i] for i in kept]]
-    record_scores(extra_pnginfo, ict_model, results, score_by, vals, [pos[i] for i in kept], out_images.unbind(0))
-    return {"ui": {"text": [report]},
-            "result": (out_latent, out_images, [search.seeds[i] for i in kept],
-                       [float(search.final[i]) for i in kept], report)}
+    records.write(hidden, records_for(ict_model, results, score_by, vals, [pos[i] for i in kept],
+                                      out_images.unbind(0)))
+    return {"report": report, "result": (out_latent, out_images, [search.seeds[i] for i in kept],
+                                         [float(search.final[i]) for i in kept], report)}
 
 
-def _unchanged(latent_image, search, score, header, ict_model, score_by, extra_pnginfo) -> dict:
+def _unchanged(latent_image, search, score, header, ict_model, score_by, hidden) -> dict:
     """denoise 0: KSampler samples nothing and returns the latent as it came; every candidate is that latent."""
     from ict_core.errors import InputError
 
@@ -188,8 +193,8 @@ def _unchanged(latent_image, search, score, header, ict_model, score_by, extra_p
     report = (f"{header}\ndenoise 0 samples nothing (as KSampler): the latent passes through unchanged, so all "
               f"{search.plan.n} candidates are the input image; it is returned once, scored {vals[0]:.4f} by "
               f"{score_by}")
-    record_scores(extra_pnginfo, ict_model, results, score_by, vals, [0], images.unbind(0))
-    return {"ui": {"text": [report]}, "result": (latent_image, images, [search.seeds[0]], [float(vals[0])], report)}
+    records.write(hidden, records_for(ict_model, results, score_by, vals, [0], images.unbind(0)))
+    return {"report": report, "result": (latent_image, images, [search.seeds[0]], [float(vals[0])], report)}
 
 
 def _reproducibility(plan, sampler_name: str, run) -> list[str]:
@@ -199,9 +204,9 @@ def _reproducibility(plan, sampler_name: str, run) -> list[str]:
         notes.append(f"{sampler_name} draws per-step noise from one stream per batch, so its candidates are sampled "
                      f"one at a time (chunk 1 instead of {plan.chunk}), each with its own seed's noise")
     if plan.prunes and sampler_name not in EXACT_SPLIT:
-        notes.append(f"{sampler_name} restarts its multistep history at a cut: a plain KSampler run of a kept seed "
-                     f"gives a slightly different image (samplers that reproduce it: docs/sampler.md; or use "
-                     f"prune_at 1.0)")
+        what = "its per-step noise" if run.noisy and not run.own_noise else "its multistep history"
+        notes.append(f"{sampler_name} restarts {what} at a cut: a plain KSampler run of a kept seed gives a slightly "
+                     f"different image (samplers that reproduce it: docs/sampler.md; or use prune_at 1.0)")
     elif run.chunk > 1:
         notes.append(f"a plain KSampler with a kept seed (batch-1 latent) regenerates it up to the last bits "
                      f"(chunk {run.chunk} samples in batches)")

@@ -18,9 +18,10 @@ log = logging.getLogger(__name__)
 
 # Samplers that draw per-step noise from comfy's default_noise_sampler(x, seed) (checked in both ComfyUI versions
 # by tests/test_comfyui_best_of_n.py) ...
-NOISE_DEFAULT = frozenset({"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "lcm", "er_sde"})
-# ... and from BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed, cpu=...): name -> cpu.
-NOISE_BROWNIAN = {"dpmpp_sde": True, "dpmpp_2m_sde": True, "dpmpp_3m_sde": True}
+NOISE_DEFAULT = frozenset({"euler_ancestral"})
+# ... and from BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed, cpu=...): name -> cpu.  Other samplers that
+# draw noise run one candidate at a time (their own noise stream, seeded like a batch-1 run).
+NOISE_BROWNIAN = {"dpmpp_sde": True, "dpmpp_2m_sde": True}
 
 
 def _intermediate():
@@ -112,18 +113,16 @@ class Run:
         return len(self.sigmas) - 1
 
     def _initial_noise(self, group):
-        import torch
-
         import comfy.sample
+        import torch
 
         return torch.cat([comfy.sample.prepare_noise(self.latent, self.search.seeds[i], self.batch_index)
                           for i in group])
 
     def _noise_sampler(self, group, x, sigmas):
         """One noise source per candidate, built as a batch-1 run with its seed builds it; kept across phases."""
-        import torch
-
         import comfy.k_diffusion.sampling as ks
+        import torch
 
         for j, i in enumerate(group):
             if i in self.noise_of:
@@ -159,6 +158,7 @@ class Run:
         """Sample candidates from step `start` (their kept latent, or the start) to `end`; returns candidate ->
         x0 prediction at the last step (ComfyUI latent scaling, ready for the VAE)."""
         import comfy.sample
+
         from ict_core.errors import InputError
 
         x0 = {}

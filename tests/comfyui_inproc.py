@@ -77,9 +77,22 @@ def setup(job: dict):
     size = job.get("size", 64)
     latent = comfy_nodes.EmptyLatentImage().generate(size, size, 1)[0]
     job["clip"] = clip  # for callers that encode more prompts
-    loader = pack.NODE_CLASS_MAPPINGS["ICTModelLoader"]()
-    ict = loader.load(job["ict_model"], job.get("hp_model", "none"), "auto", "auto")[0]
+    ict = call(pack.NODE_CLASS_MAPPINGS["ICTModelLoader"], ict_model=job["ict_model"],
+               hp_model=job.get("hp_model", "none"), precision="auto", device="auto").result[0]
     return comfy_nodes, pack, model, vae, pos, neg, latent, ict
+
+
+def call(node, hidden: dict | None = None, **inputs):
+    """Run a V3 node as ComfyUI's executor does: `execute` on a class copy carrying the hidden values
+    ({"extra_pnginfo": ...}); 0.33 hands those over as V3Data, 0.3.64 as a plain dict."""
+    import inspect
+
+    from comfy_api.latest import io
+
+    values = {io.Hidden[k]: v for k, v in (hidden or {}).items()}
+    takes_v3_data = "v3_data" in inspect.signature(node.PREPARE_CLASS_CLONE).parameters
+    clone = node.PREPARE_CLASS_CLONE({"hidden_inputs": values} if takes_v3_data else values)
+    return clone.execute(**inputs)
 
 
 if __name__ == "__main__":  # python tests/comfyui_inproc.py JOB.json: runs the job's `run` function
@@ -164,7 +177,7 @@ def best_of_n_acceptance(job: dict) -> dict:
 
     cn, pack, model, vae, pos, neg, latent, ict = setup(job)
     seen = node_search()
-    node = pack.NODE_CLASS_MAPPINGS["ICTBestOfNSampler"]()
+    node = pack.NODE_CLASS_MAPPINGS["ICTBestOfNSampler"]
     seed, n, steps, prompt, cfg = job["seed"], job["n"], job["steps"], job["prompt"], job.get("cfg", 7.0)
     common = dict(steps=steps, cfg=cfg, sampler_name="euler", scheduler="normal", positive=pos, negative=neg,
                   latent_image=latent, denoise=1.0, vae=vae, ict_model=ict, prompt=prompt, n=n, score_by="ict")
@@ -178,19 +191,19 @@ def best_of_n_acceptance(job: dict) -> dict:
 
     plain = [plain_of(seed + i) for i in range(n)]
     images = vae.decode(torch.cat(plain))
-    sel = pack.NODE_CLASS_MAPPINGS["ICTSelectBest"]().select([ict], [images], [prompt], [n], ["ict"], [-1.0])
-    out = {"select_best_order": [int(i) for i in sel["result"][3].split(",")],
-           "select_best_scores": sel["result"][4]}
+    sel = call(pack.NODE_CLASS_MAPPINGS["ICTSelectBest"], model=[ict], images=[images], prompt=[prompt], k=[n],
+               score_by=["ict"], min_score=[-1.0]).result
+    out = {"select_best_order": [int(i) for i in sel[3].split(",")], "select_best_scores": sel[4]}
 
-    def run(name, sampler="euler", lat=latent, mdl=model, **kw):
+    def run(name, sampler="euler", lat=latent, mdl=model, hidden=None, **kw):
         counter = CallCounter()
         seen.clear()
         args = {**common, "sampler_name": sampler, "latent_image": lat, **kw}
-        r = node.sample(counter.wrap(mdl), seed, **args)
-        lat_out, imgs, seeds, scores, report = r["result"]
+        r = call(node, hidden, model=counter.wrap(mdl), seed=seed, **args)
+        lat_out, imgs, seeds, scores, report = r.result
         search = seen[-1] if seen else None
         n_steps = args["steps"]
-        out[name] = {"seeds": seeds, "scores": scores, "report": report, "ui_text": r["ui"]["text"][0],
+        out[name] = {"seeds": seeds, "scores": scores, "report": report, "ui_text": r.ui["text"][0],
                      "model_calls": counter.calls, "candidate_evals": counter.candidate_evals,
                      "image_shape": list(imgs.shape), "latent_shape": list(lat_out["samples"].shape),
                      "stage": search.stage if search else None, "alive": search.alive if search else None,
@@ -198,7 +211,7 @@ def best_of_n_acceptance(job: dict) -> dict:
         return r
 
     pnginfo = {"workflow": {"nodes": []}}
-    r = run("no_pruning", k=n, prune_at=1.0, survivors=n, chunk=1, audit=False, extra_pnginfo=pnginfo)
+    r = run("no_pruning", k=n, prune_at=1.0, survivors=n, chunk=1, audit=False, hidden={"extra_pnginfo": pnginfo})
     _saved(out, r, pnginfo, job)
     run("pruned_chunk1_audit", k=1, prune_at=0.5, survivors=1, chunk=1, audit=True)
     run("pruned_chunk_n", k=1, prune_at=0.5, survivors=1, chunk=n, audit=False)
@@ -209,8 +222,8 @@ def best_of_n_acceptance(job: dict) -> dict:
         run(f"noise_cut_{sampler}", sampler, **quick, chunk=1)
     run("heun_cut", "heun", **quick, chunk=1)
     r = run("denoise0", k=1, prune_at=0.5, survivors=1, chunk=1, audit=False, denoise=0.0)
-    out["denoise0"]["latent_is_input"] = r["result"][0] is latent or bool(
-        torch.equal(r["result"][0]["samples"], latent["samples"]))
+    out["denoise0"]["latent_is_input"] = r.result[0] is latent or bool(
+        torch.equal(r.result[0]["samples"], latent["samples"]))
     _funnel(out, run, pack, vae, ict, prompt, model, pos, neg, latent, seed, cfg)
     _masked(out, run, cn, latent, model)
     _hooks(out, node, common, model, pos, seed)
@@ -232,7 +245,8 @@ def _funnel(out, run, pack, vae, ict, prompt, model, pos, neg, latent, seed, cfg
         comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", pos, neg, latent["samples"], last_step=first,
                             force_full_denoise=False, callback=lambda st, d, x, t: x0.update(x0=d), seed=seed + i)
         img = vae.decode(model.model.process_latent_out(x0["x0"].to(torch.float32)))
-        scores.append(pack.NODE_CLASS_MAPPINGS["ICTScore"]().score([ict], [img], [prompt])["result"][0][0])
+        score = call(pack.NODE_CLASS_MAPPINGS["ICTScore"], model=[ict], images=[img], prompt=[prompt])
+        scores.append(score.result[0][0])
     out["funnel"]["independent_first_cut"] = scores
 
 
@@ -264,8 +278,8 @@ def _hooks(out, node, common, model, pos, seed):
     group.set_keyframes_on_hooks(frames)
     hooked = comfy.hooks.set_hooks_for_conditioning(pos, group)
     try:
-        node.sample(model, seed, **{**common, "positive": hooked, "k": 1, "prune_at": 0.5, "survivors": 1,
-                                    "chunk": 1, "audit": False})
+        call(node, model=model, seed=seed, **{**common, "positive": hooked, "k": 1, "prune_at": 0.5, "survivors": 1,
+                                              "chunk": 1, "audit": False})
         out["hooks"] = {"error": None}
     except Exception as e:  # noqa: BLE001 - the test reads what was raised
         out["hooks"] = {"error": f"{type(e).__name__}: {e}"}
@@ -274,12 +288,12 @@ def _hooks(out, node, common, model, pos, seed):
 def _saved(out, r, pnginfo, job):
     """Save Image after the node, with the extra_pnginfo the node wrote into: each PNG's own record."""
     import folder_paths
-    import nodes as comfy_nodes
 
+    import nodes as comfy_nodes
     from ict_core import metadata
 
     folder_paths.set_output_directory(job["output_dir"])
-    imgs, seeds, scores = r["result"][1], r["result"][2], r["result"][3]
+    imgs, seeds, scores = r.result[1], r.result[2], r.result[3]
     saved = comfy_nodes.SaveImage().save_images(imgs, "ict_bon", extra_pnginfo=pnginfo)
     files = [Path(job["output_dir"]) / f["subfolder"] / f["filename"] for f in saved["ui"]["images"]]
     out["saved"] = {"seeds": seeds, "scores": scores, "own": [metadata.own_scores(str(f)) for f in files]}

@@ -4,9 +4,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import v3_standin
 
 from ict_core.best_of_n import Cut, Plan, Search, candidate_seeds, order, pick, prune_step, spearman
 from ict_core.errors import InputError
+
+v3_standin.install()  # the node module imports comfy_api.latest; without ComfyUI the stand-in provides it
 
 
 def test_candidate_i_uses_seed_plus_i_and_wraps_in_comfyui_seed_range():
@@ -228,25 +231,27 @@ def test_no_pruning_picks_over_all_and_unscorable_run_fails_clearly():
         s2.set_final({0: None, 1: None, 2: None})
 
 
-def test_node_takes_ksampler_inputs_plus_the_search_and_imports_without_comfyui():
+def test_node_is_v3_with_ksampler_inputs_plus_the_search_and_imports_without_comfyui():
     import nodes
     from nodes.best_of_n import ICTBestOfNSampler
 
     assert nodes.NODE_CLASS_MAPPINGS["ICTBestOfNSampler"] is ICTBestOfNSampler
     assert nodes.NODE_DISPLAY_NAME_MAPPINGS["ICTBestOfNSampler"] == "ICT Best-of-N Sampler"
-    req = ICTBestOfNSampler.INPUT_TYPES()["required"]
-    assert list(req) == ["model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative",
-                         "latent_image", "denoise", "vae", "ict_model", "prompt", "n", "k", "score_by", "prune_at",
-                         "survivors", "chunk", "audit"]
-    assert req["seed"][1]["max"] == 2 ** 64 - 1
+    schema = ICTBestOfNSampler.GET_SCHEMA()
+    inputs = {i.id: i for i in schema.inputs}
+    assert list(inputs) == ["model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative",
+                            "latent_image", "denoise", "vae", "ict_model", "prompt", "n", "k", "score_by",
+                            "prune_at", "survivors", "chunk", "audit"]  # the classic names and order
+    assert inputs["seed"].max == 2 ** 64 - 1 and inputs["seed"].control_after_generate
     # text widgets (a funnel is a list); a saved workflow's number arrives as its text (see the plan tests)
-    assert req["prune_at"] == ("STRING", req["prune_at"][1]) and req["prune_at"][1]["default"] == "0.5"
-    assert req["survivors"][0] == "STRING" and req["survivors"][1]["default"] == "2"
-    assert ICTBestOfNSampler.INPUT_TYPES()["hidden"] == {"extra_pnginfo": "EXTRA_PNGINFO"}
-    assert req["score_by"][0] == ["ict", "hp", "ict*hp", "group"] and req["audit"][0] == "BOOLEAN"
-    assert ICTBestOfNSampler.RETURN_NAMES == ("latent", "images", "seeds", "scores", "report")
-    assert ICTBestOfNSampler.RETURN_TYPES == ("LATENT", "IMAGE", "INT", "FLOAT", "STRING")
-    assert ICTBestOfNSampler.OUTPUT_IS_LIST == (False, False, True, True, False)
+    assert inputs["prune_at"].io_type == "STRING" and inputs["prune_at"].default == "0.5"
+    assert inputs["survivors"].io_type == "STRING" and inputs["survivors"].default == "2"
+    assert inputs["score_by"].options == ["ict", "hp", "ict*hp", "group"] and inputs["audit"].io_type == "BOOLEAN"
+    assert inputs["ict_model"].io_type == "ICT_MODEL"
+    assert [o.display_name for o in schema.outputs] == ["latent", "images", "seeds", "scores", "report"]
+    assert [o.io_type for o in schema.outputs] == ["LATENT", "IMAGE", "INT", "FLOAT", "STRING"]
+    assert [o.is_output_list for o in schema.outputs] == [False, False, True, True, False]
+    assert schema.is_output_node and "EXTRA_PNGINFO" in [str(h.value) for h in schema.hidden]
 
 
 def test_node_refuses_bad_input_before_sampling_with_one_line():
@@ -256,32 +261,39 @@ def test_node_refuses_bad_input_before_sampling_with_one_line():
         class scorer:
             has_hp = False
 
-    node = ICTBestOfNSampler()
     base = dict(model=None, seed=0, steps=10, cfg=7.0, sampler_name="euler", scheduler="normal", positive=None,
                 negative=None, latent_image={"samples": None}, denoise=1.0, vae=None, ict_model=FakeICT(),
-                prompt="a fox", n=4, k=1, score_by="ict", prune_at=0.5, survivors=2, chunk=1, audit=False)
+                prompt="a fox", n=4, k=1, score_by="ict", prune_at="0.5", survivors="2", chunk=1, audit=False)
     for kw, msg in [(dict(ict_model=object()), "connect an ICT Model Loader"),
                     (dict(score_by="ict*hp"), "needs an HP model"),
                     (dict(k=3), "survivors 2 at prune_at 0.5 must be at least k=3"),
                     (dict(prune_at="0.5, 0.25"), "prune_at fractions must increase"),
+                    (dict(survivors="two"), "survivors 'two' is not a whole number"),
                     (dict(prompt="  "), "the prompt is empty"),
-                    (dict(prompt="a\n---\nb"), "give one prompt")]:
+                    (dict(prompt="a\n---\nb"), "give one prompt"),
+                    (dict(latent_image="x"), "latent_image must be a LATENT")]:
         with pytest.raises(InputError, match=msg) as e:
-            node.sample(**(base | kw))
+            v3_standin.run(ICTBestOfNSampler, **(base | kw))
         assert str(e.value).startswith("ICTBestOfNSampler") and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("sampler,chunk,run_chunk,prune_at,says", [
-    ("euler", 1, 1, 0.5, "bit for bit"), ("dpmpp_2m", 1, 1, 1.0, "bit for bit"),
-    ("euler", 4, 4, 0.5, "up to the last bits"), ("euler_ancestral", 2, 2, 0.5, "up to the last bits"),
-    ("dpmpp_2m", 1, 1, 0.5, "restarts its multistep history"), ("euler_ancestral", 1, 1, 0.5, "bit for bit"),
-    ("sa_solver", 4, 1, 1.0, "sampled one at a time (chunk 1 instead of 4)")])
-def test_report_says_when_a_plain_ksampler_regenerates_the_kept_image(sampler, chunk, run_chunk, prune_at, says):
+@pytest.mark.parametrize("sampler,chunk,run_chunk,noisy,own,prune_at,says", [
+    ("euler", 1, 1, False, False, 0.5, "bit for bit"), ("dpmpp_2m", 1, 1, False, False, 1.0, "bit for bit"),
+    ("euler", 4, 4, False, False, 0.5, "up to the last bits"),
+    ("euler_ancestral", 2, 2, True, True, 0.5, "up to the last bits"),
+    ("dpmpp_2m", 1, 1, False, False, 0.5, "restarts its multistep history"),
+    ("dpmpp_2m_sde", 1, 1, True, True, 0.5, "restarts its multistep history"),
+    ("euler_ancestral", 1, 1, True, True, 0.5, "bit for bit"),
+    ("lcm", 1, 1, True, False, 0.5, "restarts its per-step noise"),
+    ("sa_solver", 4, 1, True, False, 1.0, "sampled one at a time (chunk 1 instead of 4)")])
+def test_report_says_when_a_plain_ksampler_regenerates_the_kept_image(sampler, chunk, run_chunk, noisy, own,
+                                                                       prune_at, says):
     from types import SimpleNamespace
 
     from nodes.best_of_n import _reproducibility
 
-    notes = _reproducibility(Plan.build(8, 1, 10, prune_at, 2, chunk), sampler, SimpleNamespace(chunk=run_chunk))
+    run = SimpleNamespace(chunk=run_chunk, noisy=noisy, own_noise=own)
+    notes = _reproducibility(Plan.build(8, 1, 10, prune_at, 2, chunk), sampler, run)
     assert says in " ".join(notes)
     if run_chunk < chunk:
         assert notes[-1].endswith("bit for bit")
