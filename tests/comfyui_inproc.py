@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def boot(comfy_dir: str, checkpoints: str, ict_dir: str):
-    """Import ComfyUI as main.py would with --cpu; returns its nodes module."""
+    """Import ComfyUI as main.py would with --cpu; returns its nodes module and the pack's."""
     sys.argv = [sys.argv[0], "--cpu"]
     sys.path.insert(0, comfy_dir)
     os.chdir(comfy_dir)
@@ -29,9 +29,9 @@ def boot(comfy_dir: str, checkpoints: str, ict_dir: str):
     folder_paths.add_model_folder_path("checkpoints", checkpoints)
     import nodes as comfy_nodes
 
-    pack = load_pack()
+    load_pack()
     folder_paths.add_model_folder_path("ict", ict_dir)
-    return comfy_nodes, pack
+    return comfy_nodes, sys.modules["ict_reward_pack.nodes"]  # its NODE_CLASS_MAPPINGS: every node, V3 or not
 
 
 def load_pack():
