@@ -20,7 +20,7 @@ NODE = "ICTBestOfNSampler"
 
 # Measured (docs/sampler.md, tests/test_comfyui_best_of_n.py, tests/comfyui_inproc.py sampler_split_table): a run
 # cut at a step and resumed ends on the unsplit run's latent with these samplers.
-EXACT_SPLIT = frozenset({"euler", "heun", "dpm_2", "ddim", "euler_ancestral", "dpmpp_sde"})
+EXACT_SPLIT = frozenset({"euler", "heun", "dpm_2", "ddim", "euler_ancestral"})
 
 PRUNE_AT_TIP = ("fraction of the steps after which the running candidates are scored and cut (1.0 = no pruning); "
                 "several for a funnel, e.g. 0.25, 0.5 (one survivors count each). Early scores of half-denoised "

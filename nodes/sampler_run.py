@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 NOISE_DEFAULT = frozenset({"euler_ancestral"})
 # ... and from BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed, cpu=...): name -> cpu.  Other samplers that
 # draw noise run one candidate at a time (their own noise stream, seeded like a batch-1 run).
-NOISE_BROWNIAN = {"dpmpp_sde": True, "dpmpp_2m_sde": True}
+NOISE_BROWNIAN = {"dpmpp_2m_sde": True}
 
 
 def _intermediate():
