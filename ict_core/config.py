@@ -84,7 +84,8 @@ def _check(arch: dict[str, Any]) -> None:
         problems += [f"{tower}.{b}" for b in bad]
     t, v = arch["text_config"], arch["vision_config"]
     if not problems:
-        if any(not is_int(t[k]) or not 0 <= t[k] < t["vocab_size"] for k in ("bos_token_id", "eos_token_id", "pad_token_id")):
+        ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+        if any(not is_int(t[k]) or not 0 <= t[k] < t["vocab_size"] for k in ids):
             problems.append("text_config token ids")
         if t["vocab_size"] < 49408 or t["max_position_embeddings"] < 77:
             problems.append("text_config (the ViT-H-14 tokenizer needs vocab_size >= 49408 and 77 positions)")

@@ -173,7 +173,7 @@ def use_host_layers(model: nn.Module, operations) -> nn.Module:
     return model
 
 
-def activation_bytes(modules: "RewardModules", dtype: torch.dtype) -> int:
+def activation_bytes(modules: RewardModules, dtype: torch.dtype) -> int:
     """Upper estimate of the memory one image needs while it runs through a vision tower (ICT and HP run
     one after the other, so the larger counts): hidden states, attention and MLP of one layer at a time
     (inference keeps no activations across layers), plus the pixels."""

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from . import preprocess, text, weights
-from .errors import InputError, ModelFileError, ICTError
+from .errors import ICTError, InputError, ModelFileError
 from .modeling import RewardModules, build_hp, build_ict, host_storage_dtype, keeps_storage_dtype
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ class Scorer:
     def load(cls, ict_path: str | Path, hp_path: str | Path | None = None, *, device: str | torch.device = "auto",
              precision: str = "auto", cache=None, config: str | Path | None = None,
              chunk_size: int | None = None, run_device: str | torch.device | None = None,
-             operations=None, storage_dtype: torch.dtype | None = None) -> "Scorer":
+             operations=None, storage_dtype: torch.dtype | None = None) -> Scorer:
         """Load converted safetensors files straight onto the device (no pickle, no random init).
 
         `run_device`: where a host will run the model when it differs from where the weights wait

@@ -10,7 +10,6 @@ import torch
 from ict_core import Scorer, ranking
 from ict_core.cli import main
 from ict_core.preprocess import pil_to_uint8, pixel_values_for
-
 from reference import ReferenceLoop, open_rgb, processor
 
 TOL = 1e-4
@@ -24,8 +23,8 @@ def reference(tiny_models):
 
 @pytest.fixture(scope="module")
 def cli_results(tiny_models, images, tmp_path_factory):
-    import io
     import contextlib
+    import io
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -119,7 +118,8 @@ def test_each_distinct_prompt_encoded_once(tiny_models, images, monkeypatch):
     calls = []
     text_model = scorer.modules.ict.text_model
     original = text_model.forward
-    monkeypatch.setattr(text_model, "forward", lambda *a, **k: calls.append(k["input_ids"].shape[0]) or original(*a, **k))
+    monkeypatch.setattr(text_model, "forward",
+                        lambda *a, **k: calls.append(k["input_ids"].shape[0]) or original(*a, **k))
     scorer.score(images[:4], ["x", "y", "x", "y"])
     assert calls == [2]
 

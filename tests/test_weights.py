@@ -8,11 +8,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ict_core import Scorer
-from ict_core.errors import ModelFileError, InputError
-from ict_core.weights import convert, read_info, fingerprint
-
 from conftest import save_ict_layout, tiny_clip
+from ict_core import Scorer
+from ict_core.errors import InputError, ModelFileError
+from ict_core.weights import convert, fingerprint, read_info
 from tiny_config import TINY
 
 
@@ -92,7 +91,8 @@ def test_converter_layout_detection(tmp_path):
 def test_converter_uses_weights_only(tiny_models, tmp_path, monkeypatch):
     seen = {}
     real = torch.load
-    monkeypatch.setattr(torch, "load", lambda *a, **k: seen.setdefault("weights_only", k.get("weights_only")) and real(*a, **k))
+    monkeypatch.setattr(torch, "load",
+                        lambda *a, **k: seen.setdefault("weights_only", k.get("weights_only")) and real(*a, **k))
     convert(tiny_models.ict_src, tmp_path / "x.safetensors", tiny_models.config)
     assert seen["weights_only"] is True
 

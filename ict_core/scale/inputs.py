@@ -6,8 +6,8 @@ A list file lets a dataset of any size be described without expanding a folder o
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from ..errors import InputError
 from ..files import IMAGE_SUFFIXES, folder_images
