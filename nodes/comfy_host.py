@@ -140,6 +140,7 @@ def load_scorer(ict_path, hp_path, precision: str, plan):
     ComfyUI can load them in part (--lowvram on a small GPU), offload and free them."""
     import comfy.model_management as mm
     import comfy.ops
+
     from ict_core import Scorer
 
     load_device, offload_device = plan
@@ -227,6 +228,7 @@ def load_for_inference(model, n_images: int) -> None:
     if patcher is None:
         return
     import comfy.model_management as mm
+
     from ict_core.modeling import activation_bytes
     from ict_core.scorer import default_chunk
 

@@ -38,7 +38,7 @@ class ICTModel:
 # Live models by file key, held weakly: ComfyUI's node output cache owns a loaded model (as it owns a
 # checkpoint), so "Unload models" / "Free model and node cache" free it; this map only lets a second loader
 # with the same files share the model while it is alive.
-_live: "weakref.WeakValueDictionary[tuple, ICTModel]" = weakref.WeakValueDictionary()
+_live: weakref.WeakValueDictionary[tuple, ICTModel] = weakref.WeakValueDictionary()
 _lock = threading.Lock()
 
 

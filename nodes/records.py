@@ -33,7 +33,7 @@ MAX_RECORDS = 16384          # records kept in all (about 0.5 KB each)
 MAX_PROMPT_NODES = 10000     # a larger workflow is not looked at (the handler runs before ComfyUI validates it)
 NODE_TYPES: set[str] = set()  # class_type of the pack's nodes that write records (nodes/__init__.py fills it)
 
-_kept: "OrderedDict[str, list[dict]]" = OrderedDict()
+_kept: OrderedDict[str, list[dict]] = OrderedDict()
 _lock = threading.Lock()
 _installed = False
 

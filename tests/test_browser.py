@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from test_comfyui_integration import SD15_CKPT, ROOT, _need_comfyui, _running_server
+from test_comfyui_integration import ROOT, SD15_CKPT, _need_comfyui, _running_server
 
 CHROMIUM = os.environ.get("ICT_CHROMIUM", "/usr/bin/chromium")
 FRONTEND_ROOT = os.environ.get("COMFYUI_FRONTEND_ROOT")

@@ -395,7 +395,8 @@ def generation_api(ckpt: str, seed: int, prompt: str = PROMPT) -> dict:
         "8": {"class_type": "ICTSelectBest", "inputs": {"model": ["7", 0], "images": ["6", 0], "prompt": prompt, "k": 1,
                                                         "score_by": "ict*hp", "min_score": -1.0, "latent": ["24", 0]}},
         "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "ICT_best"}},
-        "10": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": seed + 1, **sampler, "positive": ["2", 0],
+        "10": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": seed + 1, **sampler,
+                                                    "positive": ["2", 0],
                                                     "negative": ["3", 0], "latent_image": ["8", 1], "denoise": 0.5}},
         "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 2]}},
         "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": "ICT_second"}},
@@ -431,7 +432,8 @@ def test_best_of_4_second_pass_mask_follows_the_pick_and_pngs_carry_their_scores
     best, second = saved("9"), saved("12")
     own = metadata.own_scores(best)
     assert own is not None and own["index"] == idx and own["rank"] == 1 and own["by"] == "ict*hp"
-    assert own["ict"] == pytest.approx(picked[0]["ict"], abs=1e-6) and own["hp"] == pytest.approx(picked[0]["hp"], abs=1e-6)
+    assert own["ict"] == pytest.approx(picked[0]["ict"], abs=1e-6)
+    assert own["hp"] == pytest.approx(picked[0]["hp"], abs=1e-6)
     assert own["model"] == "ict.safetensors" and own["hp_model"] == "hp.safetensors"
     assert metadata.read_scores(second) and metadata.own_scores(second) is None  # not the pixels that were scored
     a = np.asarray(Image.open(best), dtype=np.int16)
