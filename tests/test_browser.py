@@ -114,6 +114,8 @@ def _run_in_page(srv, wf: dict, renderer: str, shots: Path, name: str) -> dict:
             page.wait_for_timeout(2000)
         page.wait_for_timeout(1500)  # layout settles (Vue nodes measure themselves)
         seen = page.evaluate(READ_PAGE, {"ids": ids, "vue": renderer == "vue"})
+        text = page.evaluate("() => document.body.innerText")
+        seen["missing"] = [f for f in ("ict.safetensors", "hp.safetensors") if f"{f} is missing" in text]
         for nid in ids:
             clip = seen["clips"][str(nid)]
             page.screenshot(path=str(shots / f"{name}_{renderer}_node{nid}.png"), clip=clip)
@@ -200,6 +202,7 @@ def test_template_tables_are_shown_whole_in_both_renderers(page_server, template
         outputs = _last_outputs(page_server)
         print(f"{template} frontend {seen['version']} {renderer}: {time.time() - t0:.0f} s")
         assert not seen["errors"], seen["errors"]
+        assert not seen["missing"], f"the page says {seen['missing']} missing, but the files are installed"
         for nid in ids:
             box, node = seen["boxes"][str(nid)], seen["rects"][str(nid)]
             want = "\n\n".join(outputs[str(nid)]["text"])
