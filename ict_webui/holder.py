@@ -5,33 +5,35 @@ enabled loads the models (through ``ict_core.Scorer.load``); where they wait bet
 (:mod:`.placement`) and the Settings."""
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from ict_core.paths import HP_FILE, ICT_FILE
+from ict_core.weights import PICKLE_SUFFIXES
+
+from . import hints
 from .options import AFTER_UNLOAD
-from .placement import TorchPlacement
+from .placement import TorchPlacement, empty_cuda_cache
 
 log = logging.getLogger(__name__)
 
-ICT_FILE, HP_FILE = "ict.safetensors", "hp.safetensors"     # the names `ict fetch` writes (ict_core.paths)
-
-
-PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt")        # never loaded; named so the user learns to convert them
-
 
 def _read_kind(path: Path) -> tuple[str | None, str | None]:
-    """``(kind, None)`` for a converted model file, else ``(None, the engine's one-line reason)``."""
+    """``(kind, None)`` for a converted model file, else ``(None, the engine's one-line reason)``, its suggested
+    command written as it runs in this webui (:func:`.hints.for_refused`)."""
     try:
         from ict_core import weights
         return weights.read_kind(path), None
     except Exception as e:      # not ours, truncated, a pickle ...
         log.debug("ICT reward: %s is not a model file (%s)", path, e)
-        return None, str(e).splitlines()[0] if str(e) else type(e).__name__
+        return None, hints.for_refused(path, str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
 @dataclass
@@ -88,12 +90,9 @@ def search_models(dirs: Iterable[str | os.PathLike]) -> Found:
                 if kind in ("ict", "hp") and kind not in local:
                     local[kind] = f
         if out.ict_problem is None and "ict" not in local:
-            for pattern in PICKLES:
-                for f in sorted(d.glob(pattern)):
-                    _, out.ict_problem = _read_kind(f)
-                    break
-                if out.ict_problem:
-                    break
+            pickles = sorted(f for f in d.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES and f.is_file())
+            if pickles:
+                _, out.ict_problem = _read_kind(pickles[0])
         if "ict" in local and out.ict is None:
             out.ict = local["ict"]
             if "hp" in local:
@@ -116,8 +115,7 @@ def missing_message(dirs: list[Path], kind: str = "ict") -> str:
     first = dirs[0] if dirs else Path("models/ict")
     what = "ICT" if kind == "ict" else "HP"
     return (f"ICT reward: no {what} model found in {where}; images are left unscored. Install the weights with "
-            f"`ict fetch --hp --dest \"{first}\"` (or `python -m ict_core fetch --hp --dest \"{first}\"` with the "
-            f"webui's Python), or set the folder in Settings > ICT reward.")
+            f"{hints.fetch_hint(first)}, or set the folder in Settings > ICT reward.")
 
 
 def _default_loader(ict_path: Path, hp_path: Path | None, device: Any, precision: str, run_device: Any = None):
@@ -192,14 +190,35 @@ class ScorerHolder:
                 self.placement.after_scoring(self._scorer, self._handle, policy)
 
     def unload(self) -> None:
+        """Drop the models and give their memory back to the OS (see :func:`give_back_memory`)."""
         with self.lock:
-            if self._scorer is not None:
-                log.info("ICT reward: unloading the reward models")
-                try:
-                    self.placement.forget(self._scorer, self._handle)
-                except Exception as e:      # pragma: no cover - a host's manager refusing
-                    log.debug("ICT reward: the host's manager could not forget the models (%s)", e)
+            if self._scorer is None:
+                return
+            log.info("ICT reward: unloading the reward models")
+            try:
+                self.placement.forget(self._scorer, self._handle)
+            except Exception as e:      # pragma: no cover - a host's manager refusing
+                log.debug("ICT reward: the host's manager could not forget the models (%s)", e)
             self._scorer = self._handle = self._run = self._key = None
-            gc.collect()
-            from .placement import empty_cuda_cache
+            give_back_memory()
             empty_cuda_cache()
+
+
+def give_back_memory() -> bool:
+    """Free the unloaded weights (and the tokenizer's tables), then return the freed heap to the OS.
+
+    The models' modules hold reference cycles: a collection frees them. glibc keeps freed blocks below its
+    (adaptive, up to 32 MB) mmap threshold in the process's heaps, so the many 5-30 MB tensors of a freed model
+    would stay in the server's RSS; ``malloc_trim(0)`` returns them (as the ComfyUI nodes do). True when trimmed
+    (Linux with glibc); elsewhere (musl, macOS, Windows) the allocator is left as it is."""
+    from ict_core import text
+
+    text.release()
+    gc.collect()
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):      # not glibc: nothing to trim
+        return False
+    return True

@@ -11,8 +11,13 @@ p.subseeds, index=i, ...)`` right after ``postprocess_batch_list``; a callable v
 ``p.extra_generation_params`` is called there as ``value(**locals())`` (A1111 >= 1.8, all Forge versions).
 :class:`ScoreField` is such a callable. Everything in ``extra_generation_params`` is also serialised by
 ``Processed.js()`` (the API's ``info``); Forge Classic calls ``json.dumps`` there without a fallback, so the field
-is a ``str`` (JSON-safe as it is), and once the generation is over it is replaced by the plain list of scores, one
-per image kept (the webui's documented list form).
+is a ``str`` (JSON-safe as it is). Once the generation is over it is replaced by an :class:`ApiList` of the scores,
+one per image returned after the grid: JSON writes it as an array, while ``create_infotext`` (a grid's infotext,
+made later by X/Y/Z plot) gets None from it, so no grid carries a single image's score.
+
+The extension's messages reach API users the same way: ``Processed.js()`` has no ``comments`` in A1111 1.10 nor in
+Forge, so they are listed under :data:`MESSAGES_KEY` in ``extra_generation_params`` (the API's
+``info.extra_generation_params``), besides ``p.comment`` (under the images in the UI).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from ict_core.metadata import KEY as RECORD_PNG_KEY
 
 ICT_INFOTEXT_KEY = "ICT score"
 HP_INFOTEXT_KEY = "HP score"
+MESSAGES_KEY = "ICT reward messages"
 STATE_ATTR = "_ict_reward_state"
 
 _FIELDS = {ICT_INFOTEXT_KEY: ICT_PNG_KEY, HP_INFOTEXT_KEY: HP_PNG_KEY}
@@ -58,6 +64,24 @@ class ScoreField(str):
 
     def __reduce__(self):           # copy / deepcopy / pickle (e.g. another extension copying p)
         return (ScoreField, (self.which,))
+
+
+class ApiList(tuple):
+    """A value of ``p.extra_generation_params`` for the API's ``info`` alone: JSON writes it as an array (``json``
+    encodes a tuple subclass by its items), ``create_infotext`` calls it and gets None, so it is never written
+    into an infotext."""
+
+    def __call__(self, *_: Any, **__: Any) -> None:
+        return None
+
+    def __reduce__(self):           # copy / deepcopy / pickle keep the type
+        return (ApiList, (tuple(self),))
+
+
+def with_message(previous: Any, msg: str) -> ApiList:
+    """The messages so far (an :class:`ApiList` left by this run or an earlier cell of the same plot) plus ``msg``."""
+    old = tuple(previous) if isinstance(previous, ApiList) else ()
+    return ApiList(old if msg in old else old + (msg,))
 
 
 _NUM = r"(-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)"

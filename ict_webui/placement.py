@@ -28,16 +28,13 @@ CPU = torch.device("cpu")
 
 
 def activation_bytes(scorer: Any, chunk: int | None = None) -> int:
-    """A generous estimate of the memory one chunk of images needs while the vision tower runs (the
-    ``memory_required`` a host's manager keeps free next to the weights): the widest per-layer activations
-    (MLP or attention scores) plus the residual stream, twice for the next layer's input."""
+    """The memory one chunk of images needs while the vision towers run (the ``memory_required`` a host's manager
+    keeps free next to the weights): the engine's per-image estimate (:func:`ict_core.modeling.activation_bytes`)
+    times the chunk the scorer runs."""
+    from ict_core.modeling import activation_bytes as per_image
+
     try:
-        cfg = scorer.modules.ict.config.vision_config
-        tokens = (int(cfg.image_size) // int(cfg.patch_size)) ** 2 + 1
-        width = max(int(cfg.intermediate_size), int(cfg.num_attention_heads) * tokens) + 4 * int(cfg.hidden_size)
-        elem = torch.finfo(scorer.dtype).bits // 8
-        n = int(chunk or scorer._chunk())
-        return 2 * n * tokens * width * elem
+        return per_image(scorer.modules, scorer.dtype) * int(chunk or scorer._chunk())
     except Exception as e:       # an unknown layout: the managers' own default minimum is 1 GiB
         log.debug("ICT reward: no activation estimate (%s)", e)
         return 1 << 30

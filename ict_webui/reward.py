@@ -11,12 +11,14 @@ The Script (scripts/ict_reward.py) calls, for one generation ``p``:
   ``image.info`` (what the API and the gallery get);
 - :meth:`WebuiReward.add_png_info` per saved file (``on_before_image_saved``): the PNG keys;
 - :meth:`WebuiReward.postprocess` at the end (``Script.postprocess``): removes the dropped images' entries from
-  ``p.all_*`` / ``processed.all_*``, turns the infotext fields into plain lists of scores (the API's
-  ``extra_generation_params``), and releases the models as the Settings say.
+  ``p.all_*`` / ``processed.all_*``, turns the infotext fields into the lists of scores of the images returned
+  (the API's ``extra_generation_params``; in an X/Y/Z plot, the plot's images: :mod:`.plots`), and releases the
+  models as the Settings say.
 
 Failures never fail the generation: the images are then kept as they are, unscored, and a one-line message goes to
-the UI (``p.comment``, shown under the images), to the log, and to ``ui_notify`` (the Script passes
-``gr.Warning``).
+the UI (``p.comment``, shown under the images), to API clients (``extra_generation_params["ICT reward
+messages"]``, in the API's ``info``), to the log, and to ``ui_notify`` (the Script passes ``gr.Warning``).
+Every command a message suggests is written as it runs in this webui (:mod:`.hints`).
 """
 from __future__ import annotations
 
@@ -24,10 +26,10 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from . import align, other_scripts
+from . import align, hints, other_scripts, plots
 from .holder import ScorerHolder, missing_message, search_dirs, search_models
-from .infotext import (HP_INFOTEXT_KEY, HP_PNG_KEY, ICT_INFOTEXT_KEY, ICT_PNG_KEY, RECORD_PNG_KEY, STATE_ATTR,
-                       ScoreField, add_png_keys, fmt, scores_from_infotext)
+from .infotext import (HP_INFOTEXT_KEY, HP_PNG_KEY, ICT_INFOTEXT_KEY, ICT_PNG_KEY, MESSAGES_KEY, RECORD_PNG_KEY,
+                       STATE_ATTR, ApiList, ScoreField, add_png_keys, fmt, scores_from_infotext, with_message)
 from .judge import Verdict, judge
 from .options import MODE_ANNOTATE, NEEDS_HP, RunArgs, Settings
 from ict_core import metadata
@@ -62,6 +64,8 @@ class RunState:
     finished: bool = False
     messages: list[str] = field(default_factory=list)
     reports: list[str] = field(default_factory=list)
+    plot: plots.PlotCell | None = None           # the X/Y/Z cell this generation is
+    plot_before: dict[str, tuple] = field(default_factory=dict)   # the plot's score lists from earlier cells
 
     def record(self, index: Any, iteration: Any = None) -> dict | None:
         if self.finished:
@@ -101,10 +105,16 @@ class WebuiReward:
 
     # ------------------------------------------------------------------------------------------- messages
     def notify(self, p: Any, state: RunState | None, msg: str, level: int = logging.WARNING) -> None:
+        """One message, once per generation (and once per X/Y/Z plot, whose cells share ``p``'s dicts)."""
+        msg = hints.runnable(msg)
+        egp = getattr(p, "extra_generation_params", None)
+        shown = egp.get(MESSAGES_KEY) if isinstance(egp, dict) else None
+        if (state is not None and msg in state.messages) or (isinstance(shown, ApiList) and msg in shown):
+            return
         if state is not None:
-            if msg in state.messages:
-                return
             state.messages.append(msg)
+        if isinstance(egp, dict):
+            egp[MESSAGES_KEY] = with_message(shown, msg)
         log.log(level, "%s", msg)
         comment = getattr(p, "comment", None)
         if callable(comment):
@@ -126,12 +136,16 @@ class WebuiReward:
             return None
         state = RunState(args=args, settings=settings)
         setattr(p, STATE_ATTR, state)
+        egp = getattr(p, "extra_generation_params", None)
+        if other_scripts.selected_script(p) is not None:
+            state.plot = plots.find_cell()
+        if state.plot is not None and isinstance(egp, dict):
+            state.plot_before = {k: tuple(egp[k]) for k, _ in _FIELDS if isinstance(egp.get(k), ApiList)}
         blocker = other_scripts.positional_script(p)
         if blocker is not None and args.mode != MODE_ANNOTATE:
             state.args = replace(args, mode=MODE_ANNOTATE)
             self.notify(p, state, f"ICT reward: the {blocker} script needs every image in its place, so '{args.mode}'"
                                   f" is not applied; the scores are written (annotate).")
-        egp = getattr(p, "extra_generation_params", None)
         if isinstance(egp, dict):
             egp[ICT_INFOTEXT_KEY] = ScoreField("ict")
             egp[HP_INFOTEXT_KEY] = ScoreField("hp")
@@ -150,7 +164,7 @@ class WebuiReward:
                 why = found.hp_problem or f"no HP model found in {dirs[0]}"
                 if args.by in NEEDS_HP:
                     self.notify(p, state, f"ICT reward: {why}, so ranking by 'ict' instead of '{args.by}'; "
-                                          f"`ict fetch --hp --dest \"{dirs[0]}\"` installs it.")
+                                          f"{hints.fetch_hint(dirs[0])} installs it.")
                 else:
                     self.notify(p, state, f"ICT reward: {why}; only ICT scores are written.")
             state.hp_path = found.hp
@@ -241,16 +255,24 @@ def _png_values(rec: dict, flat_only: bool = False) -> dict[str, str]:
 
 
 def finish_params(state: RunState, p: Any, processed: Any = None) -> None:
-    """Replace the :class:`ScoreField` values by plain JSON: the list of scores of the images kept, in order (the
-    webui indexes such a list by image), or nothing when no image was scored. Forge Classic's ``Processed.js()``
-    has no JSON fallback; A1111's would write null."""
+    """Replace the :class:`ScoreField` values by :class:`ApiList` s (plain JSON, never in an infotext) of the scores
+    of the images returned after the grid, in order, or drop them when no image returned is scored; copy the
+    messages to ``processed`` when its dict is another one. Forge Classic's ``Processed.js()`` has no JSON fallback;
+    A1111's would write null."""
     dicts = [d for d in (getattr(p, "extra_generation_params", None),
                          getattr(processed, "extra_generation_params", None)) if isinstance(d, dict)]
     for key, which in _FIELDS:
-        values = [fmt(r.get(which)) if r else None for r in state.all_records]
+        values: list = [fmt(r.get(which)) if r else None for r in state.all_records]
+        if state.plot is not None:      # X/Y/Z returns this cell's first image (a grid when the cell made one)
+            first = None if int(getattr(processed, "index_of_first_image", 0) or 0) else (values or [None])[0]
+            values = state.plot.api_values(state.plot_before.get(key), first)
         for d in dicts:
-            if isinstance(d.get(key), ScoreField):
+            if isinstance(d.get(key), (ScoreField, ApiList)):
                 if any(v is not None for v in values):
-                    d[key] = list(values)
+                    d[key] = ApiList(values)
                 else:
                     d.pop(key, None)
+    messages = dicts[0].get(MESSAGES_KEY) if dicts else None
+    for d in dicts[1:]:
+        if isinstance(messages, ApiList):
+            d[MESSAGES_KEY] = messages

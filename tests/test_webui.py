@@ -265,7 +265,7 @@ class Webui:
                 image.info["parameters"] = text
                 output_images.append(image)
         index_of_first_image = 0
-        if len(output_images) >= 2:
+        if len(output_images) >= 2 and not getattr(p, "do_not_save_grid", False):
             grid = Image.new("RGB", (W * len(output_images), H))
             for j, im in enumerate(output_images):
                 grid.paste(im, (j * W, 0))

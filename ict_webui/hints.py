@@ -1,0 +1,89 @@
+"""The commands the extension's messages suggest, written so that they run as printed in this webui.
+
+The webui does not put the ``ict`` command on the PATH (only the extension's requirements are installed), so
+a command is ``cd "<extension folder>" && "<the webui's Python>" -m ict_core ...`` with absolute paths: it runs
+from any folder, in the webui's own environment. The engine's messages name commands as the ``ict`` CLI
+(`` `ict fetch ...` ``); :func:`runnable` rewrites them into that form.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+EXTENSION_DIR = Path(__file__).resolve().parents[1]     # holds ict_core/: `python -m ict_core` works from here
+_CLI = re.compile(r"`ict ([^`]+)`")
+_CONVERT = re.compile(r"`ict convert(?: [^`]*)?`")
+
+
+def _quote(arg: str) -> str:
+    return subprocess.list2cmdline([arg]) if os.name == "nt" else shlex.quote(arg)
+
+
+def command(*args: str | os.PathLike) -> str:
+    """``ict ARGS`` as this webui runs it (``cd`` into the extension folder, the webui's Python, ``-m ict_core``)."""
+    cd = "cd /d" if os.name == "nt" else "cd"
+    return " ".join([cd, _quote(str(EXTENSION_DIR)), "&&", _quote(sys.executable), "-m", "ict_core",
+                     *(_quote(str(a)) for a in args)])
+
+
+def runnable(msg: str) -> str:
+    """``msg`` with each `` `ict ARGS` `` rewritten by :func:`command` (arguments as a POSIX shell splits them)."""
+    def one(m: re.Match) -> str:
+        try:
+            args = shlex.split(m.group(1))
+        except ValueError:          # unbalanced quotes: not a command we wrote
+            return m.group(0)
+        return f"`{command(*args)}`"
+    return _CLI.sub(one, msg)
+
+
+def fetch_hint(dest: str | os.PathLike) -> str:
+    """The command that downloads and converts both models into ``dest``."""
+    return f"`{command('fetch', '--hp', '--dest', Path(dest).resolve())}`"
+
+
+def _free(path: Path) -> Path:
+    """``path``, or ``stem-2.suffix``, ``stem-3.suffix`` ...: the first name not taken."""
+    out, n = path, 2
+    while out.exists():
+        out = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        n += 1
+    return out
+
+
+def convert_hint(pickle: Path) -> str:
+    """The command that converts the ICT pickle ``pickle`` into a safetensors file the extension finds. A pickle
+    with a pickle's name is converted beside itself; one with another name (``ict.safetensors``) is first renamed
+    to ``.bin`` (torch reads a ``.safetensors`` name as safetensors), then converted back to its name."""
+    from ict_core.weights import PICKLE_SUFFIXES
+
+    pickle = Path(pickle).resolve()
+    if pickle.suffix.lower() in PICKLE_SUFFIXES:
+        return f"`{command('convert', pickle, '--out', _free(pickle.with_suffix('.safetensors')))}`"
+    kept = _free(pickle.with_suffix(".bin"))
+    move = "move /y" if os.name == "nt" else "mv"
+    return f"`{move} {_quote(str(pickle))} {_quote(str(kept))} && {command('convert', kept, '--out', pickle)}`"
+
+
+def is_pickle(path: Path) -> bool:
+    """Whether the engine takes ``path`` for a PyTorch pickle (its own test, on the file's first bytes)."""
+    from ict_core.weights import _looks_like_pickle
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return head[8:9] != b"{" and _looks_like_pickle(Path(path), head)
+
+
+def for_refused(path: Path, problem: str) -> str:
+    """The engine's message about a model file it refused, with its ``ict convert`` suggestion replaced by one
+    that works here: the pickle converted beside itself, or (any other file: truncated, not converted) the
+    download into its folder, which replaces it."""
+    fix = convert_hint(path) if is_pickle(path) else fetch_hint(Path(path).parent)
+    return runnable(_CONVERT.sub(lambda _: fix, problem))
