@@ -15,6 +15,7 @@ from .reward import WebuiReward
 __all__ = [
     "apply_order", "compact", "HP_INFOTEXT_KEY", "HP_PNG_KEY", "ICT_INFOTEXT_KEY", "ICT_PNG_KEY", "RECORD_PNG_KEY",
     "png_keys_from_infotext", "scores_from_infotext", "AFTER_CHOICES", "DEVICE_CHOICES", "OPTIONS",
-    "PRECISION_CHOICES", "RunArgs", "Settings", "BY_CHOICES", "MODE_CHOICES", "ScorerHolder", "find_models", "search_models",
+    "PRECISION_CHOICES", "RunArgs", "Settings", "BY_CHOICES", "MODE_CHOICES", "ScorerHolder", "find_models",
+    "search_models",
     "clean_prompt", "WebuiReward",
 ]

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 EXTENSION_DIR = Path(__file__).resolve().parents[1]     # holds ict_core/: `python -m ict_core` works from here
-_CLI = re.compile(r"`ict ([^`]+)`")
-_CONVERT = re.compile(r"`ict convert(?: [^`]*)?`")
+_CLI = re.compile(r"`ict ([\w-]+ [^`]+)`")           # a command with arguments (a bare `ict convert` names the tool)
+_CONVERT = re.compile(r"`ict convert [^`]+`")
 
 
 def _quote(arg: str) -> str:
@@ -82,8 +82,10 @@ def is_pickle(path: Path) -> bool:
 
 
 def for_refused(path: Path, problem: str) -> str:
-    """The engine's message about a model file it refused, with its ``ict convert`` suggestion replaced by one
-    that works here: the pickle converted beside itself, or (any other file: truncated, not converted) the
-    download into its folder, which replaces it."""
-    fix = convert_hint(path) if is_pickle(path) else fetch_hint(Path(path).parent)
-    return runnable(_CONVERT.sub(lambda _: fix, problem))
+    """The engine's message about a model file it refused, with a command that works here: for a pickle, its
+    ``ict convert`` suggestion replaced by :func:`convert_hint`; for any other file (truncated, not converted), the
+    download into its folder (which replaces it) added."""
+    if is_pickle(path):
+        fix = convert_hint(path)
+        return runnable(_CONVERT.sub(lambda _: fix, problem) if _CONVERT.search(problem) else f"{problem}; {fix}")
+    return runnable(f"{problem}; to download the weights again: {fetch_hint(Path(path).parent)}")

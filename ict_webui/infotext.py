@@ -26,7 +26,7 @@ from typing import Any
 
 from ict_core.metadata import HP_TEXT_KEY as HP_PNG_KEY
 from ict_core.metadata import ICT_TEXT_KEY as ICT_PNG_KEY
-from ict_core.metadata import KEY as RECORD_PNG_KEY
+from ict_core.metadata import KEY as RECORD_PNG_KEY  # noqa: F401  (re-exported: the PNG key of the record)
 
 ICT_INFOTEXT_KEY = "ICT score"
 HP_INFOTEXT_KEY = "HP score"

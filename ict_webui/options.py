@@ -40,7 +40,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("ict_reward_device", "auto", "Device for the reward models", DEVICE_CHOICES,
            info="auto: the GPU when there is one"),
     Option("ict_reward_precision", "auto", "Precision of the reward models", PRECISION_CHOICES,
-           info="auto: fp32; fp16 / bf16 halve the memory on a GPU (a CPU uses fp32, or bf16 where it runs it natively)"),
+           info="auto: fp32; fp16 / bf16 halve the memory on a GPU (a CPU uses fp32, or bf16 where it runs it "
+                "natively)"),
     Option("ict_reward_after", AFTER_CPU, "Between scorings, the reward models", AFTER_CHOICES,
            info="A1111: 'move to CPU' gives the GPU back after each scoring (the weights wait in RAM, ~6.4 GB for an "
                 "fp32 ICT+HP pair, 3.2 GB in fp16; each scoring first copies them to the GPU); 'keep loaded' leaves "

@@ -163,8 +163,8 @@ class WebuiReward:
             if found.hp is None:
                 why = found.hp_problem or f"no HP model found in {dirs[0]}"
                 if args.by in NEEDS_HP:
-                    self.notify(p, state, f"ICT reward: {why}, so ranking by 'ict' instead of '{args.by}'; "
-                                          f"{hints.fetch_hint(dirs[0])} installs it.")
+                    fix = "" if found.hp_problem else f"; {hints.fetch_hint(dirs[0])} installs it"
+                    self.notify(p, state, f"ICT reward: ranking by 'ict' instead of '{args.by}': {why}{fix}.")
                 else:
                     self.notify(p, state, f"ICT reward: {why}; only ICT scores are written.")
             state.hp_path = found.hp

@@ -514,7 +514,7 @@ def test_no_weights_message_and_generation_still_succeeds(host):
     assert len(images) == 8 and res.all_seeds == list(range(1000, 1008))     # untouched, unscored
     assert all("ICT score" not in t for t in infos)
     msg = next(iter(p.comments))
-    assert "no ICT model found" in msg and "ict fetch" in msg and str(host.models) in msg
+    assert "no ICT model found" in msg and "ict_core fetch" in msg and str(host.models) in msg
     assert host.gr.warnings == [msg]
     assert not host.module.REWARD.holder.loaded
     assert "ict_score" not in Image.open(host.webui.saved[0]).text
@@ -823,7 +823,8 @@ def test_saved_files_and_returned_images_carry_their_own_record(installed):
     for rank, (img, info, path) in enumerate(zip(images, infos, installed.webui.saved), 1):
         params = params_line(info)
         rec = metadata.own_scores(path)
-        assert rec is not None and f"{rec['ict']:.4f}" == params["ICT score"] and f"{rec['hp']:.4f}" == params["HP score"]
+        assert rec is not None and f"{rec['ict']:.4f}" == params["ICT score"]
+        assert f"{rec['hp']:.4f}" == params["HP score"]
         assert (rec["by"], rec["rank"], rec["model"], rec["hp_model"]) == ("ict*hp", rank, "ict.safetensors",
                                                                            "hp.safetensors")
         assert rec["value"] == pytest.approx(rec["ict"] * rec["hp"]) and rec["index"] == int(params["Seed"]) - 1000

@@ -2,6 +2,7 @@
 messages in the response itself, score lists that follow the images returned by X/Y/Z plot and Prompt matrix
 (stand-ins below, cut from A1111 1.10's scripts, which Forge Classic copies), the memory given back after
 unloading, and hints that run as printed."""
+# ruff: noqa: F811  (the fixtures `host`, `installed`, `reference_scorer` are imported from test_webui.py)
 from __future__ import annotations
 
 import json
@@ -347,3 +348,4 @@ def test_hints_are_written_for_this_webui():
     assert "'/a b/models/ict'" in cmd or '"/a b/models/ict"' in cmd
     assert hints.runnable("x `ict fetch --dest \"/m n\"` y") == f"x `{hints.command('fetch', '--dest', '/m n')}` y"
     assert hints.runnable("`cd x` and `ict 'unbalanced`") == "`cd x` and `ict 'unbalanced`"
+    assert hints.runnable("not written by `ict convert`") == "not written by `ict convert`"     # the tool's name
