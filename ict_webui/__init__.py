@@ -3,13 +3,29 @@
 Nothing here imports ``modules.*`` (the webui) and nothing loads a model at import time; ``scripts/ict_reward.py``
 is the thin webui Script that translates the webui's hooks into calls on :class:`WebuiReward`.
 """
-from .align import apply_order, compact
-from .infotext import (HP_INFOTEXT_KEY, HP_PNG_KEY, ICT_INFOTEXT_KEY, ICT_PNG_KEY, RECORD_PNG_KEY,
-                       png_keys_from_infotext, scores_from_infotext)
-from .options import (AFTER_CHOICES, DEVICE_CHOICES, OPTIONS, PRECISION_CHOICES, RunArgs, Settings, BY_CHOICES,
-                      MODE_CHOICES)
-from .holder import ScorerHolder, find_models, search_models
 from ict_core.prompt_syntax import clean_prompt
+
+from .align import apply_order, compact
+from .holder import ScorerHolder, find_models, search_models
+from .infotext import (
+                       HP_INFOTEXT_KEY,
+                       HP_PNG_KEY,
+                       ICT_INFOTEXT_KEY,
+                       ICT_PNG_KEY,
+                       RECORD_PNG_KEY,
+                       png_keys_from_infotext,
+                       scores_from_infotext,
+)
+from .options import (
+                       AFTER_CHOICES,
+                       BY_CHOICES,
+                       DEVICE_CHOICES,
+                       MODE_CHOICES,
+                       OPTIONS,
+                       PRECISION_CHOICES,
+                       RunArgs,
+                       Settings,
+)
 from .reward import WebuiReward
 
 __all__ = [

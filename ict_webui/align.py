@@ -24,8 +24,9 @@ end.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,10 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from ict_core.paths import HP_FILE, ICT_FILE
 from ict_core.weights import PICKLE_SUFFIXES

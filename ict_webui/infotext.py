@@ -48,7 +48,7 @@ class ScoreField(str):
     selection). The grid's infotext (``use_main_prompt=True``) and calls made before the batch was scored get
     ``None`` (left out)."""
 
-    def __new__(cls, which: str) -> "ScoreField":
+    def __new__(cls, which: str) -> ScoreField:
         obj = super().__new__(cls, "")
         obj.which = which          # "ict" or "hp"
         return obj

@@ -7,12 +7,14 @@ caller (:mod:`.reward`), which keeps the generation.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+
+from ict_core.prompt_syntax import clean_prompt
 
 from . import align
 from .options import MODE_ANNOTATE, MODE_KEEP, MODE_RERANK, NEEDS_HP
-from ict_core.prompt_syntax import clean_prompt
 
 log = logging.getLogger(__name__)
 

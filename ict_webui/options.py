@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class Settings:
     after: str
 
     @classmethod
-    def from_opts(cls, get: Callable[[str, Any], Any], webui_models_path: str | None) -> "Settings":
+    def from_opts(cls, get: Callable[[str, Any], Any], webui_models_path: str | None) -> Settings:
         """``get(key, default)`` reads one option (e.g. ``lambda k, d: getattr(shared.opts, k, d)``)."""
         values = {o.key: get(o.key, o.default) for o in OPTIONS}
         folder = str(values["ict_reward_models_dir"] or "").strip()
@@ -96,7 +97,7 @@ class RunArgs:
         return self.use_hp or self.by in NEEDS_HP
 
     @classmethod
-    def from_values(cls, *values: Any) -> "RunArgs":
+    def from_values(cls, *values: Any) -> RunArgs:
         """Tolerant of what gradio and the API send: strings for numbers, missing trailing values, junk."""
         d = cls()
         v = list(values) + [None] * 6

@@ -14,7 +14,8 @@ Nothing here imports the webui at import time; :func:`host_placement` looks for 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -146,13 +147,13 @@ def _devices_not(scorer: Any, run: torch.device) -> set:
 def host_placement(host_device: Callable[[], Any] | None = None):
     """The placement for the running webui: Forge's manager when it has one, else plain torch (A1111)."""
     try:
-        from backend import memory_management as mm            # Forge main, Forge Neo
+        from backend import memory_management as mm  # Forge main, Forge Neo
         from backend.patcher.base import ModelPatcher
         return ManagedPlacement(mm, ModelPatcher, "Forge's memory manager (backend.memory_management)")
     except ImportError:
         pass
     try:
-        import ldm_patched.modules.model_management as mm         # Forge Classic (and Forge before 2024-08)
+        import ldm_patched.modules.model_management as mm  # Forge Classic (and Forge before 2024-08)
         from ldm_patched.modules.model_patcher import ModelPatcher
         return ManagedPlacement(mm, ModelPatcher, "Forge's memory manager (ldm_patched model_management)")
     except ImportError:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)

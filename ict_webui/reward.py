@@ -23,16 +23,31 @@ Every command a message suggests is written as it runs in this webui (:mod:`.hin
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
+
+from ict_core import metadata
 
 from . import align, hints, other_scripts, plots
 from .holder import ScorerHolder, missing_message, search_dirs, search_models
-from .infotext import (HP_INFOTEXT_KEY, HP_PNG_KEY, ICT_INFOTEXT_KEY, ICT_PNG_KEY, MESSAGES_KEY, RECORD_PNG_KEY,
-                       STATE_ATTR, ApiList, ScoreField, add_png_keys, fmt, scores_from_infotext, with_message)
+from .infotext import (
+    HP_INFOTEXT_KEY,
+    HP_PNG_KEY,
+    ICT_INFOTEXT_KEY,
+    ICT_PNG_KEY,
+    MESSAGES_KEY,
+    RECORD_PNG_KEY,
+    STATE_ATTR,
+    ApiList,
+    ScoreField,
+    add_png_keys,
+    fmt,
+    scores_from_infotext,
+    with_message,
+)
 from .judge import Verdict, judge
 from .options import MODE_ANNOTATE, NEEDS_HP, RunArgs, Settings
-from ict_core import metadata
 
 log = logging.getLogger(__name__)
 _FIELDS = ((ICT_INFOTEXT_KEY, "ict"), (HP_INFOTEXT_KEY, "hp"))

@@ -12,14 +12,13 @@ import os
 import sys
 
 import gradio as gr
-
 from modules import paths, script_callbacks, scripts, shared
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:       # ict_core and ict_webui live beside scripts/; appended so nothing is shadowed
     sys.path.append(_ROOT)
 
-from ict_webui import (BY_CHOICES, MODE_CHOICES, OPTIONS, RunArgs, ScorerHolder, Settings, WebuiReward)  # noqa: E402
+from ict_webui import BY_CHOICES, MODE_CHOICES, OPTIONS, RunArgs, ScorerHolder, Settings, WebuiReward  # noqa: E402
 from ict_webui.options import MODE_ANNOTATE, SECTION  # noqa: E402
 from ict_webui.placement import host_placement  # noqa: E402
 from ict_webui.reward import keep_warnings_visible  # noqa: E402

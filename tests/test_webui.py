@@ -18,8 +18,16 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from ict_core import Scorer, ranking
-from ict_webui import (RunArgs, ScorerHolder, Settings, align, clean_prompt, find_models,
-                       png_keys_from_infotext, scores_from_infotext)
+from ict_webui import (
+    RunArgs,
+    ScorerHolder,
+    Settings,
+    align,
+    clean_prompt,
+    find_models,
+    png_keys_from_infotext,
+    scores_from_infotext,
+)
 from ict_webui.infotext import STATE_ATTR, ScoreField
 from ict_webui.options import AFTER_CPU, AFTER_KEEP, AFTER_UNLOAD, OPTIONS
 

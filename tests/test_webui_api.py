@@ -17,8 +17,21 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from test_webui import (H, PROMPTS, W, P, Runner, SelectableScript, create_infotext, host, image_outputs,  # noqa: F401
-                        installed, params_line, reference_scorer, run)
+from test_webui import (  # noqa: F401
+    PROMPTS,
+    H,
+    P,
+    Runner,
+    SelectableScript,
+    W,
+    create_infotext,
+    host,
+    image_outputs,
+    installed,
+    params_line,
+    reference_scorer,
+    run,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MSG = "ICT reward messages"
