@@ -318,7 +318,7 @@ def run_hint(msg: str, tiny_models, tmp_path) -> subprocess.CompletedProcess:
                ICT_HINT_ICT=str(tiny_models.ict_src), ICT_HINT_HP=str(tiny_models.hp_src), HF_HUB_OFFLINE="1")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir(exist_ok=True)
-    return subprocess.run(cmd, shell=True, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, shell=True, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_the_fetch_hint_runs_as_printed(host, tiny_models, tmp_path):
