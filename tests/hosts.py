@@ -8,7 +8,7 @@ One place for the environment variables (``.ci/run`` sets them for each ComfyUI 
   ``../shared/hosts/make_sd15_comfy.py``).
 - ``COMFYUI_FRONTEND_ROOT``: the ``static`` folder of a newer ``comfyui-frontend-package`` for
   ``--front-end-root`` (the browser test's second frontend).
-- ``CHROMIUM``: a Chromium for the browser test (default: ``chromium`` on PATH, as Debian installs it).
+- ``ICT_CHROMIUM``: a Chromium for the browser test (default: ``chromium`` on PATH, as Debian installs it).
 - ``ICT_REQUIRE_HOSTS=1``: a real-host test that skips fails instead (CI sets it once it laid the hosts out).
 
 Real-host tests are the files named ``test_comfyui_*.py`` and ``test_browser*.py``.
@@ -61,7 +61,7 @@ class ComfyUI:
     @classmethod
     def from_env(cls, env: dict | None = None) -> ComfyUI:
         env = os.environ if env is None else env
-        chromium = env.get("CHROMIUM") or "chromium"
+        chromium = env.get("ICT_CHROMIUM") or "chromium"
         return cls(dir=_path(env.get("COMFYUI_DIR")),
                    python=env.get("COMFYUI_PYTHON") or sys.executable,
                    checkpoint=_path(env.get("COMFYUI_CHECKPOINT") or env.get("COMFYUI_SD15_CKPT")),
@@ -114,7 +114,7 @@ class ComfyUI:
     def missing_browser(self) -> str | None:
         """One line saying why the browser test cannot run here, or None."""
         if self.chromium is None:
-            return "no Chromium: install Debian's `chromium` (or set CHROMIUM to one) for the browser test"
+            return "no Chromium: install Debian's `chromium` (or set ICT_CHROMIUM to one) for the browser test"
         try:
             import playwright  # noqa: F401
         except ImportError:
