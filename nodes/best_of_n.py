@@ -201,8 +201,8 @@ def _reproducibility(plan, sampler_name: str, run) -> list[str]:
     """What a plain KSampler run of a kept seed gives, for this sampler, chunk and funnel."""
     notes = []
     if run.chunk < plan.chunk:
-        notes.append(f"{sampler_name} draws per-step noise from one stream per batch, so its candidates are sampled "
-                     f"one at a time (chunk 1 instead of {plan.chunk}), each with its own seed's noise")
+        notes.append(f"{run.shared_stream}, so its candidates are sampled one at a time (chunk 1 instead of "
+                     f"{plan.chunk}), each with its own seed's noise")
     if plan.prunes and sampler_name not in EXACT_SPLIT:
         what = "its per-step noise" if run.noisy and not run.own_noise else "its multistep history"
         notes.append(f"{sampler_name} restarts {what} at a cut: a plain KSampler run of a kept seed gives a slightly "

@@ -100,9 +100,13 @@ class Run:
                                               model_options=model.model_options).sigmas
         self.noisy = draws_noise(sampler_name)
         self.own_noise = sampler_name in NOISE_DEFAULT or sampler_name in NOISE_BROWNIAN
-        chunk = search.plan.chunk
-        # a noise-drawing sampler without a per-candidate noise source shares one stream across a batch
-        self.chunk = 1 if (self.noisy and not self.own_noise) else chunk
+        # what would share one random stream across a batch: then candidates are sampled one at a time
+        self.shared_stream = None
+        if self.noisy and not self.own_noise:
+            self.shared_stream = f"{sampler_name} draws per-step noise from one stream per batch"
+        elif self.mask is not None and comfy.samplers.sampler_object(sampler_name).inpaint_options.get("random"):
+            self.shared_stream = f"{sampler_name} draws its inpainting noise from one stream per batch"
+        self.chunk = 1 if self.shared_stream else search.plan.chunk
         self.state: dict[int, object] = {}     # candidate -> sampler latent at the last cut (model space)
         self.noise_of: dict[int, object] = {}  # candidate -> its per-step noise source
         self.outputs: dict[int, object] = {}   # candidate -> final LATENT samples

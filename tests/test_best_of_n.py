@@ -292,7 +292,8 @@ def test_report_says_when_a_plain_ksampler_regenerates_the_kept_image(sampler, c
 
     from nodes.best_of_n import _reproducibility
 
-    run = SimpleNamespace(chunk=run_chunk, noisy=noisy, own_noise=own)
+    run = SimpleNamespace(chunk=run_chunk, noisy=noisy, own_noise=own,
+                          shared_stream=f"{sampler} draws per-step noise from one stream per batch")
     notes = _reproducibility(Plan.build(8, 1, 10, prune_at, 2, chunk), sampler, run)
     assert says in " ".join(notes)
     if run_chunk < chunk:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from test_browser import page_server, shots  # noqa: F401  (fixtures of the page test below)
 from test_comfyui_integration import COMFYUI_DIR, PACK, ROOT, SKIP_REASON, serve
 
 CHECKPOINT = os.environ.get("COMFYUI_CHECKPOINT")
@@ -211,3 +212,22 @@ def test_example_workflow_runs_through_the_api(bon_server):
     assert report == h["outputs"]["8"]["text"][0]
     assert "cost with pruning: 5 candidate-steps (3x1 + 2x1)" in report and "instead of 6" in report
     assert len(h["outputs"]["7"]["images"]) == 1
+
+
+# ------------------------------------------------------------------------------------- in the page
+def test_funnel_report_is_shown_on_the_node_after_a_run(page_server, shots):  # noqa: F811
+    """The best-of-8 template with a two-cut funnel and an audit (3 candidates, 3 steps, cfg 1, 64 px), run in
+    the page (tests/test_browser.py's harness, classic canvas); the node's screenshot is docs/img's
+    comfyui_best_of_n.png when ICT_BROWSER_SHOTS is set."""
+    import test_browser as tb
+
+    tb._need_browser()
+    wf = tb.small("best_of_8_pruned")
+    node = next(n for n in wf["nodes"] if n["type"] == "ICTBestOfNSampler")
+    w = node["widgets_values"]  # seed, control, steps, cfg, sampler, scheduler, denoise, prompt, n, k, score_by,
+    w[2], w[3], w[8], w[9] = 3, 1.0, 3, 1  # prune_at, survivors, chunk, audit
+    w[11], w[12], w[14] = "0.3, 0.6", "2, 1", True
+    seen = tb._run_in_page(page_server, wf, "classic", shots, "best_of_n_funnel")
+    text = seen["boxes"][str(node["id"])]["text"]
+    assert "funnel: prune_at 0.3, 0.6, survivors 2, 1 (2 cuts)" in text
+    assert "audit: cut 2 at step 2:" in text and not seen["errors"]
