@@ -64,7 +64,7 @@ def measure(args) -> dict:
                "plain": dict(n=args.n, prune_at="1.0", survivors=str(args.n)),
                "small": dict(n=args.small_n, prune_at="1.0", survivors=str(args.small_n))}
 
-    def run(cfg, positive=pos, prompt=PROMPTS[0], audit=False, chunk=1, steps=args.steps, **kw):
+    def run(cfg, positive=pos, prompt=PROMPTS[0], audit=False, chunk=args.chunk, steps=args.steps, **kw):
         counter = ci.CallCounter()
         seen.clear()
         t = time.perf_counter()
@@ -126,7 +126,8 @@ def render(res: dict) -> str:
             f"best-of-{a['n']} | plain best-of-{a['small_n']} |")
     lines = [f"Measured {res['when']} on {res['cpu']} ({res['threads']} torch threads), torch {res['torch']}, "
              f"ComfyUI {res['comfyui']} --cpu imported in one process, random-weight SD1.5 at {a['size']}x"
-             f"{a['size']}, euler/normal, {a['steps']} steps, cfg {a['cfg']:g}, chunk 1, tiny random ICT model. "
+             f"{a['size']}, euler/normal, {a['steps']} steps, cfg {a['cfg']:g}, chunk {a['chunk']}, tiny random ICT "
+             f"model. "
              f"The 2 cores were shared with other jobs. Random weights: this checks the mechanics and the costs, "
              f"not the quality of a pick.", "",
              f"Command: `{res['command']}`", "", head, "|---|---:|---:|---:|"]
@@ -175,6 +176,7 @@ def main():
     p.add_argument("--prune-at", default="0.25, 0.5")
     p.add_argument("--survivors", default="2, 1")
     p.add_argument("--cfg", type=float, default=1.0)
+    p.add_argument("--chunk", type=int, default=1, help="candidates sampled at once in the side-by-side runs")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seed", type=int, default=100)
     p.add_argument("--rounds", type=int, default=1)
