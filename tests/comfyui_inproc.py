@@ -189,11 +189,8 @@ def best_of_n_acceptance(job: dict) -> dict:
             cache[key] = cn.common_ksampler(mdl, s, n_steps, cfg, sampler, "normal", pos, neg, lat)[0]["samples"]
         return cache[key]
 
-    plain = [plain_of(seed + i) for i in range(n)]
-    images = vae.decode(torch.cat(plain))
-    sel = call(pack.NODE_CLASS_MAPPINGS["ICTSelectBest"], model=[ict], images=[images], prompt=[prompt], k=[n],
-               score_by=["ict"], min_score=[-1.0]).result
-    out = {"select_best_order": [int(i) for i in sel[3].split(",")], "select_best_scores": sel[4]}
+    parts = set(job.get("parts") or ("no_pruning", "denoise0", "hooks", "heun", "noise", "masked", "funnel"))
+    out: dict = {}
 
     def run(name, sampler="euler", lat=latent, mdl=model, hidden=None, compare=True, **kw):
         counter = CallCounter()
@@ -212,21 +209,33 @@ def best_of_n_acceptance(job: dict) -> dict:
         Path(job["out"]).write_text(json.dumps(out, indent=1))  # so far: a run stopped by a time limit keeps it
         return r
 
-    pnginfo = {"workflow": {"nodes": []}}
-    r = run("no_pruning", k=n, prune_at=1.0, survivors=n, chunk=1, audit=False, hidden={"extra_pnginfo": pnginfo})
-    _saved(out, r, pnginfo, job)
-    r = run("denoise0", k=1, prune_at=0.5, survivors=1, chunk=1, audit=False, denoise=0.0)
-    out["denoise0"]["latent_is_input"] = r.result[0] is latent or bool(
-        torch.equal(r.result[0]["samples"], latent["samples"]))
-    _hooks(out, node, common, model, pos, seed)
+    if "no_pruning" in parts:
+        plain = [plain_of(seed + i) for i in range(n)]
+        images = vae.decode(torch.cat(plain))
+        sel = call(pack.NODE_CLASS_MAPPINGS["ICTSelectBest"], model=[ict], images=[images], prompt=[prompt], k=[n],
+                   score_by=["ict"], min_score=[-1.0]).result
+        out.update(select_best_order=[int(i) for i in sel[3].split(",")], select_best_scores=sel[4])
+        pnginfo = {"workflow": {"nodes": []}}
+        r = run("no_pruning", k=n, prune_at=1.0, survivors=n, chunk=1, audit=False,
+                hidden={"extra_pnginfo": pnginfo})
+        _saved(out, r, pnginfo, job)
+    if "denoise0" in parts:
+        r = run("denoise0", k=1, prune_at=0.5, survivors=1, chunk=1, audit=False, denoise=0.0)
+        out["denoise0"]["latent_is_input"] = r.result[0] is latent or bool(
+            torch.equal(r.result[0]["samples"], latent["samples"]))
+    if "hooks" in parts:
+        _hooks(out, node, common, model, pos, seed)
     cut = dict(k=1, prune_at=0.5, survivors=1, audit=False)
-    run("heun_cut", "heun", **cut, chunk=1, compare=False)
-    for sampler in job.get("noise_samplers", []):  # per-candidate noise at chunk 2 without pruning
+    if "heun" in parts:
+        run("heun_cut", "heun", **cut, chunk=1, compare=False)
+    for sampler in job.get("noise_samplers", []) if "noise" in parts else ():  # per-candidate noise, chunk 2
         run(f"noise_chunk2_{sampler}", sampler, k=2, prune_at=1.0, survivors=2, chunk=2, audit=False)
         if sampler == "euler_ancestral":  # its noise source continues across a cut
             run("noise_cut_euler_ancestral", sampler, **cut, chunk=1)
-    _masked(out, run, cn, latent, model)
-    _funnel(out, run, pack, vae, ict, prompt, model, pos, neg, latent, seed, cfg)
+    if "masked" in parts:
+        _masked(out, run, cn, latent, model)
+    if "funnel" in parts:
+        _funnel(out, run, pack, vae, ict, prompt, model, pos, neg, latent, seed, cfg)
     return out
 
 

@@ -24,7 +24,8 @@ PROMPT = "a red fox in the snow"
 SEED, N, STEPS = 100, 2, 2  # few candidates and steps: a model call costs 15-180 s on 2 shared CPU cores
 # samplers that draw noise per step: each candidate gets its own seed's noise source (nodes/sampler_run.py)
 NOISE_SAMPLERS = ["euler_ancestral", "dpmpp_2m_sde"]
-# the in-process run's time limit (s); what it did not reach by then is skipped, and says so
+# the in-process run's time limit (s); what it did not reach by then is skipped, and says so.  ICT_BON_PARTS (e.g.
+# "funnel,masked") runs only those parts (tests/comfyui_inproc.py best_of_n_acceptance), the others skip.
 TIME_LIMIT = int(os.environ.get("ICT_BON_TIME_LIMIT", "3600"))
 
 
@@ -45,14 +46,17 @@ def _ict_dir(tmp: Path, tiny_models) -> Path:
 
 @pytest.fixture(scope="module")
 def facts(tmp_path_factory, tiny_models):
-    """One in-process ComfyUI run collecting what the tests below check (about 40 model calls at 64x64)."""
+    """One in-process ComfyUI run collecting what the tests below check (about 40 model calls at 64x64);
+    ICT_BON_FACTS names the facts file of an earlier (or still running) run to check instead."""
+    if os.environ.get("ICT_BON_FACTS"):
+        return json.loads(Path(os.environ["ICT_BON_FACTS"]).read_text())
     _need_comfyui()
     tmp = tmp_path_factory.mktemp("bon_inproc")
     job = {"comfy_dir": COMFYUI_DIR, "checkpoints": str(Path(CHECKPOINT).parent), "checkpoint": Path(CHECKPOINT).name,
            "ict_dir": str(_ict_dir(tmp, tiny_models)), "ict_model": "ict.safetensors", "prompt": PROMPT,
            "seed": SEED, "n": N, "steps": STEPS, "module": "comfyui_inproc", "function": "best_of_n_acceptance",
            "out": str(tmp / "facts.json"), "noise_samplers": NOISE_SAMPLERS, "output_dir": str(tmp / "output"),
-           "cfg": 1.0}
+           "cfg": 1.0, "parts": [p for p in os.environ.get("ICT_BON_PARTS", "").split(",") if p]}
     (tmp / "job.json").write_text(json.dumps(job))
     py = os.environ.get("COMFYUI_PYTHON", sys.executable)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", ICT_CACHE_DIR=str(tmp / "cache"))
