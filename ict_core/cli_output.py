@@ -1,11 +1,12 @@
-"""What the CLI writes: JSON without bare NaN, file names that are not UTF-8, and copies that never
-overwrite anything."""
+"""What the CLI writes: one line per row (control characters escaped), JSON without bare NaN, file names
+that are not UTF-8, and copies that never overwrite anything."""
 from __future__ import annotations
 
 import codecs
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -16,6 +17,13 @@ from .files import open_regular
 
 log = logging.getLogger("ict_core")
 _NAMES = "ict.names"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: object) -> str:
+    """`text` with its control characters (newlines, escapes, C1, line separators) written as Python
+    escapes (\\n, \\x1b): a file name can then neither break "one line per image" nor drive the terminal."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
 
 
 def _names_errors(exc: UnicodeError):

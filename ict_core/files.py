@@ -3,6 +3,7 @@ an output never replaces an input, is written atomically, and gets the usual per
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import stat
 import tempfile
@@ -12,6 +13,9 @@ from typing import BinaryIO, Callable, Sequence
 from .errors import InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+#: The largest image file read (1 GiB): above Pillow's own bound on what it decodes (2 x 89 M pixels of 4 bytes),
+#: so no image that can be scored is refused, and no multi-GB file is read into memory in vain.
+MAX_IMAGE_BYTES = 1 << 30
 
 
 def folder_images(folder: Path) -> list[Path]:
@@ -71,6 +75,44 @@ def open_regular(path: str | Path) -> BinaryIO:
     except BaseException:
         f.close()
         raise
+
+
+def _size_problem(size: int, limit: int, what: str) -> str | None:
+    if size <= limit:
+        return None
+    return f"{size / 2 ** 20:,.0f} MiB, more than the {limit / 2 ** 20:,.0f} MiB {what} may have"
+
+
+def read_regular(path: str | Path, limit: int = MAX_IMAGE_BYTES, what: str = "an image file") -> bytes:
+    """The bytes of a regular file of at most `limit` bytes, read once; InputError (one line naming the
+    path) for anything else. The size is checked before the read, and the read stops past the limit (a
+    file that grows meanwhile)."""
+    problem = regular_file_problem(path)
+    if problem is not None:
+        raise InputError(f"{path}: file not found" if problem == "not found" else f"{path}: {problem}")
+    try:
+        with open_regular(path) as f:
+            problem = _size_problem(os.fstat(f.fileno()).st_size, limit, what)
+            data = b"" if problem else f.read(limit + 1)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+    problem = problem or _size_problem(len(data), limit, what)
+    if problem:
+        raise InputError(f"{path}: {problem}")
+    return data
+
+
+def sha256_file(path: str | Path, limit: int | None = None, what: str = "this file") -> str:
+    """Hex sha256 of a regular file's bytes, read 1 MiB at a time (never whole in memory). OSError when it
+    cannot be read; InputError when it is larger than `limit` (checked before the read)."""
+    h = hashlib.sha256()
+    with open_regular(path) as f:
+        problem = None if limit is None else _size_problem(os.fstat(f.fileno()).st_size, limit, what)
+        if problem:
+            raise InputError(f"{path}: {problem}")
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def check_new_file(out: Path, inputs: Sequence[Path], option: str) -> None:

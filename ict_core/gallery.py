@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 from .cache.embedding_cache import BY
 from .cli_output import json_safe
 from .errors import ICTError, InputError
-from .files import image_files, open_regular
+from .files import image_files
 from .weights import fingerprint  # needs no torch
 
 log = logging.getLogger("ict_core.gallery")
@@ -27,6 +27,7 @@ INDEX_ROUND = 64
 class IndexReport:
     added: int = 0  # encoded and stored now
     already: int = 0  # stored before (same bytes), not encoded again
+    moved: int = 0  # of those, stored under another path before: the path follows the file
     failed: int = 0
     errors: list[str] = field(default_factory=list)  # one line per image that failed, naming it
 
@@ -76,13 +77,15 @@ class Gallery:
         return self._scorer
 
     def index(self, paths: Sequence[str], *, progress: Callable[[int, int], None] | None = None,
-              on_error: Callable[[str], None] | None = None) -> IndexReport:
+              on_error: Callable[[str], None] | None = None, wait: float = 0.0) -> IndexReport:
         """Encode the images (files, or folders searched recursively) not yet in the gallery, and store them.
-        Each file is hashed and decoded from the one read of it, so a file replaced meanwhile cannot put one
-        image's features under another's hash; only regular files are read. A failed image is one line to
-        on_error (default: a logged warning). ICTError, at the first round that cannot be saved, when the cache
-        folder fails (a cache memory-only from the start keeps the images in RAM)."""
-        from .preprocess import bytes_ref
+        Each file is read once through preprocess.read_ref (bounded), then hashed and decoded from those
+        bytes, so a file replaced meanwhile cannot put one image's features under another's hash. A content
+        already stored takes the path it is indexed from now (moved). A failed image is one line to on_error
+        (default: a logged warning). Each round is written before the next; ICTError when a round cannot be
+        written: the cache folder fails (a cache memory-only from the start keeps the images in RAM), or
+        another process holds the database's write lock for `wait` seconds more."""
+        from .preprocess import read_ref
 
         on_error, chosen_memory = on_error or log.warning, self.cache.memory_only  # kept in RAM by choice: fine
         files, report, known = image_files(paths), IndexReport(), set()
@@ -92,17 +95,18 @@ class Gallery:
             todo = {}
             for f in files[start:start + INDEX_ROUND]:
                 try:
-                    with open_regular(f) as fh:
-                        ref = bytes_ref(str(Path(f).resolve()), fh.read())
-                except OSError as e:
-                    self._failed(report, on_error, f"{f}: {e.strerror}" if e.strerror else str(e))
+                    ref = read_ref(f, str(Path(f).resolve()))
+                except ICTError as e:
+                    self._failed(report, on_error, str(e))
                     continue
                 if ref.digest() not in known:
                     todo[ref.digest()] = ref
                     known.add(ref.digest())
             stored, count = self.cache.get_images(self.key, list(todo)), len(todo)
+            self._follow_paths({d: todo[d].label for d in stored}, report)
             todo = {d: r for d, r in todo.items() if d not in stored or (self.hp_path and math.isnan(stored[d][1]))}
             report.already += count - len(todo)
+            added = 0
             if todo:
                 feats = self._model(True).encode_images(None, refs=list(todo.values()))
                 entries = {d: (feats.ict[i].numpy(), None if feats.hp_raw is None else float(feats.hp_raw[i]), r.label)
@@ -110,16 +114,32 @@ class Gallery:
                 for error in filter(None, feats.errors):
                     self._failed(report, on_error, error)
                 self.cache.put_images(self.key, entries)
-                report.added += len(entries)
-            if self.cache.memory_only and not chosen_memory:  # the folder failed: stop encoding in vain
-                saved = report.added - len(entries) if todo else report.added
-                raise ICTError(f"could not save to the cache folder {self.cache.path} (read-only, full or not a "
-                               f"folder); stopped with {saved} new image(s) saved: use a writable cache folder "
-                               f"(--cache-dir) and run again (saved images are not encoded again)")
+                added = len(entries)
+            self._saved(report, added, chosen_memory, wait)
+            report.added += added
             if progress:
                 progress(min(start + INDEX_ROUND, len(files)), len(files))
-        self.cache.flush()
         return report
+
+    def _follow_paths(self, paths: dict, report: IndexReport) -> None:
+        """Stored contents found at another path take the new one (a file moved or renamed)."""
+        old = self.cache.labels(self.key, list(paths))
+        moved = {d: p for d, p in paths.items() if d in old and old[d] != p}
+        if moved:
+            self.cache.relabel(self.key, moved)
+            report.moved += len(moved)
+
+    def _saved(self, report: IndexReport, added: int, chosen_memory: bool, wait: float) -> None:
+        """Raise ICTError unless this round is written (see index)."""
+        if self.cache.memory_only and not chosen_memory:  # the folder failed: stop encoding in vain
+            raise ICTError(f"could not save to the cache folder {self.cache.path}: {self.cache.problem}; stopped "
+                           f"with {report.added} new image(s) saved: use a writable cache folder (--cache-dir) and "
+                           f"run again (saved images are not encoded again)")
+        if self.cache.save(wait):
+            raise ICTError(f"the cache database in {self.cache.path} stayed locked by another process's write "
+                           f"past the wait ({wait:g} s); stopped with {report.added} new image(s) saved and "
+                           f"{added} not saved: run again when the other process is done, or wait longer "
+                           f"(--lock-wait; saved images are not encoded again)")
 
     @staticmethod
     def _failed(report: IndexReport, on_error, line: str) -> None:
@@ -136,6 +156,18 @@ class Gallery:
         vec = self._model(False).encode_prompts([prompt])[0].numpy()  # checks the prompt
         self.cache.put_prompts(self.prompt_key, {prompt: vec})
         return vec
+
+    def cache_prompts(self, prompts: Sequence[str], wait: float = 0.0) -> int:
+        """Put the text features of these prompts into the prompt cache (each distinct one encoded once, none
+        that is cached already), so a search for them needs no model; the count encoded now. ICTError when
+        they cannot be written (see index)."""
+        distinct = list(dict.fromkeys(prompts))
+        missing = [p for p in distinct if p not in self.cache.get_prompts(self.prompt_key, distinct)]
+        if missing:
+            feats = self._model(False).encode_prompts(missing)
+            self.cache.put_prompts(self.prompt_key, {p: feats[i].numpy() for i, p in enumerate(missing)})
+        self._saved(IndexReport(), 0, self.cache.memory_only, wait)
+        return len(missing)
 
     def search(self, prompt: str | None = None, *, top_k: int | None = None, by: str | None = None,
                exact: bool = False) -> list[Hit]:

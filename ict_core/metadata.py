@@ -30,6 +30,8 @@ import json
 import math
 from typing import Any, Iterable
 
+from .files import open_regular
+
 KEY = "ict_reward"
 VERSION = 1
 ICT_TEXT_KEY = "ict_score"      # flat per-image keys (webuis): the same values, 4 decimals
@@ -38,11 +40,39 @@ RECORD_FIELDS = ("ict", "hp", "score", "by", "value", "rank", "index", "prompt",
                  "pixels")
 
 
+#: Characters of one metadata text that are read at most (a record list, a webui infotext, a ComfyUI graph);
+#: a longer value is garbage to these readers, as are deep or mistyped JSON and unreadable chunks.
+MAX_TEXT = 1 << 20
+_NUMBERS = ("ict", "hp", "score", "value")
+_TEXTS = ("by", "prompt", "model", "hp_model", "precision", "pixels", "error")
+
+
 def _num(v) -> float | None:
-    if v is None:
+    if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
     v = float(v)
     return None if math.isnan(v) or math.isinf(v) else v
+
+
+def _int(v) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _sane(rec: dict) -> dict:
+    """A record read from a file with every known field of its documented type (else null); other keys kept
+    only when they are plain JSON scalars."""
+    out = {k: v for k, v in rec.items() if isinstance(k, str) and (v is None or isinstance(v, (str, int, float)))
+           and k not in _NUMBERS + _TEXTS + ("rank", "index")}
+    out.update({k: _num(rec.get(k)) for k in _NUMBERS if k in rec})
+    out.update({k: rec[k] if isinstance(rec.get(k), str) else None for k in _TEXTS if k in rec})
+    out.update({k: _int(rec.get(k)) for k in ("rank", "index") if k in rec})
+    return out
+
+
+def _records(obj) -> list[dict]:
+    """The records of a parsed `ict_reward` value (a dict as built here), sanitised; [] for anything else."""
+    images = obj.get("images") if isinstance(obj, dict) else None
+    return [_sane(r) for r in images if isinstance(r, dict)] if isinstance(images, list) else []
 
 
 def record(result, *, by: str, value=None, rank: int | None = None, model: str | None = None,
@@ -79,54 +109,118 @@ def dumps(records: Iterable[dict]) -> str:
 
 
 def merge(existing: Any, records: Iterable[dict]) -> dict[str, Any]:
-    """`existing` value of the key (a dict as built by this module, its JSON text, or None) plus
-    `records`; a record with the same pixels digest replaces the earlier one (the later node wins)."""
-    if isinstance(existing, str):
-        try:
-            existing = json.loads(existing)
-        except ValueError:
-            existing = None
-    old = list(existing.get("images", [])) if isinstance(existing, dict) else []
+    """`existing` value of the key (a dict as built by this module, its JSON text, None, or anything
+    another node left there: ignored) plus `records`; a record with the same pixels digest replaces the
+    earlier one (the later node wins)."""
+    old = loads(existing) if isinstance(existing, str) else _records(existing)
     new = list(records)
-    seen = {r.get("pixels") for r in new if r.get("pixels")}
-    kept = [r for r in old if not (isinstance(r, dict) and r.get("pixels") in seen)]
+    seen = {r.get("pixels") for r in new if isinstance(r.get("pixels"), str)}
+    kept = [r for r in old if r.get("pixels") not in seen]
     return {"v": VERSION, "images": kept + new}
 
 
-def loads(text: str | None) -> list[dict]:
-    """The records of an `ict_reward` value; [] for a missing or unreadable value."""
-    if not text:
+def loads(text: Any) -> list[dict]:
+    """The records of an `ict_reward` value, each field of its documented type; [] for a missing,
+    unreadable, oversized (MAX_TEXT), too deeply nested or mistyped value."""
+    if not isinstance(text, str) or not text or len(text) > MAX_TEXT:
         return []
     try:
         obj = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return []
-    images = obj.get("images") if isinstance(obj, dict) else None
-    return [r for r in images if isinstance(r, dict)] if isinstance(images, list) else []
+    return _records(obj)
+
+
+def _user_comment(raw: Any) -> str | None:
+    """The text of an EXIF UserComment (the webuis write the infotext there in JPEG and WebP files, with
+    piexif's UNICODE prefix: UTF-16 big-endian)."""
+    if isinstance(raw, str):
+        return raw
+    if not isinstance(raw, bytes):
+        return None
+    prefix, body = raw[:8], raw[8:]
+    if prefix == b"UNICODE\0":
+        if body[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            text = body.decode("utf-16", "replace")
+        else:
+            be, le = body.decode("utf-16-be", "replace"), body.decode("utf-16-le", "replace")
+            text = be if sum(c.isascii() for c in be) >= sum(c.isascii() for c in le) else le
+    elif prefix == b"ASCII\0\0\0":
+        text = body.decode("latin-1")
+    elif prefix == b"\0" * 8:
+        text = body.decode("utf-8", "replace")
+    else:
+        text = raw.decode("utf-8", "replace")
+    return text.rstrip("\0")
+
+
+def _texts(img) -> dict[str, str]:
+    texts = {k: v for k, v in (img.info or {}).items() if isinstance(k, str) and isinstance(v, str)}
+    if "parameters" not in texts:
+        try:
+            comment = _user_comment(img.getexif().get_ifd(0x8769).get(0x9286))  # Exif IFD, UserComment
+        except Exception:  # any EXIF garbage
+            comment = None
+        if comment:
+            texts["parameters"] = comment
+    return {k: v for k, v in texts.items() if len(v) <= MAX_TEXT}
+
+
+def read_texts(image) -> dict[str, str]:
+    """The text metadata of an image (a path or a PIL image): its PNG text chunks, and the webui infotext of a
+    JPEG or WebP (EXIF UserComment) as "parameters". Values longer than MAX_TEXT, and chunks or EXIF that
+    cannot be read, are left out. OSError only when a path cannot be opened (not found, not a regular file)."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return _texts(image)
+    with open_regular(image) as f:
+        try:
+            with Image.open(f) as img:
+                return _texts(img)
+        except Exception:  # not an image, or a text chunk Pillow refuses (too large when decompressed)
+            return {}
 
 
 def read_scores(image) -> list[dict]:
-    """Every record in a saved image's `ict_reward` key (`image`: a path or a PIL image)."""
-    from PIL import Image
+    """Every record in a saved image's `ict_reward` key (`image`: a path or a PIL image); [] when there is
+    none or it is garbage. OSError only when a path cannot be opened."""
+    return loads(read_texts(image).get(KEY))
 
-    img = Image.open(image) if not isinstance(image, Image.Image) else image
-    info = dict(getattr(img, "text", None) or {}) or dict(img.info)
-    return loads(info.get(KEY))
+
+def _digest_of(img) -> str | None:
+    """pixel_digest of an 8-bit image as Pillow reads it; None for other modes (16-bit, 1-bit, float: a
+    host's Save Image writes 8 bits, so no record is theirs) or pixels that cannot be read."""
+    import numpy as np
+
+    if img.mode not in ("RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "RGBX", "LAB", "HSV"):
+        return None
+    try:
+        arr = np.asarray(img)
+    except Exception:  # truncated or undecodable pixels
+        return None
+    return pixel_digest(arr) if arr.dtype == np.uint8 else None
 
 
 def own_scores(image) -> dict | None:
     """The record of this very image: the one whose pixels digest matches the file's pixels, or the only
-    record when it carries no digest (one file, one record, as the webuis write); None if none is its own."""
-    import numpy as np
+    record when it carries no digest (one file, one record, as the webuis write); None if none is its own.
+    Garbage in the file gives None; OSError only when a path cannot be opened."""
     from PIL import Image
 
-    img = Image.open(image) if not isinstance(image, Image.Image) else image
-    records = read_scores(img)
+    if not isinstance(image, Image.Image):
+        with open_regular(image) as f:
+            try:
+                with Image.open(f) as img:
+                    return own_scores(img)
+            except Exception:
+                return None
+    records = read_scores(image)
     if len(records) == 1 and not records[0].get("pixels"):
         return records[0]
     with_pixels = [r for r in records if r.get("pixels")]
     if not with_pixels:
         return None
-    digest = pixel_digest(np.asarray(img))
+    digest = _digest_of(image)
     mine = [r for r in with_pixels if r["pixels"] == digest]
     return mine[-1] if mine else None

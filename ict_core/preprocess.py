@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .files import open_regular, regular_file_problem
+from .files import MAX_IMAGE_BYTES, read_regular, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 _PASS_BYTES = 64 * 1024 * 1024  # working-set cap of one resize pass (keeps 8000x8000 images cheap)
 _WINDOW_OUTPUTS = 4 * 1024 * 1024  # an enlarging pass past this many outputs computes only the kept window
+CROP_AT_LOAD = 1 << 22  # pixels (a 2048 x 2048 image, 12 MB as uint8): a larger one is reduced when it is loaded
 MAX_ASPECT = 50_000  # one resized line of a 1x50000 image is 134 MB of float32: past that, refused
 
 
@@ -86,7 +87,7 @@ class ImageRef:
     _both: Callable[[], tuple[torch.Tensor, str]] | None = None
 
     def load(self) -> torch.Tensor:
-        return check_shape(self._load(), self.label)
+        return bounded(check_shape(self._load(), self.label))
 
     def digest(self) -> str:
         """Content hash used by the image cache: sha256 of the file bytes, or of the 8-bit pixels."""
@@ -98,7 +99,16 @@ class ImageRef:
             t = self.load()
             return t, _pixel_digest(t)
         t, digest = self._both()
-        return check_shape(t, self.label), digest
+        return bounded(check_shape(t, self.label)), digest
+
+
+def bounded(t: torch.Tensor) -> torch.Tensor:
+    """An image of more than CROP_AT_LOAD pixels, reduced at once to its 224 x 224 crop (uint8): the same
+    pixels that pixel_values_for would compute from it (crop_values leaves a 224 x 224 image as it is), so
+    a chunk of very large images never holds them all at full size."""
+    if t.shape[-1] * t.shape[-2] <= CROP_AT_LOAD:
+        return t
+    return crop_values(t.unsqueeze(0))[0].to(torch.uint8)
 
 
 def check_shape(t: torch.Tensor, label: str | None = None) -> torch.Tensor:
@@ -108,30 +118,6 @@ def check_shape(t: torch.Tensor, label: str | None = None) -> torch.Tensor:
         raise InputError(f"{label or 'image'}: {w}x{h} pixels is {'empty' if min(h, w) == 0 else 'too elongated'} "
                          f"to score (the long edge may be at most {MAX_ASPECT} times the short one)")
     return t
-
-
-def _decode(path: Path, with_digest: bool) -> tuple[torch.Tensor, str | None]:
-    """Decode a regular file (a FIFO or a device is refused without blocking), hashing its bytes first
-    if asked; a file that cannot be read is an InputError for that image alone."""
-    problem = regular_file_problem(path)
-    if problem is not None:
-        raise InputError(f"{path}: file not found" if problem == "not found" else f"{path}: {problem}")
-    try:
-        f = open_regular(path)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read image ({e.strerror or e})") from None
-    with f:
-        digest = None
-        try:
-            if with_digest:
-                h = hashlib.sha256()
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-                digest = h.hexdigest()
-                f.seek(0)
-        except OSError as e:
-            raise InputError(f"{path}: cannot read image ({type(e).__name__}: {str(e)[:100]})") from None
-        return decode(f, path), digest
 
 
 def decode(source, label) -> torch.Tensor:
@@ -156,15 +142,18 @@ def bytes_ref(label: str, data: bytes) -> ImageRef:
     return ImageRef(label, lambda: decode(data, label), lambda: digest, lambda: (decode(data, label), digest))
 
 
-def _file_ref(path: Path) -> ImageRef:
-    def digest():
-        h = hashlib.sha256()
-        with open_regular(path) as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
+def read_ref(path: str | Path, label: str | None = None) -> ImageRef:
+    """An image file read once, within files.MAX_IMAGE_BYTES (`ict index`, a --ray job): decoded and hashed
+    from the same bytes. InputError (one line) for a file that is missing, not regular or too large."""
+    return bytes_ref(str(path) if label is None else label, read_regular(path))
 
-    return ImageRef(str(path), lambda: _decode(path, False)[0], digest, lambda: _decode(path, True))
+
+def _file_ref(path: Path) -> ImageRef:
+    """A file read when needed (`ict score`): its bytes through the same bounded reader as `ict index`; its
+    hash alone (a gallery lookup) is streamed."""
+    return ImageRef(str(path), lambda: decode(read_regular(path), path),
+                    lambda: sha256_file(path, MAX_IMAGE_BYTES, "an image file"),
+                    lambda: read_ref(path).load_with_digest())
 
 
 def _pixel_digest(pixels: torch.Tensor) -> str:

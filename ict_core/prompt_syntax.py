@@ -13,6 +13,8 @@ _EMBEDDING = re.compile(r"\bembedding:[^\s,()\[\]]+")
 _SPLIT = re.compile(r"\s+(?:BREAK|AND)(?:\s+-?\d+(?:\.\d+)?)?(?=\s|$)")     # "AND" may carry a weight
 _WEIGHT = re.compile(r":\s*-?\d+(?:\.\d+)?\s*(?=\))")
 _EDIT = re.compile(r"\[([^\[\]]*)\]")
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f\ue000-\ue003]")  # control characters and the placeholders
+_ESCAPES = {"\\(": "\ue000", "\\)": "\ue001", "\\[": "\ue002", "\\]": "\ue003"}
 
 
 def _edit(m: re.Match) -> str:
@@ -28,10 +30,12 @@ def _edit(m: re.Match) -> str:
 
 
 def clean_prompt(text: str | None) -> str:
+    """The words of a prompt without its syntax; escaped brackets (``\\(``) stay as brackets."""
     if not text:
         return ""
-    s = str(text)
-    s = s.replace("\\(", "\x00").replace("\\)", "\x01").replace("\\[", "\x02").replace("\\]", "\x03")
+    s = _UNPRINTABLE.sub(" ", str(text))
+    for escape, placeholder in _ESCAPES.items():
+        s = s.replace(escape, placeholder)
     s = _TAG.sub(" ", s)
     s = _EMBEDDING.sub(" ", s)
     s = _SPLIT.sub(",", " " + s)
@@ -42,7 +46,8 @@ def clean_prompt(text: str | None) -> str:
             break
         s = new
     s = s.replace("(", " ").replace(")", " ").replace("[", " ").replace("]", " ")
-    s = s.replace("\x00", "(").replace("\x01", ")").replace("\x02", "[").replace("\x03", "]")
+    for escape, placeholder in _ESCAPES.items():
+        s = s.replace(placeholder, escape[1])
     s = re.sub(r"\s+", " ", s)
     s = re.sub(r"\s*,(\s*,)+", ",", s)
     s = re.sub(r"\s+,", ",", s)

@@ -5,9 +5,20 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
+
+from .cli_output import one_line
 from .errors import InputError
 
 BY = ("ict", "hp", "ict*hp", "group")
+
+
+def sort_key(values):
+    """Ascending sort keys that put the largest value first and NaN after every number: the one definition
+    of "best first, NaN last" (rank, the gallery search and best-of-N sort by it; ties are left to the caller).
+    Takes a float or a numpy array; None counts as NaN."""
+    v = np.asarray(np.nan if values is None else values, dtype=np.float64)
+    return np.where(np.isnan(v), np.inf, -v)
 
 
 def _check_by(by: str, results: Sequence) -> None:
@@ -51,11 +62,10 @@ def _is_nan(v: float | None) -> bool:
 
 
 def rank(results: Sequence, by: str) -> list[int]:
-    """Indices best first; ties keep input order; NaN values come after every number, then failed
+    """Indices best first (sort_key); ties keep input order; NaN values come after every number, then failed
     images, each in input order."""
     vals = values(results, by)
-    return sorted(range(len(vals)), key=lambda i: (vals[i] is None, _is_nan(vals[i]),
-                                                   0.0 if vals[i] is None or _is_nan(vals[i]) else -vals[i], i))
+    return sorted(range(len(vals)), key=lambda i: (vals[i] is None, float(sort_key(vals[i])), i))
 
 
 @dataclass
@@ -107,12 +117,12 @@ def report(results: Sequence, by: str, selection: Selection | None = None) -> st
         r = results[i]
         mark = "*" if i in picked else " "
         if r.error is not None:
-            lines.append(f"{'-':>4} {i:>3} error: {r.error}")
+            lines.append(f"{'-':>4} {i:>3} error: {one_line(r.error)}")
             continue
         hp = f" {r.hp:7.4f}" if has_hp else ""
         value = f" {vals[i]:8.4f}" if extra else ""
         ict = f"{r.ict:7.4f}" if r.ict is not None else f"{'-':>7}"  # HP alone: no prompt, no ICT
-        lines.append(f"{pos:>4}{mark}{i:>3} {ict}{hp}{value}  {r.label or ''}".rstrip())
+        lines.append(f"{pos:>4}{mark}{i:>3} {ict}{hp}{value}  {one_line(r.label or '')}".rstrip())
     if selection:
         lines.extend(f"note: {n}" for n in selection.notes)
     return "\n".join(lines)

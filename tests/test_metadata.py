@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -73,3 +74,72 @@ def test_pixel_digest_matches_comfyuis_save_conversion():
     as_saved = np.clip(255.0 * t.numpy(), 0, 255).astype(np.uint8)   # nodes.SaveImage
     assert metadata.pixel_digest(as_saved) == metadata.pixel_digest(np.asarray(Image.fromarray(as_saved)))
     assert metadata.pixel_digest(as_saved[..., 0]) != metadata.pixel_digest(as_saved)
+
+
+# ------------------------------------------------------------------------- garbage is ignored, never raised
+DEEP = "[" * 100_000 + "]" * 100_000
+WRONG = json.dumps({"v": 1, "images": [{"ict": "high", "hp": [1], "score": True, "rank": "1", "prompt": 5,
+                                        "pixels": ["not", "hashable"], "extra": {"x": 1}}, "not a record", 7]})
+
+
+@pytest.mark.parametrize("value", [DEEP, '{"v": 1, "images": ' + DEEP + "}", WRONG, "x" * (metadata.MAX_TEXT + 1),
+                                   '{"images": "abc"}', "[1, 2]", "null"])
+def test_garbage_values_are_ignored(tmp_path, value):
+    records = metadata.loads(value)
+    assert all(isinstance(r, dict) for r in records)
+    for r in records:
+        assert r["ict"] is None and r["hp"] is None and r["rank"] is None and r["prompt"] is None
+        assert r["pixels"] is None and "extra" not in r
+    _save(tmp_path / "g.png", _arr(0), {metadata.KEY: value})
+    assert metadata.read_scores(tmp_path / "g.png") == records
+    assert metadata.own_scores(tmp_path / "g.png") in (None, *records)
+
+
+@pytest.mark.parametrize("existing", [DEEP, WRONG, 5, [1, 2], {"images": "abc"}, {"images": [{"pixels": [1]}]},
+                                      {"v": 1, "images": None}])
+def test_merge_takes_whatever_another_node_left(existing):
+    """The ComfyUI node merges into pnginfo[KEY] whatever an earlier node put there (a TypeError reached it)."""
+    new = [{"ict": 0.1, "pixels": "sha256:ab"}]
+    merged = metadata.merge(existing, new)
+    assert merged["images"][-1] == new[0] and all(isinstance(r, dict) for r in merged["images"])
+    json.dumps(merged)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "1", "I", "F"])
+def test_wide_and_one_bit_images_have_no_own_record_and_do_not_raise(tmp_path, mode):
+    rec = {"ict": 0.2, "pixels": metadata.pixel_digest(_arr(0))}
+    img = Image.new(mode, (8, 6))
+    info = PngInfo()
+    info.add_text(metadata.KEY, metadata.dumps([rec, dict(rec, pixels="sha256:00")]))
+    path = tmp_path / ("w.png" if mode in ("I;16", "1") else "w.tif")
+    img.save(path, pnginfo=info) if path.suffix == ".png" else img.save(path)
+    assert metadata.own_scores(path) is None
+    assert len(metadata.read_scores(path)) == (2 if path.suffix == ".png" else 0)
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+def test_oversized_text_chunks_are_ignored(tmp_path, compressed):
+    info = PngInfo()
+    info.add_itxt(metadata.KEY, metadata.dumps([{"ict": 0.1}]) + " " * (2 << 20), zip=compressed)
+    info.add_text("parameters", "x" * (metadata.MAX_TEXT + 10))
+    Image.fromarray(_arr(0)).save(tmp_path / "big.png", pnginfo=info)
+    assert metadata.read_scores(tmp_path / "big.png") == []
+    assert metadata.own_scores(tmp_path / "big.png") is None
+    assert "parameters" not in metadata.read_texts(tmp_path / "big.png")
+
+
+def test_show_and_prompt_from_metadata_survive_garbage_files(tmp_path, capsys):
+    """Through the CLI: one line per file, no traceback."""
+    from ict_core.cli import main
+
+    _save(tmp_path / "deep.png", _arr(0), {metadata.KEY: DEEP, "prompt": DEEP, "parameters": "\x00" * 10})
+    _save(tmp_path / "wrong.png", _arr(1), {metadata.KEY: WRONG, "prompt": '{"1": {"inputs": 5}, "2": []}'})
+    (tmp_path / "junk.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 50)
+    code = main(["show", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 0 and "Traceback" not in err and len(out.strip().splitlines()) == 4  # wrong.png: 2 lines
+    from ict_core.prompt_source import prompt_of
+
+    for name in ("deep.png", "wrong.png", "junk.png"):
+        found = prompt_of(tmp_path / name)
+        assert found.prompt is None and found.error.startswith(str(tmp_path / name))

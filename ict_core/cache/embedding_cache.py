@@ -19,7 +19,7 @@ import numpy as np
 
 from . import gallery_search as gs
 from .keys import resolve_cache_dir, safe_name
-from .store import Busy, Store
+from .store import Busy, Store  # noqa: F401  (Busy: raised by clear)
 
 log = logging.getLogger("ict_core.cache")
 
@@ -79,6 +79,7 @@ class EmbeddingCache:
         self._store = Store(self.path, lock_timeout, memory_only)
         self._lock = threading.RLock()
         self._pending: dict = {}  # (kind, key) -> {name: item} not written yet (the database was locked)
+        self._labels: dict = {}  # gallery -> {hash: label} not written yet
         self._used: dict = {}  # (kind, key) -> {id: time} of hits not written yet
         self._ivf: dict = {}  # gallery -> gallery_search.Ivf
         self._used_saved, self._warned = time.monotonic(), set()
@@ -87,6 +88,7 @@ class EmbeddingCache:
 
     counters = property(lambda self: dict(self._counters))
     memory_only = property(lambda self: self._store.memory_only)
+    problem = property(lambda self: self._store.problem, doc="why the folder is not used (None when it is)")
 
     def reset_counters(self) -> None:
         self._counters = dict(prompt_hits=0, prompt_misses=0, image_hits=0, image_misses=0)
@@ -112,6 +114,64 @@ class EmbeddingCache:
         """Store {hash: (vector, hp_raw or None/NaN, label)}; non-finite vectors are skipped."""
         self._put("i", gallery, [(d, v, hp, "" if label is None else str(label))
                                  for d, (v, hp, label) in entries.items()])
+
+    def unsaved(self) -> int:
+        """Entries put but not written yet (another process held the write lock past the timeout)."""
+        with self._lock:
+            return sum(len(p) for p in self._pending.values()) + sum(len(m) for m in self._labels.values())
+
+    def save(self, wait: float = 0.0) -> int:
+        """Write what is pending, trying again while another process holds the write lock, for at most
+        `wait` seconds (a line on the log every 10 s of it). Returns unsaved() (0: all written).
+        Why: a command that reports work as stored must know whether it is."""
+        pause = self._pauses(wait)
+        with self._lock:
+            while True:
+                for kind, key in list(self._pending):
+                    self._write(kind, key)
+                self._write_labels()
+                left = self.unsaved()
+                if not left or not pause():
+                    return left
+
+    def _pauses(self, wait: float):
+        """pause() -> False once `wait` seconds have passed, else sleeps a little and says so every 10 s."""
+        deadline, said = time.monotonic() + max(0.0, wait), []
+
+        def pause() -> bool:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if not said or said[-1] - left >= 10:
+                said.append(left)
+                log.warning("ict-reward cache: %s is being written by another process; waiting for it (%.0f s "
+                            "left)", self._store.file, left)
+            time.sleep(min(0.5, left))
+            return True
+        return pause
+
+    def labels(self, gallery: str, hashes) -> dict:
+        """{hash: label} of the stored images among `hashes` (the path each content was last indexed from)."""
+        with self._lock:
+            names = [h for h in dict.fromkeys(hashes) if isinstance(h, str)]
+            found = self._store.labels(gallery, names)
+            found.update({h: lab for h, lab in self._labels.get(gallery, {}).items() if h in found})
+            return found
+
+    def relabel(self, gallery: str, labels: dict) -> None:
+        """Set the label (path) of stored images {hash: label}: the paths of a content follow its files.
+        A label is not part of a vector, so the gallery's IVF index stays valid."""
+        with self._lock:
+            self._labels.setdefault(gallery, {}).update({h: str(lab) for h, lab in labels.items()})
+            self._write_labels()
+
+    def _write_labels(self) -> None:
+        for gallery, labels in list(self._labels.items()):
+            try:
+                self._store.relabel(gallery, labels)
+            except Busy:
+                continue
+            del self._labels[gallery]
 
     def image_count(self, gallery: str) -> int:
         with self._lock:
@@ -162,8 +222,8 @@ class EmbeddingCache:
         except Busy as exc:
             if "busy" not in self._warned:
                 self._warned.add("busy")
-                log.warning("ict-reward cache: %s stayed locked for %.0f s (%s); saving later",
-                            self._store.file, self._store.timeout, exc)
+                log.warning("ict-reward cache: %s stayed locked by another process for %.0f s (%s); kept in "
+                            "memory until a later save", self._store.file, self._store.timeout, exc)
             return
         del self._pending[(kind, key)]
         self._used.pop((kind, key), None)
@@ -195,10 +255,10 @@ class EmbeddingCache:
             else:  # the candidates of the IVF index, else every row
                 rows = self._store.chunks(gallery)
                 if not exact and by == "ict" and top_k is not None and faiss is not None and meta["n"] >= gs.IVF_MIN \
-                        and np.isfinite(q).all():
+                        and gs.candidates(top_k, meta["n"]) < meta["n"] and np.isfinite(q).all():
                     held, path = self._ivf.get(gallery), self.path / "faiss" / (safe_name(gallery) + ".faiss")
                     ix = self._ivf[gallery] = gs.ivf_index(faiss, self._store, gallery, meta, path, held, q)
-                    found = ix.search(faiss, q, gs.candidates(top_k))
+                    found = ix.search(faiss, q, gs.candidates(top_k, meta["n"]))
                     rows = rows if found is None else [self._store.fetch(gallery, found)]
                 ids, ict, value = gs.exact_search(faiss, rows, q, top_k, by, meta["xmax"])
             info = self._store.describe(ids)
@@ -212,6 +272,7 @@ class EmbeddingCache:
         with self._lock:
             for kind, key in list(self._pending):
                 self._write(kind, key)
+            self._write_labels()
             if not force and time.monotonic() - self._used_saved < self.lru_flush_interval:
                 return
             for (kind, key), used in list(self._used.items()):
@@ -247,16 +308,22 @@ class EmbeddingCache:
                     "max_prompts": self.max_prompts, "max_images": self.max_images,
                     "memory_only": self.memory_only, "counters": self.counters}
 
-    def clear(self, prompts: bool = True, images: bool = True) -> None:
-        """Forget every table of the chosen kinds (all models), for every process sharing the folder."""
+    def clear(self, prompts: bool = True, images: bool = True, wait: float = 0.0) -> None:
+        """Forget every table of the chosen kinds (all models), for every process sharing the folder.
+        Busy, with nothing cleared, when another process holds the write lock `wait` seconds past the timeout."""
         kinds = [k for k, on in (("p", prompts), ("i", images)) if on]
+        pause = self._pauses(wait)
         with self._lock:
+            while True:
+                try:
+                    self._store.clear(kinds)
+                    break
+                except Busy:
+                    if not pause():
+                        raise
             self._pending = {k: v for k, v in self._pending.items() if k[0] not in kinds}
             self._used = {k: v for k, v in self._used.items() if k[0] not in kinds}
+            self._labels = {} if images else self._labels
             self._ivf = {} if images else self._ivf
-            try:
-                self._store.clear(kinds)
-            except Busy:
-                return log.warning("ict-reward cache: %s is locked by another process; not cleared", self._store.file)
             for f in (self.path / "faiss").glob("*") if images and not self.memory_only else ():
                 f.unlink()

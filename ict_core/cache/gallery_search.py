@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..ranking import sort_key
 from .keys import prompt_key_of
 
 log = logging.getLogger("ict_core.cache")
@@ -39,8 +40,9 @@ def exact_scores(vectors: np.ndarray, q: np.ndarray) -> np.ndarray:
     return np.einsum("ij,j->i", vectors, q)
 
 
-def candidates(k: int) -> int:
-    return max(10 * k, 100)
+def candidates(k: int, rows: int | None = None) -> int:
+    """How many rows an index proposes for a top k: never more than the `rows` it holds."""
+    return max(10 * k, 100) if rows is None else min(max(10 * k, 100), rows)
 
 
 def sigmoid(x) -> np.ndarray:
@@ -50,28 +52,25 @@ def sigmoid(x) -> np.ndarray:
     return np.where(x >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
 
 
-def _key(value: np.ndarray) -> np.ndarray:
-    return np.where(np.isnan(value), np.inf, -value)  # best first, NaN last
-
-
 def ranked(ids, ict, value, k):
     """Best first, ties by id (insertion order), NaN last; the first k (all for None)."""
-    order = np.lexsort((ids, _key(value)))[:k]
+    order = np.lexsort((ids, sort_key(value)))[:k]
     return ids[order], ict[order], value[order]
 
 
 def _chunk_best(faiss, ids, vecs, hp, q, k, by, eps):
     """(ids, ict, value) of the rows of one chunk that can be in the top k, every tie of the k-th kept."""
     rows = slice(None)  # every row, unless the flat index narrows them down
-    if by == "ict" and k is not None and faiss is not None and len(ids) > candidates(k):
+    if by == "ict" and k is not None and faiss is not None and len(ids) > candidates(k, len(ids)):
         flat = faiss.IndexFlatIP(vecs.shape[1])
         flat.add(vecs)
-        approx, cand = flat.search(q[None], candidates(k))
+        approx, cand = flat.search(q[None], candidates(k, len(ids)))
         if approx[0, -1] + eps < np.sort(exact_scores(vecs[cand[0]], q))[-k]:
             rows = cand[0]
     ict = exact_scores(vecs[rows], q)
     value = ict.astype(np.float64) * (sigmoid(hp[rows]) if by == "ict*hp" else 1.0)
-    keep = slice(None) if k is None or len(value) <= k else _key(value) <= np.partition(_key(value), k - 1)[k - 1]
+    keys = sort_key(value)
+    keep = slice(None) if k is None or len(value) <= k else keys <= np.partition(keys, k - 1)[k - 1]
     return ids[rows][keep], ict[keep], value[keep]
 
 

@@ -39,6 +39,22 @@ class Busy(Exception):
     """The database stayed locked by another process's write past the timeout."""
 
 
+class Foreign(sqlite3.DatabaseError):
+    """The file is a valid SQLite database of another program: it is left untouched (never set aside)."""
+
+
+def _check_ours(conn, file) -> None:
+    """Foreign unless the database is empty or holds this cache's tables (and nothing else)."""
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")} - {"sqlite_sequence"}
+    need = {"entries": {"id", "kind", "key", "name", "vec", "crc", "hp", "label", "used"},
+            "meta": {"kind", "key", "dim", "n", "edits", "xmax", "ix"}}
+    ours = not tables or (tables == set(need) and all(
+        cols <= {r[1] for r in conn.execute(f"PRAGMA table_info({t})")} for t, cols in need.items()))
+    if not ours:
+        raise Foreign(f"{file} is an SQLite database of another program or format (tables: "
+                      f"{', '.join(sorted(tables))[:200]}); it is left as it is: use another cache folder")
+
+
 def text(s: str) -> bytes:
     return s.encode("utf-8", "surrogatepass")  # prompts and file names may hold lone surrogates
 
@@ -58,6 +74,8 @@ def vector(blob, crc: int) -> np.ndarray:
 
 
 def _fault(exc: Exception) -> str:
+    if isinstance(exc, Foreign):
+        return "foreign"
     msg = str(exc).lower()
     if "malformed" in msg or "not a database" in msg:
         return "damaged"
@@ -70,6 +88,7 @@ class Store:
     def __init__(self, folder, timeout: float, memory_only: bool = False):
         self.folder, self.file, self.timeout = folder, folder / DB_NAME, timeout
         self.conn, self.writable, self.memory_only = None, False, False
+        self.problem: str | None = None  # why the store is memory-only when it did not choose to be
         if memory_only:
             self._go_memory(None)
 
@@ -82,6 +101,7 @@ class Store:
             self._set_aside_old_format()
         conn = sqlite3.connect(self.file, timeout=self.timeout, check_same_thread=False, isolation_level="IMMEDIATE")
         try:
+            _check_ours(conn, self.file)
             conn.executescript("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;" + SCHEMA)
             return conn, True
         except sqlite3.Error as exc:
@@ -90,7 +110,12 @@ class Store:
                 raise
         # a read-only folder: a WAL reader needs a -shm file it cannot make, so read the file as it is
         conn = sqlite3.connect(f"{self.file.resolve().as_uri()}?immutable=1", uri=True, check_same_thread=False)
-        conn.execute("SELECT count(*) FROM meta").fetchone()
+        try:
+            _check_ours(conn, self.file)
+            conn.execute("SELECT count(*) FROM meta").fetchone()
+        except sqlite3.Error:
+            conn.close()
+            raise
         return conn, False
 
     def run(self, fn, write: bool = False):
@@ -139,8 +164,9 @@ class Store:
         mem.executescript(SCHEMA)
         self.conn, self.writable, self.memory_only = mem, True, True
         if exc is not None:
-            log.warning("ict-reward cache: cannot write to %s (%s); keeping the cache in memory only",
-                        self.folder, exc)
+            self.problem = (str(exc) if isinstance(exc, Foreign) else
+                            f"cannot write to {self.folder} ({exc}): read-only, full or not a folder")
+            log.warning("ict-reward cache: %s; keeping the cache in memory only", self.problem)
 
     def _set_aside(self, exc) -> None:
         self.close()
@@ -230,6 +256,17 @@ class Store:
             conn.execute("UPDATE meta SET n=n+?, edits=edits+?, xmax=max(xmax, ?) WHERE kind=? AND key=?",
                          (added - evicted, replaced + evicted, xmax, kind, key))
         self.write(fn)
+
+    def labels(self, gallery: str, names: list) -> dict:
+        """{name: label} of a gallery's stored images among names."""
+        return dict(self._by("SELECT name, label FROM entries WHERE kind='i' AND key=? AND name IN (?)",
+                             [text(n) for n in names], gallery, each=lambda r: (untext(r[0]), untext(r[1]))))
+
+    def relabel(self, gallery: str, labels: dict) -> None:
+        """Set the label of stored images {name: label}; vectors and use times are kept."""
+        rows = [(text(label), text(name)) for name, label in labels.items()]
+        self.write(lambda c: c.executemany("UPDATE entries SET label=? WHERE kind='i' AND key=? AND name=?",
+                                           [(lab, gallery, name) for lab, name in rows]))
 
     def touch(self, used: dict, conn=None) -> None:
         """Record use times {id: time}, in conn's transaction if given."""
