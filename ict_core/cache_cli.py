@@ -1,21 +1,24 @@
 """`ict index`, `ict search`, `ict cache stats|clear`: options in, lines out; ict_core.gallery and
-ict_core.cache do the work. ict_core.cli hands in its helpers (no import back); errors are ICTError (one line)."""
+ict_core.cache do the work. Errors are ICTError (one line, exit 1); a write that did not happen is never
+reported as done."""
 from __future__ import annotations
 
 import json
 import sys
-from types import SimpleNamespace
 
+from .cli_common import Progress, lock_wait_arg, model_path
+from .cli_output import one_line
 from .errors import ICTError, InputError
 
-_host = SimpleNamespace()
 
-
-def add_subcommands(sub, model_args, *, model_path, progress) -> None:
-    """Register index, search and cache; model_args adds --model etc., the rest are cli's helpers."""
-    _host.__dict__.update(model_path=model_path, progress=progress)
+def add_subcommands(sub, model_args) -> None:
+    """Register index, search and cache on the `ict` subparsers; model_args adds --model and the rest."""
     p = sub.add_parser("index", help="add images to the gallery (encoded once; see `ict search`)")
     p.add_argument("paths", nargs="+", metavar="DIR", help="image folders (searched recursively) or files")
+    p.add_argument("--prompt-from-metadata", action="store_true",
+                   help="also encode the prompt stored in each image (webui parameters, ComfyUI graph, ict_reward "
+                        "record) into the prompt cache, so `ict search` with it needs no model")
+    lock_wait_arg(p)
     p.set_defaults(func=cmd_index)
     model_args(p)
     p = sub.add_parser("search", help="rank the indexed images for a prompt, without encoding images")
@@ -37,36 +40,60 @@ def add_subcommands(sub, model_args, *, model_path, progress) -> None:
     which = clear.add_mutually_exclusive_group()
     which.add_argument("--prompts", action="store_true", help="only the prompt features")
     which.add_argument("--images", action="store_true", help="only the image gallery")
+    lock_wait_arg(clear)
     for s, func in ((stats, cmd_cache_stats), (clear, cmd_cache_clear)):
         s.add_argument("--cache-dir", help="embedding cache folder (default $ICT_CACHE_DIR or ~/.cache/ict-reward)")
         s.set_defaults(func=func)
 
 
+def _cache(args):
+    """The cache these options name. A write waits at most a second in SQLite: longer waits are the
+    command's own (--lock-wait), with a line on stderr while they last."""
+    from .cache import EmbeddingCache
+    return EmbeddingCache(args.cache_dir, lock_timeout=min(1.0, getattr(args, "lock_wait", 30.0)))
+
+
 def _gallery(args):
     """The Gallery these options name (ict_core.gallery holds the workflow; this only translates options)."""
-    from .cache import EmbeddingCache
     from .gallery import Gallery
     if getattr(args, "no_cache", False):
         raise InputError(f"`ict {args.command}` works on the embedding cache; drop --no-cache")
-    ict = _host.model_path(args.model, "ict", True)
-    hp = None if args.no_hp else _host.model_path(args.hp_model, "hp", getattr(args, "by", "ict") in ("hp", "ict*hp"))
-    return Gallery(ict, hp, cache=EmbeddingCache(args.cache_dir), device=args.device, precision=args.precision,
-                   config=args.config)
+    ict = model_path(args.model, "ict", True)
+    hp = None if args.no_hp else model_path(args.hp_model, "hp", getattr(args, "by", "ict") in ("hp", "ict*hp"))
+    return Gallery(ict, hp, cache=_cache(args), device=args.device, precision=args.precision, config=args.config)
 
 
 def cmd_index(args) -> int:
     """Encode the images not yet in the gallery of this (ICT, HP) pair and store them."""
-    gallery, bar = _gallery(args), _host.progress(args.quiet, "indexing")
+    gallery, bar = _gallery(args), Progress(args.quiet, "indexing")
     try:  # one line per image that fails, as it happens
-        report = gallery.index(args.paths, progress=bar, on_error=lambda line: print(f"ict: cannot index: {line}",
-                                                                                        file=sys.stderr))
+        report = gallery.index(args.paths, progress=bar, wait=args.lock_wait,
+                               on_error=lambda line: print(f"ict: cannot index: {one_line(line)}", file=sys.stderr))
     finally:
         bar.close()
-    print(f"indexed {report.added} new image(s), {report.already} already stored, {report.failed} failed; "
-          f"the gallery holds {len(gallery)} image(s) ({gallery.cache.path})")
+    moved = f" ({report.moved} now under their new path)" if report.moved else ""
+    print(f"indexed {report.added} new image(s), {report.already} already stored{moved}, {report.failed} failed; "
+          f"the gallery holds {len(gallery)} image(s) ({one_line(gallery.cache.path)})")
+    if args.prompt_from_metadata:
+        _cache_prompts(gallery, args)
     if report.failed and not report.added and not report.already:
         raise ICTError(f"none of the {report.failed} image(s) could be indexed; see the messages above")
     return 0
+
+
+def _cache_prompts(gallery, args) -> None:
+    """--prompt-from-metadata: each image's own prompt into the prompt cache; a line per image without one."""
+    from .files import image_files
+    from .prompt_source import prompts_of
+
+    found = prompts_of(image_files(args.paths))
+    for f in found:
+        if f.error:
+            print(f"ict: no prompt: {one_line(f.error)}", file=sys.stderr)
+    prompts = [f.prompt for f in found if f.prompt]
+    encoded = gallery.cache_prompts(prompts, wait=args.lock_wait)
+    print(f"prompts: {len(set(prompts))} distinct prompt(s) from {len(prompts)} image(s) in the prompt cache "
+          f"({encoded} encoded now), {len(found) - len(prompts)} image(s) without one")
 
 
 def cmd_search(args) -> int:
@@ -85,7 +112,7 @@ def cmd_search(args) -> int:
     print(f"{'rank':>4} {'ict':>7}" + (f" {'hp':>7}" if has_hp else "") + f" {by:>8}  image")
     for r in rows:
         print(f"{r['rank']:>4} {cell(r['ict'])}" + (f" {cell(r['hp'])}" if has_hp else "")
-              + f"  {cell(r['value'])}  {r['image']}")
+              + f"  {cell(r['value'])}  {one_line(r['image'])}")
     return 0
 
 
@@ -96,20 +123,28 @@ def cmd_cache_stats(args) -> int:
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
-    print(f"path:     {stats['path']}\nprompts:  {stats['prompts']}\nimages:   {stats['images']}\n"
+    print(f"path:     {one_line(stats['path'])}\nprompts:  {stats['prompts']}\nimages:   {stats['images']}\n"
           f"size:     {stats['bytes'] / 2 ** 20:.1f} MiB", *(f"  {t['kind']:<8} {t['count']:>8}  {t['key']}"
                                                          for t in stats["tables"]), sep="\n")
     return 0
 
 
 def cmd_cache_clear(args) -> int:
-    from .cache import EmbeddingCache
+    """Clear the chosen tables; exit 1, with nothing reported as cleared, when that cannot be done."""
+    from .cache import Busy
     prompts, images = (not args.images), (not args.prompts)
-    cache = EmbeddingCache(args.cache_dir)
+    cache = _cache(args)
     before = cache.stats()
-    cache.clear(prompts=prompts, images=images)
     if cache.memory_only:
-        raise ICTError(f"cannot delete files in {cache.path}; check its permissions")
+        raise ICTError(f"cannot clear {cache.path}: {cache.problem}")
+    try:
+        cache.clear(prompts=prompts, images=images, wait=args.lock_wait)
+    except Busy:
+        raise ICTError(f"not cleared: another process kept writing to {cache.path} past the wait "
+                       f"({args.lock_wait:g} s); run `ict cache clear` again when it is done, or wait longer "
+                       f"(--lock-wait)") from None
+    if cache.memory_only:
+        raise ICTError(f"cannot clear {cache.path}: {cache.problem}")
     what = [f"{before['prompts']} prompt(s)"] * prompts + [f"{before['images']} image(s)"] * images
-    print(f"cleared {' and '.join(what)} from {cache.path}")
+    print(f"cleared {' and '.join(what)} from {one_line(cache.path)}")
     return 0

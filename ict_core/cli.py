@@ -6,13 +6,15 @@ import csv
 import json
 import logging
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Sequence
 
 from . import __version__, paths, ranking
-from .cli_output import check_copy_to, copy_new, json_safe, tolerant_stdout
+from .cli_common import Progress, model_args, model_path, open_cache, shown
+from .cli_output import check_copy_to, copy_new, json_safe, one_line, tolerant_stdout
 from .errors import ICTError, InputError
 from .files import image_files
 
@@ -20,71 +22,62 @@ log = logging.getLogger("ict_core")
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-def _model_path(given: str | None, kind: str, required: bool) -> str | None:
-    if given:
-        return given
-    default = paths.default_model(kind)
-    if default.exists():
-        return str(default)
-    if required:
-        raise InputError(f"no ICT model: pass --model FILE.safetensors, or run `ict fetch` to put one in {default} "
-                         f"(set ${paths.MODELS_ENV} to use another folder)")
-    return None
-
-
-def open_cache(args):
-    """The embedding cache for this run, or None with --no-cache or when it cannot be had."""
-    if getattr(args, "no_cache", False):
-        return None
-    try:
-        from .cache import EmbeddingCache
-    except ImportError as e:  # the cache is an accelerator, never a point of failure
-        log.warning("embedding cache unavailable (%s); scoring without it", e)
-        return None
-    return EmbeddingCache(getattr(args, "cache_dir", None))
-
-
 def load_scorer(args, need_hp: bool = False):
     from .scorer import Scorer
 
-    model = _model_path(args.model, "ict", True)
-    hp = None if getattr(args, "no_hp", False) else _model_path(args.hp_model, "hp", need_hp)
+    model = model_path(args.model, "ict", True)
+    hp = None if getattr(args, "no_hp", False) else model_path(args.hp_model, "hp", need_hp)
     return Scorer.load(model, hp, device=args.device, precision=args.precision, cache=open_cache(args),
                        config=args.config)
 
 
-class Progress:
-    """tqdm on stderr, adapted to the engine's progress(done, total) callback."""
+def _prompts(args, images: list[str]):
+    """(prompt or per-image prompts or None, {index: error row text}) for this run: --prompt wins; with
+    --prompt-from-metadata each image's own prompt, and an error for each image without one."""
+    if args.prompt is not None:
+        if getattr(args, "prompt_from_metadata", False):
+            log.info("--prompt given: the prompts in the images' metadata are not read")
+        from .prompt_source import usable_prompt
+        return usable_prompt(args.prompt, "--prompt"), {}
+    if not getattr(args, "prompt_from_metadata", False):
+        return None, {}
+    from .prompt_source import prompts_of
+    found = prompts_of(images)
+    for f in found:
+        if f.prompt is not None:
+            log.info("prompt from the %s", f.source)
+    return [f.prompt for f in found], {i: f.error for i, f in enumerate(found) if f.prompt is None}
 
-    def __init__(self, quiet: bool, desc: str):
-        self.quiet, self.desc, self.bar = quiet, desc, None
 
-    def __call__(self, done: int, total: int) -> None:
-        if self.quiet:
-            return
-        if self.bar is None:
-            from tqdm import tqdm
+def _in_input_order(images: list[str], todo: list[int], scored: list, failed: dict) -> list:
+    """One row per input path, in input order: the scored ones and an error row for each image left out."""
+    from .scorer import ScoreResult
 
-            self.bar = tqdm(total=total, desc=self.desc, unit="img", file=sys.stderr, leave=False)
-        self.bar.n = done
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    rows = dict(zip(todo, scored))
+    for i, r in rows.items():
+        r.index = i
+    rows.update({i: ScoreResult(i, images[i], "", error=e) for i, e in failed.items()})
+    return [rows[i] for i in range(len(images))]
 
 
 def _score(args, need_hp: bool = False):
     images = image_files(args.images)
-    scorer = load_scorer(args, need_hp or args.prompt is None)  # no prompt: HP alone
+    prompt, failed = _prompts(args, images)
+    scorer = load_scorer(args, need_hp or prompt is None)  # no prompt: HP alone
+    todo = [i for i in range(len(images)) if i not in failed]
     bar = Progress(args.quiet, "scoring")
     try:
-        results = scorer.score(images, args.prompt, progress=bar, labels=images)
+        if isinstance(prompt, list):  # one prompt per image; each distinct prompt is encoded once
+            scored = scorer.score([images[i] for i in todo], [prompt[i] for i in todo], progress=bar,
+                                  labels=[images[i] for i in todo]) if todo else []
+        else:
+            scored = scorer.score(images, prompt, progress=bar, labels=images)
     finally:
         bar.close()
+    results = _in_input_order(images, todo, scored, failed)
     for r in results:
-        if r.error:
-            print(f"ict: cannot score: {r.error}", file=sys.stderr)  # one line per image; the error names it
+        if r.error:  # one line per image; the error names it
+            print(f"ict: cannot score: {one_line(r.error)}", file=sys.stderr)
     return scorer, results
 
 
@@ -109,21 +102,22 @@ def cmd_score(args) -> int:
     else:
         for r in results:
             if r.error:
-                print(f"{r.label}\terror: {r.error}")
+                print(f"{one_line(r.label)}\terror: {one_line(r.error)}")
             else:
                 ict = f"\tict={r.ict:.4f}" if r.ict is not None else ""
                 hp = f"\thp={r.hp:.4f}" if r.hp is not None else ""
-                print(f"{r.label}{ict}{hp}\tscore={r.score:.4f}")
+                print(f"{one_line(r.label)}{ict}{hp}\tscore={r.score:.4f}")
     if all(r.error for r in results):
         raise InputError("no image could be scored; see the line of each image above")
     return 0
 
 
 def cmd_rank(args) -> int:
-    by = args.by or ("ict" if args.prompt is not None else "hp")
-    if args.prompt is None and by != "hp":
-        raise InputError(f"--by {by} needs --prompt (ICT compares each image with its prompt); without a prompt "
-                         f"only --by hp works")
+    has_prompt = args.prompt is not None or args.prompt_from_metadata
+    by = args.by or ("ict" if has_prompt else "hp")
+    if not has_prompt and by != "hp":
+        raise InputError(f"--by {by} needs --prompt or --prompt-from-metadata (ICT compares each image with its "
+                         f"prompt); without a prompt only --by hp works")
     if args.min_score is not None and math.isnan(args.min_score):
         raise InputError("--min-score nan is not a number any score can reach; give a number such as 0.25")
     if args.copy_to:
@@ -152,6 +146,11 @@ def cmd_rank(args) -> int:
     return 0
 
 
+def cmd_show(args) -> int:
+    from .stored_scores import show
+    return show(image_files(args.images), args.json)
+
+
 def cmd_convert(args) -> int:
     from .weights import convert
 
@@ -171,26 +170,8 @@ def cmd_fetch(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------- parser
-def _shown(default, *args) -> str:
-    """A default folder for --help; the error itself is raised only by a command that needs it."""
-    try:
-        return str(default(*args))
-    except ICTError:
-        return "none: set HOME"
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help=f"converted ICT .safetensors (default: {_shown(paths.default_model, 'ict')})")
-    p.add_argument("--hp-model", help="converted HP .safetensors (default: the fetched one, if present)")
-    p.add_argument("--no-hp", action="store_true", help="do not load the HP model even if one is installed")
-    p.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto)")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
-                   help="auto = fp32, the official numbers; fp16/bf16 are faster on CUDA")
-    p.add_argument("--config", help="transformers CLIPConfig JSON, to check the files' architecture")
-    p.add_argument("--cache-dir", help=f"embedding cache folder (default ${paths.CACHE_ENV} or "
-                                       f"{_shown(paths.default_cache_dir)})")
-    p.add_argument("--no-cache", action="store_true", help="do not use the embedding cache")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+_FROM_METADATA = ("read each image's prompt from its own metadata: the pack's ict_reward record, the A1111/Forge "
+                  "parameters (PNG text or JPEG/WebP EXIF) or the ComfyUI graph; --prompt overrides it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,22 +184,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders")
     p.add_argument("--prompt", "-p", help="the prompt the images were generated from; without it, images are "
                                           "scored by the HP model alone (HP needs no prompt)")
+    p.add_argument("--prompt-from-metadata", action="store_true", help=_FROM_METADATA)
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="one JSON object on stdout")
     fmt.add_argument("--csv", action="store_true", help="CSV on stdout")
-    _model_args(p)
+    model_args(p)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("rank", help="rank images for a prompt, keep the best")
     p.add_argument("images", nargs="*", metavar="IMAGE")
     p.add_argument("--prompt", "-p", help="the prompt the images were generated from; without it, images are "
                                           "scored by the HP model alone (HP needs no prompt)")
-    p.add_argument("--by", choices=ranking.BY, help="ranking rule (default ict; hp without --prompt)")
+    p.add_argument("--prompt-from-metadata", action="store_true", help=_FROM_METADATA)
+    p.add_argument("--by", choices=ranking.BY, help="ranking rule (default ict; hp without a prompt)")
     p.add_argument("--top-k", type=int, help="keep only the K best")
     p.add_argument("--min-score", type=float, help="keep only images reaching this value")
     p.add_argument("--copy-to", help="copy the kept images here, prefixed by their rank")
     p.add_argument("--json", action="store_true")
-    _model_args(p)
+    model_args(p)
     p.set_defaults(func=cmd_rank)
 
     p = sub.add_parser("convert", help="convert a downloaded 8y/ICT or 8y/HP folder to safetensors")
@@ -231,18 +214,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fetch", help="download 8y/ICT (and 8y/HP) and convert them")
     p.add_argument("--hp", action="store_true", help="also fetch the HP model")
-    p.add_argument("--dest", help=f"models folder (default {_shown(paths.default_models_dir)})")
+    p.add_argument("--dest", help=f"models folder (default {shown(paths.default_models_dir)})")
     p.set_defaults(func=cmd_fetch)
 
-    try:
-        from .cache_cli import add_subcommands
-    except ImportError:
-        pass
-    else:
-        add_subcommands(sub, _model_args, model_path=_model_path, progress=Progress)
+    p = sub.add_parser("show", help="print the scores stored in images (ict_reward records, webui infotext)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=cmd_show)
+
+    from .cache_cli import add_subcommands
+    add_subcommands(sub, model_args)
     from .scale.cli import register as register_ray  # --ray on score and index (imports no Ray)
 
-    register_ray(sub, model_path=_model_path)
+    register_ray(sub, model_path=model_path)
     return parser
 
 
@@ -258,9 +242,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("ict: error: no images given; pass image files or folders", file=sys.stderr)
         return 2
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe is found here, not at exit
+        return code
+    except BrokenPipeError:  # `ict search | head -1`: the reader has all it wants
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush writes nowhere
+        return 141  # 128 + SIGPIPE, what a tool stopped by SIGPIPE reports
     except ICTError as e:
-        print(f"ict: error: {e}", file=sys.stderr)
+        print(f"ict: error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("ict: interrupted", file=sys.stderr)
