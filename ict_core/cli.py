@@ -241,6 +241,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("score", "rank") and not args.images:
         print("ict: error: no images given; pass image files or folders", file=sys.stderr)
         return 2
+    if getattr(args, "prompt_from_metadata", False) and (getattr(args, "ray", None) or getattr(args, "ingest", 0)):
+        print("ict: error: --prompt-from-metadata reads each file on this machine; it does not combine with --ray "
+              "or --ingest (give --prompt, or run without --ray)", file=sys.stderr)
+        return 2
     try:
         code = args.func(args)
         sys.stdout.flush()  # a closed pipe is found here, not at exit

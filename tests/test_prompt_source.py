@@ -209,3 +209,10 @@ def test_show_prints_the_stored_scores(tmp_path, capsys):
     assert rows["comfy.png"]["own"]["ict"] == 0.3121 and rows["webui.png"]["infotext"]["HP score"] == "0.7340"
     code, out, err = _run(capsys, "show", tmp_path / "plain.png", tmp_path / "missing.png")
     assert code == 1 and "missing.png: cannot read" in err and err.strip().splitlines()[-1].startswith("ict: error:")
+
+
+def test_from_metadata_is_refused_with_ray_before_any_work(tmp_path, capsys):
+    """--ray runs elsewhere (H5's scale.cli) and would score without the images' prompts: refused up front."""
+    code, out, err = _run(capsys, "score", tmp_path, "--prompt-from-metadata", "--ray", "--out", tmp_path / "o")
+    assert code == 2 and "--prompt-from-metadata" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
