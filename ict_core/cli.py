@@ -9,8 +9,8 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from . import __version__, paths, ranking
 from .cli_common import Progress, model_args, model_path, open_cache, shown

@@ -7,8 +7,9 @@ import hashlib
 import os
 import stat
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO, Callable, Sequence
+from typing import BinaryIO
 
 from .errors import InputError
 

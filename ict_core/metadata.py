@@ -28,7 +28,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from .files import open_regular
 
@@ -98,7 +99,7 @@ def pixel_digest(pixels) -> str:
         shape = (*shape, 1)
     if len(shape) != 3 or str(getattr(pixels, "dtype", "uint8")) != "uint8":
         raise ValueError(f"pixel_digest needs an 8-bit [H, W, C] array, got {shape} {getattr(pixels, 'dtype', '')}")
-    h = hashlib.sha256(("%dx%dx%d:" % shape).encode())
+    h = hashlib.sha256("{}x{}x{}:".format(*shape).encode())
     h.update(pixels.tobytes())
     return "sha256:" + h.hexdigest()[:32]
 

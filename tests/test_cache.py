@@ -19,9 +19,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from ict_core.cache import EmbeddingCache, gallery_key, resolve_cache_dir
 from ict_core.cache import embedding_cache as cache_mod
 from ict_core.cache import store as cache_store
-from ict_core.cache import EmbeddingCache, gallery_key, resolve_cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 FP = "0123456789abcdef01234567"

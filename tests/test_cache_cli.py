@@ -256,6 +256,7 @@ def test_search_with_a_cached_prompt_imports_no_torch(gallery, capsys):
     assert json.loads(out.stdout)["cache"]["prompt_hits"] == 1
     imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
     assert "ict_core.weights" in imported and "torch" not in imported
-    code = f"import sys; from ict_core.weights import fingerprint; fingerprint({str(opts[1])!r}); print('torch' in sys.modules)"
+    code = (f"import sys; from ict_core.weights import fingerprint; fingerprint({str(opts[1])!r}); "
+            f"print('torch' in sys.modules)")
     fp = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert fp.stdout.strip() == "False", fp.stderr[-2000:]

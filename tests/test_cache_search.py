@@ -16,9 +16,9 @@ import pytest
 
 faiss = pytest.importorskip("faiss")
 
-from ict_core.cache import gallery_search as gs  # noqa: E402
-from ict_core.cache import embedding_cache as cache_mod  # noqa: E402
 from ict_core.cache import EmbeddingCache, gallery_key  # noqa: E402
+from ict_core.cache import embedding_cache as cache_mod  # noqa: E402
+from ict_core.cache import gallery_search as gs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FP = "0123456789abcdef01234567"
@@ -264,7 +264,8 @@ def test_a_fresh_process_searches_through_faiss(tmp_path, ivf_from):
     assert built[0] == "5" and set(built[1:]) == {"IndexIVFScalarQuantizer"}
     mtime = (tmp_path / "faiss").stat().st_mtime_ns, [p.stat().st_mtime_ns for p in (tmp_path / "faiss").iterdir()]
     assert _fresh_process(tmp_path, ivf) == ["5", "IndexIVFScalarQuantizer"]  # the saved index, as it was
-    assert ((tmp_path / "faiss").stat().st_mtime_ns, [p.stat().st_mtime_ns for p in (tmp_path / "faiss").iterdir()]) == mtime
+    faiss_dir = tmp_path / "faiss"
+    assert (faiss_dir.stat().st_mtime_ns, [p.stat().st_mtime_ns for p in faiss_dir.iterdir()]) == mtime
 
 
 def test_sigmoid_is_accurate_for_very_negative_hp():

@@ -123,11 +123,12 @@ def test_errors_are_one_line(capsys, tiny_models, images, tmp_path, monkeypatch,
         "hp_rule_without_hp": ["rank", images[0], "--prompt", "x", "--model", tiny_models.ict, "--by", "group"],
         "no_default_model": ["score", images[0], "--prompt", "x"],
         "no_prompt_no_hp": ["score", images[0], "--model", tiny_models.ict],
-        "no_prompt_by_ict": ["rank", images[0], "--model", tiny_models.ict, "--hp-model", tiny_models.hp, "--by", "ict"],
+        "no_prompt_by_ict": ["rank", images[0], "--model", tiny_models.ict, "--hp-model", tiny_models.hp,
+                             "--by", "ict"],
     }[case]
     code, out, err = run(capsys, *argv, "--quiet")
     assert code != 0
-    lines = [l for l in err.splitlines() if l.strip()]
+    lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("ict: error: "), err
     assert "Traceback" not in err
 

@@ -215,6 +215,7 @@ def test_a_huge_top_k_sizes_the_ivf_candidates_by_the_gallery(tmp_path, monkeypa
 def test_search_into_a_closed_pipe_ends_quietly(setup, capsys):
     folder, cache, opts = setup
     assert run(capsys, "index", folder, *opts)[0] == 0
+    assert run(capsys, "search", PROMPT, *opts)[0] == 0  # the prompt is cached: the process below loads no model
     r, w = os.pipe()
     os.close(r)  # `| head -1` that has already read its line
     try:

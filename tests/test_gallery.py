@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("ict_core.scorer")
-from ict_core.ranking import rank  # noqa: E402
+from ict_core import gallery as gallery_mod  # noqa: E402
 from ict_core.cache import EmbeddingCache  # noqa: E402
 from ict_core.errors import ICTError, InputError  # noqa: E402
-from ict_core import gallery as gallery_mod  # noqa: E402
 from ict_core.gallery import Gallery  # noqa: E402
+from ict_core.ranking import rank  # noqa: E402
 from ict_core.scorer import Scorer  # noqa: E402
 
 PROMPT = "a red fox in the snow"

@@ -26,7 +26,7 @@ def ict(*args, cwd=None, env=None, umask=None, timeout=180):
 
 def one_error_line(p, *words):
     """Exit code 1, and stderr is exactly one `ict: error:` line holding each of `words`."""
-    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith("ict: error: "), p.stderr
     for w in words:
         assert w in lines[0], lines[0]
@@ -177,12 +177,14 @@ def test_convert_never_overwrites_its_input(tiny_models, tmp_path, how):
 def test_convert_file_modes(tiny_models, tmp_path):
     """Defect 6: a new file gets 0666 less the umask (it was 0600 from mkstemp); a replaced one keeps its mode."""
     new = tmp_path / "new.safetensors"
-    assert ict("convert", tiny_models.ict_src, "--out", new, "--config", tiny_models.config, umask=0o022).returncode == 0
+    assert ict("convert", tiny_models.ict_src, "--out", new, "--config", tiny_models.config,
+               umask=0o022).returncode == 0
     assert new.stat().st_mode & 0o777 == 0o644
     old = tmp_path / "old.safetensors"
     old.write_bytes(b"old")
     old.chmod(0o640)
-    assert ict("convert", tiny_models.ict_src, "--out", old, "--config", tiny_models.config, umask=0o022).returncode == 0
+    assert ict("convert", tiny_models.ict_src, "--out", old, "--config", tiny_models.config,
+               umask=0o022).returncode == 0
     assert old.stat().st_mode & 0o777 == 0o640 and old.read_bytes()[:1] != b"o"
 
 
@@ -195,7 +197,8 @@ def _png_declaring(path: Path, width: int, height: int) -> Path:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b""))
+                     + chunk(b"IEND", b""))
     return path
 
 
@@ -207,7 +210,7 @@ def test_decompression_bomb_is_an_error_row(tiny_models, images, tmp_path):
     rows = json.loads(p.stdout)["results"]
     assert rows[0]["ict"] is not None and rows[2]["ict"] is not None
     assert "DecompressionBomb" in rows[1]["error"] and rows[1]["ict"] is None
-    assert [l for l in p.stderr.splitlines() if "bomb.png" in l] == [f"ict: cannot score: {rows[1]['error']}"]
+    assert [line for line in p.stderr.splitlines() if "bomb.png" in line] == [f"ict: cannot score: {rows[1]['error']}"]
 
 
 def test_fifo_and_devices_are_refused_without_blocking(tiny_models, images, tmp_path):

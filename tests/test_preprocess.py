@@ -16,9 +16,9 @@ from ict_core.text import tokenize
 
 
 def test_resized_size_matches_transformers():
-    from transformers.image_transforms import get_resize_output_image_size
-
     import inspect
+
+    from transformers.image_transforms import get_resize_output_image_size
 
     fmt = ({"input_data_format": "channels_last"}
            if "input_data_format" in inspect.signature(get_resize_output_image_size).parameters else {})

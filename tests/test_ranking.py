@@ -88,7 +88,7 @@ def test_nan_sorts_last_everywhere():
     assert ranking.select(rs, "ict", k=2, min_score=0.3).indices == [2, 3]
     assert ranking.select(rs, "ict*hp", k=1).indices == [2]
     lines = ranking.report(rs, "ict").splitlines()
-    assert [l.split()[1] for l in lines[1:]] == ["2", "3", "0", "1", "4"]
+    assert [line.split()[1] for line in lines[1:]] == ["2", "3", "0", "1", "4"]
     with pytest.raises(InputError, match="NaN"):
         ranking.select(rs, "ict", min_score=nan)
 

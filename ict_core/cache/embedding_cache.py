@@ -28,7 +28,7 @@ NO_FAISS_ENV = "ICT_CACHE_NO_FAISS"
 BY = ("ict", "hp", "ict*hp")
 KINDS = {"p": "prompts", "i": "images"}
 SearchHit = namedtuple("SearchHit", "label hash ict hp_raw value")  # value: what was ranked by (see search)
-_live: "weakref.WeakSet[EmbeddingCache]" = weakref.WeakSet()
+_live: weakref.WeakSet[EmbeddingCache] = weakref.WeakSet()
 
 
 @functools.cache
