@@ -4,6 +4,7 @@ tests/fixtures/comfyui: PNGs saved by real ComfyUI 0.33.0 and 0.3.64 servers (fi
 `direct` (the prompt typed into CLIPTextEncode, with a weight and an embedding name), `linked` (the text from
 PrimitiveStringMultiline + StringConcatenate, through ConditioningSetTimestepRange) and `two_pass` (a second
 sampler with another prompt after a latent upscale: the second one made the image).
+tests/fixtures/webui: images saved by real A1111 1.10.1 and Forge Classic runs with the extension (see its README).
 """
 from __future__ import annotations
 
@@ -68,11 +69,22 @@ def test_the_positive_prompt_of_a_webui_infotext(tmp_path, fmt):
     assert webui_prompt("just a prompt, no parameters") == "just a prompt, no parameters"
 
 
-@pytest.mark.skipif(not WEBUI, reason="no image saved by a real webui in tests/fixtures/webui")
+def test_webui_fixtures_come_from_a1111_and_forge():
+    assert {p.name.split("-")[0] for p in WEBUI} == {"a1111", "forge"} and any(p.suffix == ".jpg" for p in WEBUI)
+
+
 @pytest.mark.parametrize("path", WEBUI, ids=lambda p: p.name)
-def test_the_prompt_of_a_real_webui_image(path):
+def test_the_prompt_and_scores_of_a_real_webui_image(path, capsys):
+    """The PNGs carry the extension's own record (first source); the JPEG only the infotext in its EXIF."""
+    from ict_core.stored_scores import stored
+
     found = prompt_of(path)
-    assert found.error is None and found.source in ("webui parameters", "ict_reward record") and found.prompt
+    assert found.error is None and found.prompt == "a red fox in the snow"
+    assert found.source == ("webui parameters" if path.suffix == ".jpg" else "ict_reward record")
+    row = stored(str(path))
+    assert set(row["infotext"]) == {"ICT score", "HP score"}
+    if path.suffix == ".png":
+        assert f"{row['own']['ict']:.4f}" == row["infotext"]["ICT score"] == row["png_keys"]["ict_score"]
 
 
 def test_the_packs_own_record_comes_first(tmp_path):
