@@ -114,7 +114,8 @@ class Run:
 
     @property
     def sampled_steps(self) -> int:
-        return len(self.sigmas) - 1
+        """Steps the schedule holds: 0 for denoise 0 (KSampler gives no sigmas then)."""
+        return max(len(self.sigmas) - 1, 0)
 
     def _initial_noise(self, group):
         import comfy.sample
