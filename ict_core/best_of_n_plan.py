@@ -206,7 +206,9 @@ class Plan:
         for j, (r, s) in enumerate(self.phase_costs()):
             then = (f", then the best {self.cuts[j].keep} by the predicted final image continue"
                     if j < len(self.cuts) else "")
-            lines.append(f"  steps {b[j] + 1}-{b[j + 1]}: {r} candidates x {s} = {r * s} candidate-steps{then}")
+            span = f"step {b[j + 1]}" if s == 1 else f"steps {b[j] + 1}-{b[j + 1]}"
+            lines.append(f"  {span}: {r} candidate{'s' if r > 1 else ''} x {s} = {r * s} candidate-step"
+                         f"{'s' if r * s > 1 else ''}{then}")
         lines.extend(f"  note: {t}" for t in self.idle)
         saved = self.plain_cost - self.pruned_cost
         terms = " + ".join(f"{r}x{s}" for r, s in self.phase_costs())

@@ -48,6 +48,9 @@ def test_funnel_plan_counts_each_stage():
     assert "steps 3-4: 4 candidates x 2 = 8 candidate-steps, then the best 2" in text
     assert "steps 5-8: 2 candidates x 4 = 8 candidate-steps" in text
     assert "(16x2 + 4x2 + 2x4)" in text and "instead of 128 for a plain best-of-16 (16x8): 80 fewer (62%)" in text
+    one = "\n".join(Plan.build(n=3, k=1, steps=3, prune_at="0.3, 0.6", survivors="2, 1", chunk=1).describe())
+    assert "  step 1: 3 candidates x 1 = 3 candidate-steps, then the best 2" in one
+    assert "  step 3: 1 candidate x 1 = 1 candidate-step\n" in one
 
 
 @pytest.mark.parametrize("prune_at,survivors", [(0.5, 2), ("0.5", "2"), ([0.5], [2]), ("0.5", 2.0), (" 0.5 ", " 2 ")])
