@@ -2,9 +2,8 @@
 
 Adds this folder to sys.path so `import ict_core` finds the engine shipped beside the nodes, and exports
 the V3 entry point (`comfy_entrypoint`) and the web extension folder.  ComfyUI reads the entry point only
-where a package exports no NODE_CLASS_MAPPINGS; while a node of the pack is a classic class, the mappings
-of all nodes are exported instead (ComfyUI runs V3 classes from there too).  Imported as a plain module
-(no parent package, e.g. by a test collector) it registers nothing and imports nothing heavy.
+where a package exports no NODE_CLASS_MAPPINGS, so this exports none.  Imported as a plain module (no
+parent package, e.g. by a test collector) it registers nothing and imports nothing heavy.
 """
 import os
 import sys
@@ -15,7 +14,4 @@ if __package__:
     _here = os.path.dirname(os.path.abspath(__file__))
     if _here not in sys.path:
         sys.path.insert(0, _here)
-    from .nodes import ALL_V3, comfy_entrypoint  # noqa: F401
-
-    if not ALL_V3:
-        from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F401
+    from .nodes import comfy_entrypoint  # noqa: F401

@@ -7,17 +7,9 @@ from .loader import ICTModelLoader
 from .scoring import ICTRerank, ICTScore, ICTSelectBest
 
 NODES = [ICTModelLoader, ICTScore, ICTSelectBest, ICTRerank, ICTBestOfNSampler]
-# display names of classic (non-V3) classes; a V3 class carries its own in its schema
-CLASSIC_DISPLAY_NAMES = {"ICTBestOfNSampler": "ICT Best-of-N Sampler"}
-
-
-def _display_name(cls) -> str:
-    return v3.display_name(cls) if v3.is_v3(cls) else CLASSIC_DISPLAY_NAMES.get(cls.__name__, cls.__name__)
-
-
+# id -> class and id -> display name, as ComfyUI lists them (tests and the in-process harness read these)
 NODE_CLASS_MAPPINGS = {v3.node_id(c): c for c in NODES}
-NODE_DISPLAY_NAME_MAPPINGS = {v3.node_id(c): _display_name(c) for c in NODES}
-ALL_V3 = all(v3.is_v3(c) for c in NODES)
+NODE_DISPLAY_NAME_MAPPINGS = {v3.node_id(c): v3.display_name(c) for c in NODES}
 
 
 def comfy_entrypoint() -> v3.Extension:
@@ -29,4 +21,4 @@ records.NODE_TYPES.update(NODE_CLASS_MAPPINGS)
 comfy_host.register_model_folder()  # cheap: a dict entry in folder_paths; no-op outside ComfyUI
 records.install()                   # the /prompt hook for cached ICT nodes; no-op outside ComfyUI
 
-__all__ = ["NODES", "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "ALL_V3", "comfy_entrypoint"]
+__all__ = ["NODES", "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "comfy_entrypoint"]

@@ -35,9 +35,8 @@ The pattern (copy it for a node of the pack)::
   that carries them); `validate_inputs` / `fingerprint_inputs` are classmethods taking input names.
 - The UI contract with web/ict_scores.js: `ui = {"text": [report], "ict_table": [table]}` (`table_ui`);
   the page draws `ict_table` as a table and shows `text` where no table is sent.
-- Registration: add the class to `nodes.NODES`.  ComfyUI reads `comfy_entrypoint` (V3) only where the
-  package exports no NODE_CLASS_MAPPINGS, so while a classic class is in NODES the pack root exports
-  the mappings of all nodes (ComfyUI runs a V3 class from there too) and no entrypoint.
+- Registration: add the class to `nodes.NODES`; the pack root exports `comfy_entrypoint` and no
+  NODE_CLASS_MAPPINGS (ComfyUI reads the entry point only where a package exports no mappings).
 """
 from __future__ import annotations
 
@@ -67,19 +66,13 @@ def table_ui(report: str, table: dict | None = None) -> dict:
     return ui
 
 
-def is_v3(cls) -> bool:
-    return isinstance(cls, type) and issubclass(cls, io.ComfyNode)
-
-
 def node_id(cls) -> str:
-    return cls.define_schema().node_id if is_v3(cls) else cls.__name__
+    return cls.define_schema().node_id
 
 
 def display_name(cls) -> str:
-    if is_v3(cls):
-        s = cls.define_schema()
-        return s.display_name or s.node_id
-    return getattr(cls, "DISPLAY_NAME", cls.__name__)
+    s = cls.define_schema()
+    return s.display_name or s.node_id
 
 
 class Extension(ComfyExtension):
