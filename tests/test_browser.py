@@ -112,6 +112,9 @@ def _run_in_page(srv, wf: dict, renderer: str, shots: Path, name: str) -> dict:
             assert failed is None, f"the run failed: {failed}"
             assert time.time() < end, f"no table on nodes {ids} after {RUN_TIMEOUT} s:\n{srv.log.read_text()[-2000:]}"
             page.wait_for_timeout(2000)
+        while srv.get("/queue")["queue_running"]:  # the table shows before the nodes after it have run
+            assert time.time() < end, f"the run did not end in {RUN_TIMEOUT} s"
+            page.wait_for_timeout(2000)
         page.wait_for_timeout(1500)  # layout settles (Vue nodes measure themselves)
         seen = page.evaluate(READ_PAGE, {"ids": ids, "vue": renderer == "vue"})
         text = page.evaluate("() => document.body.innerText")
