@@ -5,7 +5,7 @@ comfyui-frontend-package's `comfyui_frontend_package/static` folder).
 
 Needs what tests/test_comfyui_integration.py needs ($COMFYUI_DIR, $COMFYUI_PYTHON, $COMFYUI_SD15_CKPT for the
 templates that sample), plus Playwright (`pip install playwright`, no browser download) and a Chromium at
-$ICT_CHROMIUM (default /usr/bin/chromium, Debian's `chromium` package).  Screenshots of each ICT node go to
+$ICT_CHROMIUM (default: `chromium` on PATH, Debian's `chromium` package).  Screenshots of each ICT node go to
 $ICT_BROWSER_SHOTS (default: the test's temporary folder).  The templates are run small (64 px, 1 step,
 fixed seeds): the test patches them, the files stay as shipped.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import urllib.request
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 
 from test_comfyui_integration import ROOT, SD15_CKPT, _need_comfyui, _running_server
 
-CHROMIUM = os.environ.get("ICT_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM = os.environ.get("ICT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 FRONTEND_ROOT = os.environ.get("COMFYUI_FRONTEND_ROOT")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--no-first-run", "--disable-sync"]

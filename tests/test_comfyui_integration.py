@@ -31,7 +31,7 @@ PACK = "ict-reward"
 PROMPT = "a red cube on a wooden table"
 
 # A random-weight SD1.5 checkpoint for the generation test (../shared/hosts/make_sd15_comfy.py makes one)
-SD15_CKPT = os.environ.get("COMFYUI_SD15_CKPT") or (
+SD15_CKPT = os.environ.get("COMFYUI_SD15_CKPT") or os.environ.get("COMFYUI_CHECKPOINT") or (
     str(Path(COMFYUI_DIR) / "models" / "checkpoints" / "sd15_random.safetensors") if COMFYUI_DIR else None)
 SKIP_REASON = ("COMFYUI_DIR is not set: point it at a ComfyUI checkout (0.3.64 tested), and COMFYUI_PYTHON at a "
                "Python with its requirements, to run the ComfyUI integration test")
