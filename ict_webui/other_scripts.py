@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 # lower-case titles (A1111 writes "Prompt matrix", Forge Classic "Prompt Matrix") and their file names
 POSITIONAL_TITLES = ("prompt matrix", "x/y/z plot", "x/y plot", "sd upscale")
 POSITIONAL_FILES = ("prompt_matrix.py", "xyz_grid.py", "xy_grid.py", "sd_upscale.py")
+PLOT_TITLES, PLOT_FILES = ("x/y/z plot", "x/y plot"), ("xyz_grid.py", "xy_grid.py")   # one generation per cell
 
 
 def selected_script(p: Any) -> Any:
@@ -41,13 +42,22 @@ def _title(script: Any) -> str:
         return type(script).__name__
 
 
+def _filename(script: Any) -> str:
+    return str(getattr(script, "filename", "") or "").replace("\\", "/").rsplit("/", 1)[-1].lower()
+
+
+def is_plot(script: Any) -> bool:
+    """Whether ``script`` is X/Y/Z (or X/Y) plot, which builds its result from one generation per cell."""
+    return _title(script).strip().lower() in PLOT_TITLES or _filename(script) in PLOT_FILES
+
+
 def positional_script(p: Any) -> str | None:
     """The title of the selected script when it needs every image in place, else None."""
     script = selected_script(p)
     if script is None:
         return None
     title = _title(script)
-    filename = str(getattr(script, "filename", "") or "").replace("\\", "/").rsplit("/", 1)[-1].lower()
+    filename = _filename(script)
     if title.strip().lower() in POSITIONAL_TITLES or filename in POSITIONAL_FILES:
         return title
     return None

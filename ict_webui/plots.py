@@ -50,7 +50,7 @@ def _sized(f: dict, *names: str) -> bool:
 
 def find_cell(start: Any = None) -> PlotCell | None:
     """The X/Y/Z cell whose generation is running, from the call stack; None outside a plot (or an X/Y/Z whose
-    code does not look like A1111's, where the caller then writes no list)."""
+    code does not look like A1111's; the caller then writes no list)."""
     frame = start if start is not None else sys._getframe(1)
     cell = None
     for _ in range(MAX_DEPTH):

@@ -81,6 +81,7 @@ class RunState:
     reports: list[str] = field(default_factory=list)
     plot: plots.PlotCell | None = None           # the X/Y/Z cell this generation is
     plot_before: dict[str, tuple] = field(default_factory=dict)   # the plot's score lists from earlier cells
+    plot_unplaced: bool = False                  # an X/Y/Z plot whose cell could not be found: no list is written
 
     def record(self, index: Any, iteration: Any = None) -> dict | None:
         if self.finished:
@@ -152,8 +153,10 @@ class WebuiReward:
         state = RunState(args=args, settings=settings)
         setattr(p, STATE_ATTR, state)
         egp = getattr(p, "extra_generation_params", None)
-        if other_scripts.selected_script(p) is not None:
+        script = other_scripts.selected_script(p)
+        if script is not None:
             state.plot = plots.find_cell()
+            state.plot_unplaced = state.plot is None and other_scripts.is_plot(script)
         if state.plot is not None and isinstance(egp, dict):
             state.plot_before = {k: tuple(egp[k]) for k, _ in _FIELDS if isinstance(egp.get(k), ApiList)}
         blocker = other_scripts.positional_script(p)
@@ -281,6 +284,8 @@ def finish_params(state: RunState, p: Any, processed: Any = None) -> None:
         if state.plot is not None:      # X/Y/Z returns this cell's first image (a grid when the cell made one)
             first = None if int(getattr(processed, "index_of_first_image", 0) or 0) else (values or [None])[0]
             values = state.plot.api_values(state.plot_before.get(key), first)
+        elif state.plot_unplaced:       # a list that may not follow the plot's images is worse than none
+            values = []
         for d in dicts:
             if isinstance(d.get(key), (ScoreField, ApiList)):
                 if any(v is not None for v in values):

@@ -164,6 +164,16 @@ def test_xyz_score_list_follows_the_images_returned(installed, first, zs, sub_gr
     assert grids[0] is not None and all("ICT score" not in t and "HP score" not in t for t in grids)
 
 
+def test_xyz_whose_cells_cannot_be_placed_returns_no_score_list(installed, monkeypatch):
+    """An X/Y/Z whose code differs from A1111's (its cell not found on the stack): no list rather than a wrong one."""
+    from ict_webui import plots
+    monkeypatch.setattr(plots, "find_cell", lambda *a: None)
+    p, res = run_xyz(installed, xs=(0, 10, 20))
+    egp = api_info(res)["extra_generation_params"]
+    assert "ICT score" not in egp and "HP score" not in egp and len(egp[MSG]) == 1
+    assert all(v is not None for v in scores_of(res))             # each image still carries its own score
+
+
 def test_xyz_without_sub_images_returns_no_score_list(installed):
     p, res = run_xyz(installed, lone=False)
     assert len(res.images) == 1 and "ICT score" not in api_info(res)["extra_generation_params"]
