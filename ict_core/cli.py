@@ -174,8 +174,17 @@ _FROM_METADATA = ("read each image's prompt from its own metadata: the pack's ic
                   "parameters (PNG text or JPEG/WebP EXIF) or the ComfyUI graph; --prompt overrides it")
 
 
+class _Parser(argparse.ArgumentParser):
+    """The `ict` parser: a bare `--ray` before an image means a local Ray (scale.cli.ray_argv)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        from .scale.cli import ray_argv
+
+        return super().parse_known_args(ray_argv(sys.argv[1:] if args is None else args), namespace)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ict", description="Score images with the ICT and HP reward models.")
+    parser = _Parser(prog="ict", description="Score images with the ICT and HP reward models.")
     parser.add_argument("--version", action="version", version=f"ict-reward {__version__}")
     parser.add_argument("--verbose", "-v", action="store_true", help="log what is done")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

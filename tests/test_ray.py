@@ -463,3 +463,19 @@ def test_one_row_per_input_path_on_every_run(ray_session, tiny_models, images, t
     assert [Path(r["path"]).name for r in again] == names
     assert again[1]["hash"] == first[0]["hash"] and again[1]["error"] is None   # the copy: a row of its own
     assert [again[i] for i in (0, 2, 3)] == [first[i] for i in (0, 2, 3)]      # one row each, as first written
+
+
+def test_the_cpu_stage_reads_through_the_bounded_reader(tmp_path):
+    """A --ray input that is a huge non-image file is an error row, never read into memory whole."""
+    import os
+
+    import numpy as np
+
+    from ict_core.scale import stages
+
+    big = tmp_path / "huge.png"
+    with open(big, "wb") as f:  # sparse: 2 GiB on paper, nothing on disk
+        f.truncate(2 << 30)
+    rows = list(stages.prepare({"index": np.array([0]), "path": np.array([os.fsencode(big)], dtype=object)}))
+    error = rows[0]["error"][0]
+    assert "huge.png" in error and "MiB an image file may have" in error

@@ -38,18 +38,17 @@ def register(subparsers, *, model_path) -> None:
                            help="the DIRs are --out folders of `ict index --ray`: add their rows to the gallery "
                                 "without encoding any image")
         p.set_defaults(func=functools.partial(_dispatch, p.get_default("func"), positional, model_path))
-        p.parse_known_args = functools.partial(_parse_known_args, p.parse_known_args)
 
 
-def _parse_known_args(parse, args=None, namespace=None):
-    """`--ray` takes an optional ADDRESS, so argparse would eat the first image after it
-    (`ict score --ray a.png b.png`): an argument that is not an address is left to the images."""
-    if args is not None:
-        args = list(args)
-        for i, a in enumerate(args[:-1]):
-            if a == "--ray" and not (_ADDRESS.match(args[i + 1]) and not Path(args[i + 1]).exists()):
-                args[i] = "--ray=local"
-    return parse(args, namespace)
+def ray_argv(argv: list[str]) -> list[str]:
+    """The command line with a bare `--ray` written `--ray=local` where the next argument is not an address:
+    `--ray` takes an optional ADDRESS, so argparse would eat the first image after it (`ict score --ray a.png
+    b.png`). The `ict` parser applies this before it parses."""
+    argv = list(argv)
+    for i, a in enumerate(argv[:-1]):
+        if a == "--ray" and not (_ADDRESS.match(argv[i + 1]) and not Path(argv[i + 1]).exists()):
+            argv[i] = "--ray=local"
+    return argv
 
 
 def _dispatch(plain, positional: str, model_path, args) -> int:

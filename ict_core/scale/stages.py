@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from .. import preprocess
-from ..files import open_regular
+from ..errors import InputError
+from ..files import MAX_IMAGE_BYTES, read_regular
 from . import output
 from .inputs import is_uri
 
@@ -32,15 +33,19 @@ def crop_uint8(img: torch.Tensor) -> torch.Tensor:
 
 
 def read_bytes(path: str) -> bytes:
-    """A local file, or a URI any pyarrow filesystem understands (s3://, gs://, hdfs://, file://)."""
-    if is_uri(path):
-        from pyarrow import fs
+    """A local file (the plain path's bounded reader: a FIFO, a device or a file over files.MAX_IMAGE_BYTES is
+    one error, never read whole), or a URI any pyarrow filesystem understands (s3://, gs://, hdfs://,
+    file://), read up to the same bound."""
+    if not is_uri(path):
+        return read_regular(path)
+    from pyarrow import fs
 
-        filesystem, inner = fs.FileSystem.from_uri(path)
-        with filesystem.open_input_stream(inner) as f:
-            return f.read()
-    with open_regular(path) as f:  # a FIFO or a device is refused without blocking, as in the plain path
-        return f.read()
+    filesystem, inner = fs.FileSystem.from_uri(path)
+    with filesystem.open_input_stream(inner) as f:
+        data = f.read(MAX_IMAGE_BYTES + 1)
+    if len(data) > MAX_IMAGE_BYTES:
+        raise InputError(f"{path}: more than the {MAX_IMAGE_BYTES >> 20:,} MiB an image file may have")
+    return data
 
 
 def prepare(batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
