@@ -35,8 +35,9 @@ PROMPT = "a red fox standing in fresh snow at sunrise, photograph"
 GFLOPS_PER_IMAGE = 334.6   # ViT-H-14 image tower at 224 px (FACTS.md)
 
 # ViT-H-14 (laion2B) as in FACTS.md: the package's own record; the tiny config is only for smoke tests.
-from ict_core.config import TINY  # noqa: E402
+sys.path.insert(0, str(ROOT / "tests"))
 from ict_core.config import VIT_H_14 as VIT_H  # noqa: E402
+from tiny_config import TINY  # noqa: E402  (the tests' tiny architecture)
 
 HP_WIDTHS = (1024, 128, 64, 16)
 N_IMAGES = 8
@@ -102,7 +103,8 @@ def _save_ict_layout(model, folder: Path, cfg: dict) -> None:
 
 
 def _save_hp_layout(model, mlp_sd: dict, folder: Path) -> None:
-    """8y/HP: hp_backbone/ (save_pretrained-style config.json + fp32 pytorch_model.bin), hp_scorer/mlp_pytorch_model.bin."""
+    """8y/HP: hp_backbone/ (save_pretrained-style config.json + fp32 pytorch_model.bin),
+    hp_scorer/mlp_pytorch_model.bin."""
     import torch
 
     (folder / "hp_backbone").mkdir(parents=True, exist_ok=True)
@@ -154,6 +156,7 @@ def ensure_work(work: Path, tiny: bool = False, gain: float = 1.0) -> dict:
             return have
         raise SystemExit(f"{work} holds another bench setup; remove it or pass --work ANOTHER_DIR")
     import torch
+
     from ict_core.weights import convert
 
     work.mkdir(parents=True, exist_ok=True)

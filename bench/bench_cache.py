@@ -160,7 +160,9 @@ def main() -> int:
     ap.add_argument("--exact", type=int, default=0, help="exact searches timed (new cache)")
     ap.add_argument("--uniform", action="store_true")
     ap.add_argument("--work", default="/tmp/ict-bench-cache")
-    ap.add_argument("--dir"), ap.add_argument("--key"), ap.add_argument("--prompt-key"), ap.add_argument("--n", type=int)
+    for opt in ("--dir", "--key", "--prompt-key"):
+        ap.add_argument(opt)
+    ap.add_argument("--n", type=int)
     ap.add_argument("--images", type=int, help="one gallery size (bench_cpu.py's form of --sizes)")
     ap.add_argument("--repeats", type=int, default=2000, help="prompt lookups timed")
     ap.add_argument("--render", help="print the table of a results.json")
@@ -205,7 +207,7 @@ def main() -> int:
                 (work / "built.json").write_text(json.dumps(child(impl, "build", n=n)))
                 shutil.move(work / "built.json", folder / "built.json")
             res["runs"][f"{impl} {n} build"] = json.loads((folder / "built.json").read_text())
-        for r in range(a.rounds):
+        for _round in range(a.rounds):
             for impl in impls:
                 if impl == "old" and n not in (a.old_sizes or a.sizes):
                     continue

@@ -56,7 +56,6 @@ def _imports() -> float:
 
 def child_ref(args) -> dict:
     from PIL import Image
-
     from reference_loop import ReferenceLoop
 
     import_s = _imports()
@@ -319,7 +318,8 @@ def run_bench(args) -> dict:
         rnd: dict = {"git": _git_state()}
         rnd["ref"] = C.run_child(script, _child_args(args, "ref", hp=True), OUT / "child.json")
         log.info("round %d ref: load %.1f s, best-of-8 %.1f s, ICT+HP %.1f s, peak %.2f GB", r,
-                 rnd["ref"]["load_s"], rnd["ref"]["score_s"], rnd["ref"]["hp_score_s"], rnd["ref"]["peak_rss_bytes"] / 1e9)
+                 rnd["ref"]["load_s"], rnd["ref"]["score_s"], rnd["ref"]["hp_score_s"],
+                 rnd["ref"]["peak_rss_bytes"] / 1e9)
         rnd["proj"] = C.run_child(script, _child_args(args, "proj", hp=True, cache_dir=cache_dir), OUT / "child.json")
         log.info("round %d proj: load %.1f s, best-of-8 %.1f s, ICT+HP %.1f s, peak %.2f GB", r,
                  rnd["proj"]["load_s"], rnd["proj"]["score_s"], rnd["proj"]["hp_score_s"],
@@ -350,7 +350,8 @@ def _git_state() -> dict:
             return subprocess.run(["git", *a], cwd=C.ROOT, capture_output=True, text=True, timeout=20).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return None
-    return {"commit": git("rev-parse", "--short", "HEAD"), "ict_core_dirty": bool(git("status", "--porcelain", "ict_core"))}
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "ict_core_dirty": bool(git("status", "--porcelain", "ict_core"))}
 
 
 def _save(args, started, rounds, cache_bench, partial: bool) -> dict:
@@ -387,7 +388,8 @@ def render_cpu(data: dict) -> str:
         f"{len(rounds)} rounds (A = reference, B = ict_core, alternating), each run a fresh process; "
         f"ratios are taken pair by pair (same round), then the median. Weights: random, at "
         f"{'TINY smoke-test shapes (not a benchmark)' if data['tiny'] else 'ViT-H-14 shapes'}, "
-        f"in the released layouts (ICT .bin {data['manifest']['sizes_bytes']['ICT/pytorch_model.bin'] / gb:.2f} GB bf16, "
+        f"in the released layouts (ICT .bin "
+        f"{data['manifest']['sizes_bytes']['ICT/pytorch_model.bin'] / gb:.2f} GB bf16, "
         f"HP backbone .bin {data['manifest']['sizes_bytes']['HP/hp_backbone/pytorch_model.bin'] / gb:.2f} GB fp32); "
         f"8 images of 512-1024 px; one prompt; fp32 everywhere. Files are in the page cache for both sides "
         f"(\"cold\" = fresh process, not a cold disk).",
@@ -399,14 +401,17 @@ def render_cpu(data: dict) -> str:
         "| figure (median of runs) | model card loop (A) | ict_core (B) | A / B pair by pair |",
         "|---|---:|---:|---:|",
         f"| cold load, ICT (s) | {_f(s['ref.load_s'])} | {_f(s['proj.load_s'], 2)} | {_x(s['ratio.load_s'], 1)} |",
-        f"| peak RSS, ICT best-of-8 (GB) | {_f(s['ref.rss_ict_bytes'] / gb, 2)} | {_f(s['proj.rss_ict_bytes'] / gb, 2)} "
+        f"| peak RSS, ICT best-of-8 (GB) | {_f(s['ref.rss_ict_bytes'] / gb, 2)} | "
+        f"{_f(s['proj.rss_ict_bytes'] / gb, 2)} "
         f"| B/A = {_f(s['rss_ratio.proj_over_ref'], 2)} |",
         f"| best-of-8, one prompt, end to end after load (s) | {_f(s['ref.score_s'])} | {_f(s['proj.score_s'])} "
         f"| {_x(s['ratio.score_s'], 2)} |",
-        f"| best-of-8 incl. cold load (s) | {_f(s['ref.total_s'])} | {_f(s['proj.total_s'])} | {_x(s['ratio.total_s'], 2)} |",
+        f"| best-of-8 incl. cold load (s) | {_f(s['ref.total_s'])} | {_f(s['proj.total_s'])} | "
+        f"{_x(s['ratio.total_s'], 2)} |",
         f"| best-of-8, prompt cached (warmed in a prior run) (s) | {_f(s['ref.score_s'])} (no cache) | "
         f"{_f(s['cached.score_s'])} | {_x(s['ratio.ref_over_cached'], 2)} |",
-        f"| cold load, ICT+HP (s) | {_f(s['ref.hp_load_s'])} | {_f(s['proj.hp_load_s'], 2)} | {_x(s['ratio.hp_load_s'], 1)} |",
+        f"| cold load, ICT+HP (s) | {_f(s['ref.hp_load_s'])} | {_f(s['proj.hp_load_s'], 2)} | "
+        f"{_x(s['ratio.hp_load_s'], 1)} |",
         f"| best-of-8 ICT+HP, after load (s) | {_f(s['ref.hp_score_s'])} | {_f(s['proj.hp_score_s'])} "
         f"| {_x(s['ratio.hp_score_s'], 2)} |",
         f"| best-of-8 ICT+HP incl. load (s) | {_f(s['ref.hp_total_s'])} | {_f(s['proj.hp_total_s'])} "
@@ -416,15 +421,18 @@ def render_cpu(data: dict) -> str:
         "",
         "| floor and cache | value |",
         "|---|---:|",
-        f"| floor: one bare batched fp32 vision forward of the 8 images (s; C's process, after its best-of-8) | {_f(s['floor.forward_s'])} |",
+        "| floor: one bare batched fp32 vision forward of the 8 images (s; C's process, after its best-of-8) | "
+        f"{_f(s['floor.forward_s'])} |",
         f"| ict_core best-of-8 / floor, prompt not cached (pair by pair) | {_x(s['ratio.proj_over_floor'], 3)} |",
         f"| ict_core best-of-8 / floor, prompt cached (pair by pair) | {_x(s['ratio.cached_over_floor'], 3)} |",
         f"| ict_core best-of-8 run again in C's process after the floor (warm, prompt cached) / floor "
-        f"({sum(1 for r in rounds if 'warm_score_s' in r.get('cached', {}))} rounds) | {_x(s.get('ratio.warm_over_floor'), 3)} |",
+        f"({sum(1 for r in rounds if 'warm_score_s' in r.get('cached', {}))} rounds) | "
+        f"{_x(s.get('ratio.warm_over_floor'), 3)} |",
         f"| prompt-cache hit through Scorer.encode_prompts, p50 / p95 (ms) | {_f(s['cached.hit_p50_ms'], 3)} / "
         f"{_f(s['cached.hit_p95_ms'], 3)} |",
         "",
-        "Parity at ViT-H shapes (same runs, same images, same weights; reference fp32 per image, ict_core fp32 batched):",
+        "Parity at ViT-H shapes (same runs, same images, same weights; reference fp32 per image, "
+        "ict_core fp32 batched):",
         "",
         "| quantity | max abs diff over all rounds | same ranking |",
         "|---|---:|---|",

@@ -77,7 +77,7 @@ def _with_metadata(tiny_models, path: Path, **changes) -> Path:
 
 
 def _arch(tiny_models, **vision):
-    arch = json.loads(json.dumps(__import__("ict_core.config", fromlist=["TINY"]).TINY))
+    arch = json.loads(json.dumps(__import__("tiny_config").TINY))
     arch["vision_config"].update(vision)
     return json.dumps(arch)
 
