@@ -41,7 +41,7 @@ class FileInfo:
     size: int
 
 
-def _looks_like_pickle(path: Path, head: bytes) -> bool:
+def looks_like_pickle(path: Path, head: bytes) -> bool:
     """torch.save's zip archive or a legacy pickle (protocol 2..5 opcode), or a pickle file name.
     Asked only of files that are not valid safetensors (whose first bytes are a header length)."""
     return (head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
@@ -49,15 +49,17 @@ def _looks_like_pickle(path: Path, head: bytes) -> bool:
 
 
 def _not_safetensors(path: Path, reason: str) -> ModelFileError:
+    from .model_hints import convert_command
+
     try:
         with open_regular(path) as f:
             head = f.read(9)
     except OSError:
         head = b""
-    if head[8:9] != b"{" and _looks_like_pickle(path, head):
+    if head[8:9] != b"{" and looks_like_pickle(path, head):
         return ModelFileError(
             f"{path} is a PyTorch pickle, which is never loaded at run time (it can run code); "
-            f"convert it once with `ict convert {path.parent} --out model.safetensors`")
+            f"convert it once with `{convert_command(path)}`")
     return ModelFileError(f"{path} is truncated or not a safetensors file ({reason}); download or convert it again")
 
 

@@ -10,17 +10,15 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
+from ict_core.model_hints import convert_command
+from ict_core.model_hints import quote as _quote
+
 EXTENSION_DIR = Path(__file__).resolve().parents[1]     # holds ict_core/: `python -m ict_core` works from here
 _CLI = re.compile(r"`ict ([\w-]+ [^`]+)`")           # a command with arguments (a bare `ict convert` names the tool)
-_CONVERT = re.compile(r"`ict convert [^`]+`")
-
-
-def _quote(arg: str) -> str:
-    return subprocess.list2cmdline([arg]) if os.name == "nt" else shlex.quote(arg)
+_CONVERT = re.compile(r"`[^`]*\bict convert [^`]+`")  # the engine's convert command (after a rename, maybe)
 
 
 def command(*args: str | os.PathLike) -> str:
@@ -46,39 +44,22 @@ def fetch_hint(dest: str | os.PathLike) -> str:
     return f"`{command('fetch', '--hp', '--dest', Path(dest).resolve())}`"
 
 
-def _free(path: Path) -> Path:
-    """``path``, or ``stem-2.suffix``, ``stem-3.suffix`` ...: the first name not taken."""
-    out, n = path, 2
-    while out.exists():
-        out = path.with_name(f"{path.stem}-{n}{path.suffix}")
-        n += 1
-    return out
-
-
 def convert_hint(pickle: Path) -> str:
-    """The command that converts the ICT pickle ``pickle`` into a safetensors file the extension finds. A pickle
-    with a pickle's name is converted beside itself; one with another name (``ict.safetensors``) is first renamed
-    to ``.bin`` (torch reads a ``.safetensors`` name as safetensors), then converted back to its name."""
-    from ict_core.weights import PICKLE_SUFFIXES
-
-    pickle = Path(pickle).resolve()
-    if pickle.suffix.lower() in PICKLE_SUFFIXES:
-        return f"`{command('convert', pickle, '--out', _free(pickle.with_suffix('.safetensors')))}`"
-    kept = _free(pickle.with_suffix(".bin"))
-    move = "move /y" if os.name == "nt" else "mv"
-    return f"`{move} {_quote(str(pickle))} {_quote(str(kept))} && {command('convert', kept, '--out', pickle)}`"
+    """The engine's command that converts the ICT pickle ``pickle`` (:func:`ict_core.model_hints.convert_command`),
+    as this webui runs it."""
+    return f"`{convert_command(pickle, command)}`"
 
 
 def is_pickle(path: Path) -> bool:
     """Whether the engine takes ``path`` for a PyTorch pickle (its own test, on the file's first bytes)."""
-    from ict_core.weights import _looks_like_pickle
+    from ict_core.weights import looks_like_pickle
 
     try:
         with open(path, "rb") as f:
             head = f.read(9)
     except OSError:
         return False
-    return head[8:9] != b"{" and _looks_like_pickle(Path(path), head)
+    return head[8:9] != b"{" and looks_like_pickle(Path(path), head)
 
 
 def for_refused(path: Path, problem: str) -> str:

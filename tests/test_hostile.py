@@ -409,3 +409,30 @@ def test_empty_home_means_the_accounts_home(tiny_models, images, tmp_path):
     assert Path(shown).is_relative_to(pwd.getpwuid(os.getuid()).pw_dir), line
     assert ict("score", "--help", cwd=tmp_path, env=env).returncode == 0
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["ict.safetensors", "pytorch_model.bin"])
+def test_the_pickle_hint_of_the_cli_runs_as_printed(tiny_models, images, tmp_path, name):
+    """A pickle given as --model (under a safetensors name or its own): the one error line names a command that,
+    run as printed from another folder, converts it so that the same `ict score` then works."""
+    models = tmp_path / "my models"
+    models.mkdir()
+    model = models / name
+    shutil.copy(tiny_models.ict_src / "pytorch_model.bin", model)
+    line = one_error_line(ict("score", images[0], "--prompt", "a cube", "--model", model), "is a PyTorch pickle")
+    command = line.split("`")[1]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shim = tmp_path / "bin"          # `ict` on the PATH, as after `pip install`; the tiny weights need their config
+    shim.mkdir()
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(__import__("tiny_config").TINY))
+    (shim / "ict").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m ict_core "$@" --config "{config}"\n')
+    (shim / "ict").chmod(0o755)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PATH=f"{shim}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run(command, shell=True, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert not any(elsewhere.iterdir())          # nothing written where it ran
+    target = model if name.endswith(".safetensors") else model.with_suffix(".safetensors")
+    p = ict("score", images[0], "--prompt", "a cube", "--model", target)
+    assert p.returncode == 0, p.stderr
