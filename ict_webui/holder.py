@@ -5,11 +5,9 @@ enabled loads the models (through ``ict_core.Scorer.load``); where they wait bet
 (:mod:`.placement`) and the Settings."""
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import os
-import sys
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -213,13 +211,8 @@ def give_back_memory() -> bool:
     would stay in the server's RSS; ``malloc_trim(0)`` returns them (as the ComfyUI nodes do). True when trimmed
     (Linux with glibc); elsewhere (musl, macOS, Windows) the allocator is left as it is."""
     from ict_core import text
+    from ict_core.memory import trim_heap
 
     text.release()
     gc.collect()
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):      # not glibc: nothing to trim
-        return False
-    return True
+    return trim_heap()

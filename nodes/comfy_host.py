@@ -5,11 +5,9 @@ falls back to a plain-torch behaviour when ComfyUI's modules are absent.
 """
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import os
-import sys
 import weakref
 from pathlib import Path
 
@@ -196,11 +194,9 @@ def _after_collection(phase: str, _info) -> None:
 
 
 def _trim() -> None:
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
-            pass
+    from ict_core.memory import trim_heap
+
+    trim_heap()
 
 
 def _move_loose_tensors(patcher, device_to, *_args, **_kw) -> None:
