@@ -49,8 +49,9 @@ log = logging.getLogger("bench_best_of_n")
 
 def measure(args) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
-    import comfyui_inproc as ci
     import torch
+
+    import comfyui_inproc as ci
 
     ict = Path(args.ict).resolve()
     ckpt = Path(args.checkpoint).resolve()

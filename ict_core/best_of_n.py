@@ -8,8 +8,8 @@ counts lives here and in best_of_n_plan, so it is tested without a host; the hos
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from .best_of_n_plan import SEED_SPACE, Cut, Plan, candidate_seeds, parse_counts, parse_fractions, prune_step
 from .errors import InputError
@@ -100,7 +100,7 @@ class Search:
     notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def start(cls, plan: Plan, seed: int, by: str = "ict") -> "Search":
+    def start(cls, plan: Plan, seed: int, by: str = "ict") -> Search:
         return cls(plan, candidate_seeds(seed, plan.n), by, [], [None] * plan.n)
 
     def _before(self, j: int) -> list[int]:

@@ -8,8 +8,8 @@ the user's values are parsed, bounded and turned into the cuts that really prune
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from .errors import InputError
 
@@ -115,7 +115,7 @@ class Plan:
     idle: tuple[str, ...] = ()    # why a stage the user set prunes nothing
 
     @classmethod
-    def build(cls, n: int, k: int, steps: int, prune_at, survivors, chunk: int, audit: bool = False) -> "Plan":
+    def build(cls, n: int, k: int, steps: int, prune_at, survivors, chunk: int, audit: bool = False) -> Plan:
         if n < 1:
             raise InputError(f"n (candidates) must be at least 1, got {n}")
         if not 1 <= k <= n:

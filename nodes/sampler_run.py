@@ -68,7 +68,7 @@ class _Counted:
     """The sampler's denoiser, counting model evaluations per candidate (one call = one evaluation of each
     row, cond and uncond together); attributes go through to the denoiser."""
 
-    def __init__(self, denoiser, run: "Run"):
+    def __init__(self, denoiser, run: Run):
         self.__dict__.update(_denoiser=denoiser, _run=run)
 
     def __call__(self, x, *args, **kwargs):

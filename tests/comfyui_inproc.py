@@ -251,7 +251,8 @@ def _funnel(out, run, pack, vae, ict, prompt, model, pos, neg, latent, seed, cfg
         x0: dict = {}
         noise = comfy.sample.prepare_noise(latent["samples"], seed + i)
         comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", pos, neg, latent["samples"], last_step=first,
-                            force_full_denoise=False, callback=lambda st, d, x, t: x0.update(x0=d), seed=seed + i)
+                            force_full_denoise=False, seed=seed + i,
+                            callback=lambda st, d, x, t, x0=x0: x0.update(x0=d))
         img = vae.decode(model.model.process_latent_out(x0["x0"].to(torch.float32)))
         score = call(pack.NODE_CLASS_MAPPINGS["ICTScore"], model=[ict], images=[img], prompt=[prompt])
         scores.append(score.result[0][0])

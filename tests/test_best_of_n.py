@@ -4,8 +4,8 @@ from __future__ import annotations
 import math
 
 import pytest
-import v3_standin
 
+import v3_standin
 from ict_core.best_of_n import Cut, Plan, Search, candidate_seeds, order, pick, prune_step, spearman
 from ict_core.errors import InputError
 
