@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -178,7 +179,9 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     """The one place a pickle is read: the converter, with weights_only=True (no code can run)."""
     import torch
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with warnings.catch_warnings():  # torch < 2.4 warns about its own TypedStorage while loading
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)  # torch < 2.2: a str
     except Exception as e:
         raise ModelFileError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {str(e)[:160]}); "
                              f"download it again") from None

@@ -211,7 +211,7 @@ def test_out_of_memory_chunk_is_split_and_retried(tiny_models, images, monkeypat
     def flaky(batch, *args):
         sizes.append(len(batch))
         if len(batch) > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(batch, *args)
 
     monkeypatch.setattr(scorer, "_forward_images", flaky)
