@@ -13,9 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# Small but complete: the real vocabulary (open_clip ids reach 49407), 77 positions, 224 px input.
+import v3_standin  # noqa: E402
 from hosts import COMFYUI, REQUIRE_ENV, hosts_required, is_real_host_test  # noqa: E402
-from ict_core.config import TINY  # noqa: E402, F401  (re-exported to the tests)
+
+# Small but complete: the real vocabulary (open_clip ids reach 49407), 77 positions, 224 px input.
+from tiny_config import TINY  # noqa: E402, F401  (re-exported to the tests)
+
+v3_standin.install()  # any test module may import nodes/ (the real comfy_api where ComfyUI is importable)
 
 
 def pytest_report_header(config):
