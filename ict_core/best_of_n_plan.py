@@ -32,30 +32,33 @@ def prune_step(prune_at: float, steps: int) -> int:
     return min(steps, max(1, math.ceil(round(prune_at * steps, 9))))
 
 
-def _items(value, name: str) -> list[str]:
-    """A number, a list of numbers, or text like '0.25, 0.5' (a saved workflow may hold any of them)."""
+def _items(value, name: str, what: str) -> list[str]:
+    """A number, a list of numbers, or text like '0.25, 0.5' (a saved workflow may hold any of them); at most
+    MAX_STAGES items, `what` naming them in the message."""
     if isinstance(value, bool):
         raise InputError(f"{name} must be a number or a comma-separated list of numbers, got {value}")
     if isinstance(value, (int, float)):
-        return [repr(value)]
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
-    text = str(value)
-    if len(text) > MAX_TEXT:
-        raise InputError(f"{name} is {len(text)} characters long; give at most {MAX_STAGES} comma-separated numbers")
-    parts = [p.strip() for p in text.replace(";", ",").split(",")]
-    if not any(parts):
-        raise InputError(f"{name} is empty; give a number (e.g. 0.5) or one per stage (e.g. 0.25, 0.5)")
-    if not all(parts):
-        raise InputError(f"{name} '{text}' has an empty item; separate the numbers by single commas")
+        parts = [repr(value)]
+    elif isinstance(value, (list, tuple)):
+        parts = [str(v) for v in value]
+    else:
+        text = str(value)
+        if len(text) > MAX_TEXT:
+            raise InputError(f"{name} is {len(text)} characters long; give at most {MAX_STAGES} comma-separated "
+                             f"numbers")
+        parts = [p.strip() for p in text.replace(";", ",").split(",")]
+        if not any(parts):
+            raise InputError(f"{name} is empty; give a number (e.g. 0.5) or one per stage (e.g. 0.25, 0.5)")
+        if not all(parts):
+            raise InputError(f"{name} '{text}' has an empty item; separate the numbers by single commas")
+    if len(parts) > MAX_STAGES:
+        raise InputError(f"{name} lists {len(parts)} {what}; a funnel has at most {MAX_STAGES} stages")
     return parts
 
 
 def parse_fractions(value) -> tuple[float, ...]:
     """prune_at: one fraction of the steps per cut, each in (0, 1], increasing."""
-    items = _items(value, "prune_at")
-    if len(items) > MAX_STAGES:
-        raise InputError(f"prune_at lists {len(items)} fractions; a funnel has at most {MAX_STAGES} stages")
+    items = _items(value, "prune_at", "fractions")
     out = []
     for t in items:
         try:
@@ -72,9 +75,7 @@ def parse_fractions(value) -> tuple[float, ...]:
 
 def parse_counts(value) -> tuple[int, ...]:
     """survivors: how many candidates continue after each cut, each at least 1, never growing."""
-    items = _items(value, "survivors")
-    if len(items) > MAX_STAGES:
-        raise InputError(f"survivors lists {len(items)} counts; a funnel has at most {MAX_STAGES} stages")
+    items = _items(value, "survivors", "counts")
     out = []
     for t in items:
         try:
