@@ -7,30 +7,19 @@ It needs no torch: `ict search` keys its gallery without importing it.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sqlite3
 import threading
 from pathlib import Path
 
-from .files import open_regular
+from .files import sha256_file
 
 log = logging.getLogger(__name__)
 
 MEMO_NAME = "model-hashes.sqlite"
-_BLOCK = 1 << 22
 _lock = threading.Lock()
 _seen: dict[tuple, str] = {}  # this process's memo: (path, size, mtime_ns, inode) -> sha256
-
-
-def sha256_file(path: str | Path) -> str:
-    """sha256 of a regular file's bytes, read in 4 MiB blocks (a FIFO or a device is refused)."""
-    h = hashlib.sha256()
-    with open_regular(path) as f:
-        for block in iter(lambda: f.read(_BLOCK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _identity(path: Path) -> tuple:

@@ -237,7 +237,7 @@ def _storage(sd: dict[str, torch.Tensor], dtype: str | None, src: str) -> dict[s
 def convert(src: str | Path, out: str | Path, config_path: str | Path | None = None,
             dtype: str | None = None) -> FileInfo:
     """Convert a released 8y/ICT or 8y/HP copy to one checked safetensors file (atomic write)."""
-    from .model_hashes import sha256_file
+    from .files import sha256_file
     from .modeling import expected_hp_shapes, expected_ict_shapes
 
     src, out = Path(src), Path(out)
