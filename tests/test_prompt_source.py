@@ -41,7 +41,7 @@ def _webui_image(path: Path, infotext: str, fmt: str) -> Path:
         img.save(path, pnginfo=info)
     else:
         exif = Image.Exif()
-        exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + infotext.encode("utf-16-be")
+        exif[0x8769] = {0x9286: b"UNICODE\0" + infotext.encode("utf-16-be")}  # Pillow 9.5 writes no get_ifd() edit
         img.save(path, exif=exif.tobytes(), quality=90)
     return path
 
