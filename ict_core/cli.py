@@ -160,11 +160,22 @@ def cmd_convert(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    from .weights import fetch
+    from tqdm import tqdm
+
+    from .official import RELEASES, ensure
 
     dest = Path(args.dest) if args.dest else paths.default_models_dir()
     for kind in (["ict", "hp"] if args.hp else ["ict"]):
-        out = fetch(kind, dest)
+        with tqdm(desc=RELEASES[kind].repo, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+                  disable=None) as bar:
+            def show(stage: str, done: int, total: int, bar=bar, repo=RELEASES[kind].repo) -> None:
+                if stage == "convert":
+                    bar.set_description(f"{repo}: converting")
+                    return
+                bar.total = total
+                bar.update(done - bar.n)
+
+            out = ensure(kind, dest, progress=show)
         print(f"{kind}: {out}")
     return 0
 

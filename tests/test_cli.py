@@ -153,8 +153,9 @@ def test_python_m_behaves_like_ict(tiny_models, images, tmp_path):
 
 
 def test_fetch_without_network_says_how_to_convert(capsys, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hf_constants  # imported before the variable is set: restored after
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants as hf_constants
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)  # read at import time by huggingface_hub
     code, out, err = run(capsys, "fetch", "--dest", tmp_path)
     assert code == 1 and "ict convert" in err and len(err.strip().splitlines()) == 1
@@ -176,26 +177,20 @@ def test_convert_command_writes_the_same_file_as_the_library(capsys, tiny_models
 
 
 def test_fetch_downloads_and_converts(capsys, tiny_models, tmp_path, monkeypatch, caplog):
-    """`ict fetch --hp` with the hub stubbed by a local copy of the released layouts: both files land in
-    the models folder, converted; a download that differs from the published sha256 is warned about."""
-    import huggingface_hub
-
+    """`ict fetch --hp` from a local server that answers as the hub does: both files land in the models folder,
+    converted, the pickles are gone; a download that differs from the published sha256 is warned about."""
     import ict_core.config as arch_config
+    from fake_hub import FakeHub
     from ict_core.weights import read_info
 
-    def fake_download(repo, name, local_dir):
-        src = (tiny_models.ict_src if repo == "8y/ICT" else tiny_models.hp_src) / name
-        dst = Path(local_dir) / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(src, dst)
-        return str(dst)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     monkeypatch.setattr(arch_config, "VIT_H_14", json.loads(tiny_models.config.read_text()))
-    with caplog.at_level("WARNING", logger="ict_core.weights"):
-        code, out, err = run(capsys, "fetch", "--hp", "--dest", tmp_path / "models")
+    with FakeHub({"8y/ICT": tiny_models.ict_src, "8y/HP": tiny_models.hp_src}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        with caplog.at_level("WARNING", logger="ict_core.official"):
+            code, out, err = run(capsys, "fetch", "--hp", "--dest", tmp_path / "models")
     assert code == 0, err
     assert read_info(tmp_path / "models" / "ict.safetensors").kind == "ict"
     assert read_info(tmp_path / "models" / "hp.safetensors").kind == "hp"
     assert any("not the published" in r.getMessage() for r in caplog.records)
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["hp.safetensors", "ict.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir() if p.name[0] != ".") == ["hp.safetensors",
+                                                                                          "ict.safetensors"]

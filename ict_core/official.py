@@ -1,0 +1,344 @@
+"""The official weights (8y/ICT, 8y/HP on the Hugging Face hub), made ready in a models folder on first use.
+
+`ensure` is what the CLI (`ict fetch`), the ComfyUI loader's "8y/ICT (download)" choice and the webui's download
+action call. It downloads the released files with huggingface_hub into a staging folder inside the models folder
+(an interrupted download resumes there), checks each file against the checksum the hub publishes for it, converts
+them once with the converter (pickles read with ``weights_only=True`` only), and removes the pickles. A converted
+file already in the folder is used as it is: a second run never touches the network. Progress goes to a callback
+and a host's cancel check runs between chunks, so a host shows its own bar and its Cancel stops the transfer.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelFileError
+from .files import open_regular, sha256_file
+from .paths import HP_FILE, ICT_FILE
+
+log = logging.getLogger(__name__)
+
+#: progress(stage, done, total): stage is "download" (bytes of all files of the release) or "convert" (0 or 1 of 1)
+Progress = Callable[[str, int, int], None]
+
+KNOWN_ICT_SHA256 = "d5b86b0d5da463288650ed86d0409a28196f7514efa44cf63641297fb0e9832f"  # FACTS.md, via a mirror
+MAX_FILE_BYTES = 8 << 30        # the largest released file accepted (8y/ICT's pickle is 1.97 GB)
+MAX_SMALL_BYTES = 1 << 20       # a config.json
+_LOCK_POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class Release:
+    """One released model: its hub repository, the files the converter reads, and the file it becomes."""
+    kind: str
+    repo: str
+    files: tuple[str, ...]
+    optional: tuple[str, ...]
+    out_name: str
+
+    @property
+    def choice(self) -> str:
+        """How the hosts list it before (and after) it is on disk."""
+        return f"{self.repo} (download)"
+
+
+RELEASES = {
+    # a config.json beside 8y/ICT's pickle is read when a repository has one (the released one has none: the
+    # converter then uses the published ViT-H-14 architecture)
+    "ict": Release("ict", "8y/ICT", ("pytorch_model.bin",), ("config.json",), ICT_FILE),
+    "hp": Release("hp", "8y/HP", ("hp_backbone/config.json", "hp_backbone/pytorch_model.bin",
+                                  "hp_scorer/mlp_pytorch_model.bin"), (), HP_FILE),
+}
+CHOICES = {r.choice: r for r in RELEASES.values()}
+
+
+def release_for(name: str | None) -> Release | None:
+    """The release a host's choice names ("8y/ICT (download)"), or None for a file name."""
+    return CHOICES.get(name or "")
+
+
+def installed(kind: str, folders: list[Path]) -> Path | None:
+    """The converted file of a release in the first of `folders` that has it (no network, no read)."""
+    for folder in folders:
+        p = Path(folder) / RELEASES[kind].out_name
+        if p.is_file():
+            return p
+    return None
+
+
+def offline_hint(kind: str, folder: Path) -> str:
+    """The two commands that make the file without this machine reaching the hub."""
+    from .model_hints import ict_command
+
+    rel, out = RELEASES[kind], Path(folder) / RELEASES[kind].out_name
+    fetch = ict_command("fetch", *(["--hp"] if kind == "hp" else []), "--dest", "MODELS")
+    return (f"on a machine with network run `{fetch}` and copy MODELS/{rel.out_name} to {out}, or with a copy of "
+            f"the {rel.repo} folder run `{ict_command('convert', 'FOLDER', '--out', out)}`")
+
+
+# ---------------------------------------------------------------------------------------------------- the hub
+def _endpoint() -> str | None:
+    return os.environ.get("HF_ENDPOINT") or None  # read per call: huggingface_hub reads it once at import
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _unreachable(e: BaseException) -> bool:
+    """A refused or dropped connection, a timeout, DNS, or the hub's offline mode: no HTTP answer at all."""
+    if _status(e) is not None:
+        return False
+    names = {c.__name__ for c in type(e).__mro__}
+    return bool(names & {"OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectionError", "ConnectError",
+                         "Timeout", "TimeoutException", "TimeoutError", "NetworkError", "TransportError",
+                         "ProtocolError", "RemoteProtocolError"})
+
+
+def _status(e: BaseException) -> int | None:
+    response = getattr(e, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _git_blob_sha1(path: Path) -> str:
+    h = hashlib.sha1(usedforsecurity=False)
+    with open_regular(path) as f:
+        data = f.read(MAX_SMALL_BYTES + 1)
+    h.update(b"blob %d\0" % len(data))
+    h.update(data)
+    return h.hexdigest()
+
+
+def _expected(rel: Release, name: str, hub) -> tuple[str | None, int | None, str] | None:
+    """(checksum the hub publishes, size, where to download it) of one file, or None when an optional file is not
+    in the repository."""
+    url = hub.hf_hub_url(rel.repo, name, endpoint=_endpoint())
+    try:
+        meta = hub.get_hf_file_metadata(url)
+    except Exception as e:
+        if name in rel.optional and _status(e) == 404:
+            return None
+        raise
+    return (meta.etag or "").strip('"').lower() or None, meta.size, meta.location or url
+
+
+def _check(rel: Release, name: str, path: Path, checksum: str | None) -> None:
+    """The downloaded bytes against the hub's checksum (sha256 of an LFS file, git's blob sha1 of a small one)."""
+    if checksum is None or not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", checksum):
+        raise ModelFileError(f"{rel.repo}/{name}: the hub published no checksum to check the download against; "
+                             f"download it by hand and run `ict convert`")
+    got = sha256_file(path) if len(checksum) == 64 else _git_blob_sha1(path)
+    if got != checksum:
+        path.unlink(missing_ok=True)
+        raise ModelFileError(f"{rel.repo}/{name} downloaded with checksum {got[:16]}… but the hub publishes "
+                             f"{checksum[:16]}…; the copy was deleted: run again to download it again (a proxy or "
+                             f"mirror may have altered it)")
+    if rel.kind == "ict" and name == "pytorch_model.bin" and got != KNOWN_ICT_SHA256:
+        log.warning("%s/%s has sha256 %s, not the published %s; the repository may have changed: check the source",
+                    rel.repo, name, got, KNOWN_ICT_SHA256)
+
+
+# ----------------------------------------------------------------------------------------------- transfer
+def _progress_class(hub_tqdm, report: Callable[[int], None], check_cancel: Callable[[], None] | None):
+    """A tqdm of huggingface_hub's that reports each chunk and lets the host cancel between chunks."""
+
+    class _Bar(hub_tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True  # the host draws the bar; no second one on the console
+            kwargs.pop("name", None)
+            super().__init__(*args, **kwargs)
+            self._at = int(kwargs.get("initial") or 0)
+            report(self._at)
+
+        def update(self, n=1):
+            if check_cancel is not None:
+                check_cancel()   # the host's own exception (ComfyUI: InterruptProcessingException) ends the transfer
+            self._at += int(n or 0)
+            report(self._at)
+            return super().update(n)
+
+    return _Bar
+
+
+def _fetch_file(hub, url: str, dest: Path, size: int | None, bar) -> None:
+    """One file into `dest` through `dest`.part, continued from where a stopped run left it (a Range request).
+
+    huggingface_hub's http_get does the transfer (headers, proxies, retries, the size check); hf_hub_download is not
+    used because since huggingface_hub 1.x each process downloads into a fresh temporary file, so a killed run
+    starts over."""
+    from huggingface_hub.file_download import http_get
+
+    part = dest.with_name(dest.name + ".part")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    have = part.stat().st_size if part.is_file() else 0
+    if size is not None and have > size:
+        part.unlink()
+        have = 0
+    if size is None or have < size:
+        params = inspect.signature(http_get).parameters
+        extra = ({"tqdm_class": bar} if "tqdm_class" in params
+                 else {"_tqdm_bar": bar(total=size, initial=have)} if "_tqdm_bar" in params else {})
+        with open(part, "ab") as f:
+            http_get(url, f, resume_size=have, headers=hub.utils.build_hf_headers(), expected_size=size, **extra)
+    os.replace(part, dest)
+
+
+# --------------------------------------------------------------------------------------------------- ensuring
+@contextmanager
+def _folder_lock(path: Path, what: str, check_cancel: Callable[[], None] | None):
+    """One download of a release per models folder, across processes; waiting for another run can be cancelled."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path))
+    told = False
+    while True:
+        try:
+            lock.acquire(timeout=_LOCK_POLL_S)
+            break
+        except Timeout:
+            if not told:
+                log.info("waiting for another download of %s (lock %s)", what, path)
+                told = True
+            if check_cancel is not None:
+                check_cancel()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _marked(check_cancel: Callable[[], None] | None) -> Callable[[], None] | None:
+    """The host's check, its exception marked so that it passes through the error messages untouched."""
+    if check_cancel is None:
+        return None
+
+    def check() -> None:
+        try:
+            check_cancel()
+        except BaseException as e:
+            e._ict_cancel = True  # type: ignore[attr-defined]
+            raise
+    return check
+
+
+def _space_problem(folder: Path, need: int) -> str | None:
+    free = shutil.disk_usage(folder).free
+    if free >= need:
+        return None
+    return f"{folder} has {free / 1e9:.1f} GB free and the download and conversion need {need / 1e9:.1f} GB"
+
+
+def ensure(kind: str, folder: str | Path, progress: Progress | None = None,
+           check_cancel: Callable[[], None] | None = None) -> Path:
+    """The converted file of release `kind` in `folder`: there already, or downloaded, checked and converted now.
+
+    Errors are one-line ModelFileErrors; `check_cancel`'s own exception (a host's Cancel) passes through and
+    leaves the partial download to resume on the next call."""
+    rel = RELEASES[kind]
+    folder = Path(folder)
+    out = folder / rel.out_name
+    check_cancel = _marked(check_cancel)
+    if out.is_file():
+        return out
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = folder / ".download" / rel.repo.replace("/", "--")
+        staging.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ModelFileError(f"cannot write to the models folder {folder} ({e.strerror or type(e).__name__}); "
+                             f"check its permissions or choose another folder") from None
+    with _folder_lock(staging.with_name(staging.name + ".lock"), rel.repo, check_cancel):
+        if out.is_file():  # another run made it while this one waited
+            return out
+        _download(rel, staging, folder, progress, check_cancel)
+        if check_cancel is not None:
+            check_cancel()
+        _convert(rel, staging, out, progress)
+    return out
+
+
+def _download(rel: Release, staging: Path, folder: Path, progress: Progress | None,
+              check_cancel: Callable[[], None] | None) -> None:
+    try:
+        import huggingface_hub as hub
+        from huggingface_hub.utils import tqdm as hub_tqdm
+    except ImportError:  # pragma: no cover - a dependency
+        raise ModelFileError("huggingface_hub is not installed; pip install huggingface_hub") from None
+    name, files = "", {}
+    try:
+        for name in (*rel.files, *rel.optional):
+            got = _expected(rel, name, hub)
+            if got is not None:
+                files[name] = got
+        for name, (_, size, _) in files.items():
+            bound = MAX_SMALL_BYTES if name.endswith(".json") else MAX_FILE_BYTES
+            if size is not None and size > bound:
+                raise ModelFileError(f"{rel.repo}/{name} is {size / 1e9:.2f} GB on the hub, more than the "
+                                     f"{bound / 1e9:.2f} GB a released file has; check HF_ENDPOINT")
+        total = sum(size or 0 for _, size, _ in files.values())
+        have = sum(_partial_size(staging, n) for n in files)
+        problem = _space_problem(folder, total - have + total)
+        if problem:
+            raise ModelFileError(f"{problem}; free some space and run again")
+        done = 0
+        for name, (checksum, size, url) in files.items():
+            def report(at: int, base=done) -> None:
+                if progress is not None:
+                    progress("download", base + at, total)
+
+            dest = staging / name
+            if not (dest.is_file() and size is not None and dest.stat().st_size == size):
+                _fetch_file(hub, url, dest, size, _progress_class(hub_tqdm, report, check_cancel))
+            _check(rel, name, dest, checksum)
+            done += size or 0
+            report(0)
+    except ModelFileError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the hub's and the HTTP library's errors, named in one line
+        if getattr(e, "_ict_cancel", False):
+            raise
+        hint = offline_hint(rel.kind, folder)
+        where = _endpoint() or "huggingface.co"
+        if _unreachable(e):
+            raise ModelFileError(f"cannot reach {where} to download {rel.repo} ({_reason(e)}); {hint}") from None
+        status = _status(e)
+        if status is not None:
+            raise ModelFileError(f"{where} answered HTTP {status} for {rel.repo}/{name}; check the name, your "
+                                 f"network's proxy or HF_TOKEN, or {hint}") from None
+        raise ModelFileError(f"downloading {rel.repo}/{name} into {staging} failed ({_reason(e)}); run again to "
+                             f"resume it, or {hint}") from None
+
+
+def _partial_size(staging: Path, name: str) -> int:
+    """Bytes of `name` already in the staging folder (done, or the .part of a stopped run)."""
+    for p in (staging / name, staging / (name + ".part")):
+        if p.is_file():
+            return p.stat().st_size
+    return 0
+
+
+def _convert(rel: Release, staging: Path, out: Path, progress: Progress | None) -> None:
+    """The converter on the checked download, then the pickles go (a failed conversion keeps them)."""
+    from .weights import convert
+
+    if progress is not None:
+        progress("convert", 0, 1)
+    config = staging / "config.json" if rel.kind == "ict" and (staging / "config.json").is_file() else None
+    log.info("converting %s into %s", rel.repo, out)
+    convert(staging, out, config)
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.parent.rmdir()  # .download, when nothing else is staged
+    except OSError:
+        pass
+    if progress is not None:
+        progress("convert", 1, 1)
