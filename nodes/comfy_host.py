@@ -56,6 +56,17 @@ def register_model_folder() -> None:
         pass
 
 
+def model_folders() -> list[Path]:
+    """The folders the loader lists, in ComfyUI's order (extra_model_paths.yaml first); downloads go to the first."""
+    fp = _folder_paths()
+    if fp is not None:
+        register_model_folder()
+        return [Path(p) for p in fp.get_folder_paths(FOLDER)]
+    from ict_core.paths import default_models_dir
+
+    return [default_models_dir()]
+
+
 def list_model_files() -> list[str]:
     """Names the loader offers: files of the `ict` folder(s), or of ict_core's default folder."""
     fp = _folder_paths()
@@ -71,8 +82,18 @@ def list_model_files() -> list[str]:
 
 
 def resolve_model_file(name: str, what: str) -> Path:
-    """Full path of a listed name; a clear error when it is not there."""
+    """Full path of a listed name (an official release's choice: its converted file); a clear error when it is
+    not there."""
+    from ict_core import official
     from ict_core.errors import ModelFileError
+
+    release = official.release_for(name)
+    if release is not None:
+        found = official.installed(release.kind, model_folders())
+        if found is None:
+            raise ModelFileError(f"{what} '{name}' is not downloaded yet; the ICT Model Loader downloads it when the "
+                                 f"workflow runs")
+        return found
 
     fp = _folder_paths()
     if fp is not None:
@@ -252,6 +273,11 @@ class Progress:
     def progress(self, done: int, total: int) -> None:
         if self.bar is not None:
             self.bar.update_absolute(done, total)
+
+    def stage(self, stage: str, done: int, total: int) -> None:
+        """ict_core.official's progress(stage, bytes done, bytes total), shown in MiB on the node's bar."""
+        if stage == "download":
+            self.progress(done >> 20, max(total >> 20, 1))
 
     def should_stop(self) -> bool:
         if self.mm is not None:

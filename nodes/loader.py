@@ -49,8 +49,33 @@ def _file_key(path: Path | None) -> tuple:
     return (str(path.resolve()), st.st_mtime_ns, st.st_size)
 
 
-def check_choice(ict_name: str, hp_name: str, precision: str, device: str) -> tuple[Path, Path | None]:
-    """The files' paths after the checks that need no tensor read (kind, architecture, names, shapes).
+def _awaiting_download(*names: str) -> bool:
+    """Whether a name is an official release's choice whose file is not in the model folders yet."""
+    from ict_core import official
+
+    return any((r := official.release_for(n)) is not None and official.installed(r.kind, comfy_host.model_folders())
+               is None for n in names)
+
+
+def download_missing(ict_name: str, hp_name: str) -> None:
+    """Download and convert the official releases the choices name and the folders lack, with ComfyUI's progress
+    bar on the node; Cancel stops the transfer (the next run resumes it)."""
+    from ict_core import official
+
+    for name in (ict_name, hp_name):
+        release = official.release_for(name)
+        if release is None or official.installed(release.kind, comfy_host.model_folders()) is not None:
+            continue
+        folder = comfy_host.model_folders()[0]
+        log.info("downloading %s into %s (first use)", release.repo, folder)
+        bar = comfy_host.Progress(1)
+        official.ensure(release.kind, folder, progress=bar.stage, check_cancel=bar.should_stop)
+
+
+def check_choice(ict_name: str, hp_name: str, precision: str,
+                 device: str) -> tuple[Path, Path | None] | None:
+    """The files' paths after the checks that need no tensor read (kind, architecture, names, shapes); None when a
+    chosen official release is still to be downloaded (the run downloads it, then checks).
 
     Run when ComfyUI validates a queued workflow, so a wrong choice is refused before ComfyUI drops the
     model loaded for the previous choice."""
@@ -61,6 +86,8 @@ def check_choice(ict_name: str, hp_name: str, precision: str, device: str) -> tu
         raise InputError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
     if device not in DEVICES:
         raise InputError(f"device '{device}' is not one of {', '.join(DEVICES)}")
+    if _awaiting_download(ict_name, hp_name):
+        return None
     ict_path = comfy_host.resolve_model_file(ict_name, "ict_model")
     hp_path = None if hp_name in (None, "", NONE) else comfy_host.resolve_model_file(hp_name, "hp_model")
     ict_info = weights.open_model_file(ict_path, "ict")
@@ -78,7 +105,11 @@ def load_model(ict_name: str, hp_name: str, precision: str, device: str) -> ICTM
     """Load a scorer (or share the live one for the same files); nothing is kept here after the caller drops it."""
     from ict_core import Scorer
 
-    ict_path, hp_path = check_choice(ict_name, hp_name, precision, device)
+    paths = check_choice(ict_name, hp_name, precision, device)
+    if paths is None:
+        download_missing(ict_name, hp_name)
+        paths = check_choice(ict_name, hp_name, precision, device)
+    ict_path, hp_path = paths
     key = (_file_key(ict_path), _file_key(hp_path), precision, device)
     with _lock:
         hit = _live.get(key)
@@ -99,8 +130,10 @@ def load_model(ict_name: str, hp_name: str, precision: str, device: str) -> ICTM
 
 
 _TIPS = {
-    "ict_model": "converted ICT model in models/ict (`ict fetch` or `ict convert` makes it)",
-    "hp_model": "optional HP model; needed for score_by hp, ict*hp and group",
+    "ict_model": ("8y/ICT (download): the official model, downloaded from Hugging Face (2 GB) and converted into "
+                  "models/ict on the first run; or a converted .safetensors file in models/ict"),
+    "hp_model": ("optional HP model, needed for score_by hp, ict*hp and group; 8y/HP (download) fetches the official "
+                 "one on the first run"),
     "precision": ("auto = fp32, the official scores; fp16/bf16 are faster on a GPU (bf16 also on a CPU with native "
                   "bf16) and differ slightly"),
     "device": "auto: ComfyUI's device (respects --cpu, --lowvram, --highvram)",
@@ -119,15 +152,19 @@ class ICTModelLoader(io.ComfyNode):
 
     @classmethod
     def define_schema(cls):
+        from ict_core.official import RELEASES
+
         files = comfy_host.list_model_files()
         return v3.schema(
             node_id="ICTModelLoader", display_name="ICT Model Loader",
-            description=("Loads converted ICT/HP reward models (.safetensors in models/ict). The model stays in "
-                         "memory between runs; ComfyUI offloads it when the diffusion model needs the memory."),
+            description=("Loads the ICT/HP reward models: the official ones (downloaded and converted on the first "
+                         "run) or converted .safetensors in models/ict. The model stays in memory between runs; "
+                         "ComfyUI offloads it when the diffusion model needs the memory."),
             search_aliases=["reward model", "image reward", "aesthetic score", "hp model", "clip score"],
             inputs=[
-                io.Combo.Input("ict_model", options=files, tooltip=_TIPS["ict_model"]),
-                io.Combo.Input("hp_model", options=[NONE] + files, default=NONE, tooltip=_TIPS["hp_model"]),
+                io.Combo.Input("ict_model", options=[RELEASES["ict"].choice, *files], tooltip=_TIPS["ict_model"]),
+                io.Combo.Input("hp_model", options=[NONE, RELEASES["hp"].choice, *files], default=NONE,
+                               tooltip=_TIPS["hp_model"]),
                 io.Combo.Input("precision", options=list(PRECISIONS), default="auto", tooltip=_TIPS["precision"]),
                 io.Combo.Input("device", options=list(DEVICES), default="auto", tooltip=_TIPS["device"]),
             ],

@@ -163,7 +163,7 @@ def best_of_8_api(n: int = 8, steps: int = 20, size: int = 512, ckpt: str = "sd1
         "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": PROMPT}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry, low quality"}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
-        "5": {"class_type": "ICTModelLoader", "inputs": {"ict_model": "ict.safetensors", "hp_model": "none",
+        "5": {"class_type": "ICTModelLoader", "inputs": {"ict_model": "8y/ICT (download)", "hp_model": "none",
                                                          "precision": "auto", "device": "auto"}},
         "6": {"class_type": "ICTBestOfNSampler", "inputs": {
             "model": ["1", 0], "seed": 100, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
@@ -184,6 +184,8 @@ def test_api_workflow_matches_the_ui_example():
     assert links == api_links
     bon = next(n for n in ui["nodes"] if n["type"] == "ICTBestOfNSampler")
     assert bon["widgets_values"][:2] == [100, "fixed"] and 8 in bon["widgets_values"]
+    loader = next(n for n in ui["nodes"] if n["type"] == "ICTModelLoader")
+    assert loader["widgets_values"][:2] == [api["5"]["inputs"]["ict_model"], api["5"]["inputs"]["hp_model"]]
     assert (ROOT / "example_workflows" / "best_of_8_pruned.jpg").is_file()
 
 

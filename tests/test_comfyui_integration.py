@@ -150,7 +150,7 @@ def serve(base: Path, yaml: Path, log: Path, *args: str, env: dict | None = None
     yields a Server once /system_stats answers, and stops the process afterwards."""
     port = _free_port()
     py = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     cmd = [py, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base),
            "--extra-model-paths-config", str(yaml), "--disable-auto-launch", *args]
     with open(log, "wb") as f:
@@ -200,7 +200,8 @@ def keep_cache_args() -> tuple[str, ...]:
     return ("--cache-ram", "0.25") if args.is_file() and "--cache-ram" in args.read_text() else ()
 
 
-def rerank_api(prompt: str = PROMPT, score_by: str = "ict", hp: str = "none") -> dict:
+def rerank_api(prompt: str = PROMPT, score_by: str = "ict", hp: str = "none",
+               ict: str = "8y/ICT (download)") -> dict:
     """API format of example_workflows/ict_rerank_images.json (same node ids and links)."""
     return {
         "1": {"class_type": "LoadImage", "inputs": {"image": "image_1.png"}},
@@ -208,7 +209,7 @@ def rerank_api(prompt: str = PROMPT, score_by: str = "ict", hp: str = "none") ->
         "3": {"class_type": "LoadImage", "inputs": {"image": "image_3.png"}},
         "4": {"class_type": "ImageBatch", "inputs": {"image1": ["1", 0], "image2": ["2", 0]}},
         "5": {"class_type": "ImageBatch", "inputs": {"image1": ["4", 0], "image2": ["3", 0]}},
-        "6": {"class_type": "ICTModelLoader", "inputs": {"ict_model": "ict.safetensors", "hp_model": hp,
+        "6": {"class_type": "ICTModelLoader", "inputs": {"ict_model": ict, "hp_model": hp,
                                                          "precision": "auto", "device": "auto"}},
         "7": {"class_type": "ICTRerank", "inputs": {"model": ["6", 0], "images": ["5", 0], "prompt": prompt,
                                                     "score_by": score_by}},
@@ -224,6 +225,8 @@ def test_api_workflow_matches_the_ui_example():
     links = {(str(a), ao, str(b)) for _, a, ao, b, _, _ in ui["links"]}
     api_links = {(v[0], v[1], k) for k, n in api.items() for v in n["inputs"].values() if isinstance(v, list)}
     assert links == api_links
+    loader = next(n for n in ui["nodes"] if n["type"] == "ICTModelLoader")
+    assert loader["widgets_values"][:2] == [api["6"]["inputs"]["ict_model"], api["6"]["inputs"]["hp_model"]]
 
 
 def combo_options(spec) -> list:
@@ -236,8 +239,9 @@ def test_nodes_models_and_templates_are_listed(server):
     for node in ("ICTModelLoader", "ICTScore", "ICTSelectBest", "ICTRerank"):
         assert node in info, f"{node} not registered; log:\n{server.log.read_text()[-3000:]}"
     ld = info["ICTModelLoader"]["input"]["required"]
-    assert combo_options(ld["ict_model"]) == ["hp.safetensors", "ict.safetensors"]  # via extra_model_paths.yaml
-    assert combo_options(ld["hp_model"]) == ["none", "hp.safetensors", "ict.safetensors"]  # (.txt skipped)
+    # the official releases first, then the files of models/ict via extra_model_paths.yaml (.txt skipped)
+    assert combo_options(ld["ict_model"]) == ["8y/ICT (download)", "hp.safetensors", "ict.safetensors"]
+    assert combo_options(ld["hp_model"]) == ["none", "8y/HP (download)", "hp.safetensors", "ict.safetensors"]
     assert info["ICTScore"]["output_node"] is True and info["ICTSelectBest"]["output_node"] is True
     assert info["ICTSelectBest"]["output_name"] == ["images", "latent", "mask", "indices", "scores", "report"]
     # the V1 view a saved workflow is matched against: input names and order as the classic nodes had them

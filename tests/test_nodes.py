@@ -206,7 +206,9 @@ def test_example_templates_have_thumbnails():
 # ------------------------------------------------------------------------------------------------ loader
 def test_loader_lists_files_and_reuses_the_loaded_model(models_dir):
     files = options(loader.ICTModelLoader, "ict_model")
-    assert files == ["hp.safetensors", "ict.safetensors"]
+    assert files == ["8y/ICT (download)", "hp.safetensors", "ict.safetensors"]
+    assert options(loader.ICTModelLoader, "hp_model") == ["none", "8y/HP (download)", "hp.safetensors",
+                                                          "ict.safetensors"]
     a = load("ict.safetensors", "hp.safetensors", "auto", "cpu")[0]
     b = load("ict.safetensors", "hp.safetensors", "auto", "cpu")[0]
     assert a is b and a.scorer.has_hp and a.patcher is None
@@ -215,6 +217,37 @@ def test_loader_lists_files_and_reuses_the_loaded_model(models_dir):
     assert loader.ICTModelLoader.fingerprint_inputs("ict.safetensors", "hp.safetensors", "auto", "cpu") != changed
     c = load("ict.safetensors", "hp.safetensors", "auto", "cpu")[0]
     assert c is not a  # the file changed on disk: loaded again
+
+
+def test_the_official_choices_use_the_files_already_there_without_the_network(models_dir, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: any request would fail
+    assert loader.ICTModelLoader.validate_inputs("8y/ICT (download)", "8y/HP (download)", "auto", "cpu") is True
+    m = load("8y/ICT (download)", "8y/HP (download)", "auto", "cpu")[0]
+    assert m.scorer.has_hp and m.describe().startswith("ICT 8y/ICT (download) + HP 8y/HP (download)")
+
+
+def test_the_loader_downloads_an_official_model_on_its_first_run(tiny_models, tmp_path, monkeypatch):
+    """A fresh models folder: queueing passes, the run downloads and converts, the next run only loads."""
+    import json
+
+    import ict_core.config as arch_config
+    from fake_hub import FakeHub
+
+    monkeypatch.setenv("ICT_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setattr(arch_config, "VIT_H_14", json.loads(tiny_models.config.read_text()))
+    clear_loader_cache()
+    with FakeHub({"8y/ICT": tiny_models.ict_src}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        assert loader.ICTModelLoader.validate_inputs("8y/ICT (download)", "none", "auto", "cpu") is True
+        assert hub.requests == []  # queueing never downloads
+        m = load("8y/ICT (download)", "none", "auto", "cpu")[0]
+        assert (tmp_path / "models" / "ict.safetensors").is_file() and not m.scorer.has_hp
+        asked = len(hub.requests)
+        del m
+        clear_loader_cache()
+        load("8y/ICT (download)", "none", "auto", "cpu")
+        assert len(hub.requests) == asked
+    clear_loader_cache()
 
 
 def test_the_pack_keeps_no_copy_of_a_model_nobody_holds(models_dir):
@@ -660,7 +693,7 @@ def test_host_glue_registers_folder_patcher_progress_and_cancel(fake_comfy, tiny
     comfy_host.register_model_folder()
     paths, exts = fake_comfy.fp.folder_names_and_paths["ict"]
     assert exts == {".safetensors"} and paths[0] == str(fake_comfy.extra) and paths[1].endswith(os.sep + "ict")
-    assert options(loader.ICTModelLoader, "ict_model") == ["ict.safetensors"]
+    assert options(loader.ICTModelLoader, "ict_model") == ["8y/ICT (download)", "ict.safetensors"]
 
     model = load("ict.safetensors", "none", "auto", "auto")[0]
     assert model.patcher is not None and model.patcher.model is model.scorer.modules

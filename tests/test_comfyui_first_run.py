@@ -1,0 +1,53 @@
+"""A new user's first run in a real ComfyUI: the rerank template, as shipped, from a models folder with no ICT file.
+
+The loader's "8y/ICT (download)" choice fetches the released layout from a local server that answers as the hub
+does (tests/fake_hub.py, HF_ENDPOINT), converts it into ComfyUI's models/ict, and the template runs; the second run
+makes no request. Needs what tests/test_comfyui_integration.py needs ($COMFYUI_DIR, $COMFYUI_PYTHON).
+"""
+from __future__ import annotations
+
+import pytest
+
+from fake_hub import FakeHub
+from ict_core.weights import read_info
+from test_comfyui_integration import PACK, ROOT, _need_comfyui, _write_images, keep_cache_args, rerank_api, serve
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory, tiny_models):
+    """The 8y/ICT layout (one pickle) at the tiny size, whose architecture comes in the repository's config.json."""
+    from conftest import save_ict_layout
+
+    root = save_ict_layout(tiny_models.ict_clip, tmp_path_factory.mktemp("released") / "ICT")
+    (root / "config.json").write_text(tiny_models.config.read_text())
+    return root
+
+
+def test_the_template_runs_from_a_fresh_models_folder(tmp_path, released):
+    _need_comfyui()
+    base = tmp_path / "base"
+    for d in ("custom_nodes", "input", "output", "temp", "user", "models"):
+        (base / d).mkdir(parents=True)
+    (base / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
+    _write_images(base / "input")
+    yaml = tmp_path / "extra_model_paths.yaml"
+    yaml.write_text("none: {}\n")
+    models = base / "models" / "ict"
+    with FakeHub({"8y/ICT": released}) as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf-home"),
+               "ICT_CACHE_DIR": str(tmp_path / "cache")}
+        with serve(base, yaml, tmp_path / "comfyui.log", *keep_cache_args(), env=env) as srv:
+            assert not (models / "ict.safetensors").exists()
+            h = srv.wait(srv.post_prompt(rerank_api(prompt="a first run")), timeout=600)
+            assert h["status"]["status_str"] == "success", h["status"]
+            assert read_info(models / "ict.safetensors").kind == "ict"
+            assert sorted(p.name for p in models.iterdir() if not p.name.startswith(".")) == ["ict.safetensors"]
+            assert [r for m, k, r in hub.requests if m == "GET"] == [None, None]  # the pickle and config.json
+            log = srv.log.read_text()
+            assert "downloading 8y/ICT" in log
+            ranked = h["outputs"]["9"]
+            assert ranked, h["outputs"]
+            asked = len(hub.requests)
+            h2 = srv.wait(srv.post_prompt(rerank_api(prompt="a second run")), timeout=600)
+            assert h2["status"]["status_str"] == "success", h2["status"]
+            assert len(hub.requests) == asked  # the second run downloads nothing
