@@ -4,7 +4,7 @@
 It serves `/{repo}/resolve/{revision}/{path}` for HEAD and GET with the hub's headers (X-Repo-Commit,
 X-Linked-Etag: the sha256 of an LFS file or the git blob sha1 of a small one, X-Linked-Size) and byte ranges, from
 a folder per repository. Knobs for the tests: `corrupt` (serve other bytes than the checksum published),
-`stall_after` (send that many bytes of a file, then hang until closed), and `requests` (what was asked, with the
+`stall_after` (send that many bytes of a file once, then hang until `release` is set, then drop the connection), and `requests` (what was asked, with the
 Range header). Run as a script (`python fake_hub.py PORT_FILE REPO=FOLDER ...`) for a server in another process.
 """
 from __future__ import annotations
@@ -90,9 +90,11 @@ class FakeHub:
                     body = bytes([body[0] ^ 0xFF]) + body[1:]
                 stall = hub.stall_after.get(key)
                 if stall is not None and start < stall:
+                    del hub.stall_after[key]  # once: the next request (a resume) gets the rest
                     self.wfile.write(body[:stall - start])
                     self.wfile.flush()
                     hub.release.wait(120)
+                    self.close_connection = True  # the transfer breaks off, as a dropped connection does
                     return
                 self.wfile.write(body)
 

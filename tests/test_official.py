@@ -73,6 +73,7 @@ def test_first_run_downloads_and_converts_and_the_second_run_does_neither(hub, t
     asked = len(hub.requests)
     assert official.ensure("ict", models) == out and official.ensure("hp", models) == hp
     assert len(hub.requests) == asked  # no network the second time
+    assert not (tmp_path / "hf-home").exists()  # nothing written outside the models folder
 
 
 def test_the_released_layout_without_a_config_converts_with_the_published_architecture(hub, tmp_path, monkeypatch):
@@ -155,7 +156,6 @@ def test_a_download_killed_halfway_resumes(released, tmp_path, monkeypatch):
         finally:
             if proc.poll() is None:
                 proc.kill()
-        del hub.stall_after[ICT_BIN]
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         out = official.ensure("ict", models)
         assert hub.gets(ICT_BIN)[-1] == f"bytes={have}-"
@@ -173,3 +173,31 @@ def test_the_choices_name_the_releases():
     assert official.release_for("8y/ICT (download)").kind == "ict"
     assert official.release_for("8y/HP (download)").kind == "hp"
     assert official.release_for("ict.safetensors") is None and official.release_for(None) is None
+
+
+def test_a_second_run_waits_for_the_first_ones_download(released, tmp_path, monkeypatch, caplog):
+    """Two hosts on one models folder: the second waits on the first one's lock and then uses its file."""
+    import threading
+
+    models = tmp_path / "models"
+    with FakeHub({"8y/ICT": released["big"]}) as hub:
+        hub.stall_after[ICT_BIN] = 11 << 20
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "PYTHONPATH": str(ROOT)}
+        proc = subprocess.Popen([sys.executable, "-m", "ict_core", "fetch", "--dest", str(models)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 120
+            while not list((models / ".download").rglob("*.part")) and time.monotonic() < deadline:
+                assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+                time.sleep(0.1)
+            monkeypatch.setenv("HF_ENDPOINT", hub.url)
+            threading.Timer(2.0, hub.release.set).start()  # the stalled transfer breaks off; the first run resumes
+            with caplog.at_level("INFO", logger="ict_core.official"):
+                out = official.ensure("ict", models)
+            assert proc.wait(120) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert any("waiting for another download of 8y/ICT" in r.getMessage() for r in caplog.records)
+    assert read_info(out).kind == "ict"
+    assert sorted(k for m, k, _ in hub.requests if m == "HEAD") == ["8y/ICT/config.json", ICT_BIN]  # the first run's
