@@ -4,8 +4,9 @@
 It serves `/{repo}/resolve/{revision}/{path}` for HEAD and GET with the hub's headers (X-Repo-Commit,
 X-Linked-Etag: the sha256 of an LFS file or the git blob sha1 of a small one, X-Linked-Size) and byte ranges, from
 a folder per repository. Knobs for the tests: `corrupt` (serve other bytes than the checksum published),
-`stall_after` (send that many bytes of a file once, then hang until `release` is set, then drop the connection), and `requests` (what was asked, with the
-Range header). Run as a script (`python fake_hub.py PORT_FILE REPO=FOLDER ...`) for a server in another process.
+`stall_after` (send that many bytes of a file once, then hang until `release` is set, then drop the connection),
+and `requests` (what was asked, with the Range header). Run as a script (`python fake_hub.py PORT_FILE
+REPO=FOLDER ...`) for a server in another process.
 """
 from __future__ import annotations
 
