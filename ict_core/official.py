@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelFileError
-from .files import open_regular, sha256_file
+from .files import open_regular, regular_file_problem, sha256_file
 from .paths import HP_FILE, ICT_FILE
 
 log = logging.getLogger(__name__)
@@ -131,11 +131,8 @@ def _expected(rel: Release, name: str, hub) -> tuple[str | None, int | None, str
     return (meta.etag or "").strip('"').lower() or None, meta.size, meta.location or url
 
 
-def _check(rel: Release, name: str, path: Path, checksum: str | None) -> None:
+def _check(rel: Release, name: str, path: Path, checksum: str) -> None:
     """The downloaded bytes against the hub's checksum (sha256 of an LFS file, git's blob sha1 of a small one)."""
-    if checksum is None or not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", checksum):
-        raise ModelFileError(f"{rel.repo}/{name}: the hub published no checksum to check the download against; "
-                             f"download it by hand and run `ict convert`")
     got = sha256_file(path) if len(checksum) == 64 else _git_blob_sha1(path)
     if got != checksum:
         path.unlink(missing_ok=True)
@@ -169,7 +166,7 @@ def _progress_class(hub_tqdm, report: Callable[[int], None], check_cancel: Calla
     return _Bar
 
 
-def _fetch_file(hub, url: str, dest: Path, size: int | None, bar) -> None:
+def _fetch_file(hub, url: str, dest: Path, size: int, bar) -> None:
     """One file into `dest` through `dest`.part, continued from where a stopped run left it (a Range request).
 
     huggingface_hub's http_get does the transfer (headers, proxies, retries, the size check); hf_hub_download is not
@@ -180,10 +177,10 @@ def _fetch_file(hub, url: str, dest: Path, size: int | None, bar) -> None:
     part = dest.with_name(dest.name + ".part")
     part.parent.mkdir(parents=True, exist_ok=True)
     have = part.stat().st_size if part.is_file() else 0
-    if size is not None and have > size:
+    if have > size:
         part.unlink()
         have = 0
-    if size is None or have < size:
+    if have < size:
         params = inspect.signature(http_get).parameters
         extra = ({"tqdm_class": bar} if "tqdm_class" in params
                  else {"_tqdm_bar": bar(total=size, initial=have)} if "_tqdm_bar" in params else {})
@@ -249,6 +246,9 @@ def ensure(kind: str, folder: str | Path, progress: Progress | None = None,
     check_cancel = _marked(check_cancel)
     if out.is_file():
         return out
+    problem = regular_file_problem(out)
+    if problem != "not found":
+        raise ModelFileError(f"{out} is {problem}, where the converted {rel.repo} goes; move it away and run again")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         staging = folder / ".download" / rel.repo.replace("/", "--")
@@ -281,25 +281,33 @@ def _download(rel: Release, staging: Path, folder: Path, progress: Progress | No
                 files[name] = got
         for name, (_, size, _) in files.items():
             bound = MAX_SMALL_BYTES if name.endswith(".json") else MAX_FILE_BYTES
-            if size is not None and size > bound:
-                raise ModelFileError(f"{rel.repo}/{name} is {size / 1e9:.2f} GB on the hub, more than the "
-                                     f"{bound / 1e9:.2f} GB a released file has; check HF_ENDPOINT")
-        total = sum(size or 0 for _, size, _ in files.values())
+            if size is None or size > bound:
+                got = "has no size" if size is None else f"is {size / 1e9:.2f} GB"
+                raise ModelFileError(f"{rel.repo}/{name} {got} on {_endpoint() or 'huggingface.co'}, where a released "
+                                     f"file has at most {bound / 1e9:.2f} GB; check HF_ENDPOINT")
+            checksum = files[name][0]
+            if checksum is None or not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", checksum):
+                raise ModelFileError(f"{rel.repo}/{name}: {_endpoint() or 'huggingface.co'} publishes no checksum to "
+                                     f"check a download against; check HF_ENDPOINT")
+        total = sum(size for _, size, _ in files.values())
         have = sum(_partial_size(staging, n) for n in files)
         problem = _space_problem(folder, total - have + total)
         if problem:
             raise ModelFileError(f"{problem}; free some space and run again")
         done = 0
         for name, (checksum, size, url) in files.items():
-            def report(at: int, base=done) -> None:
+            def report(at: int, base=done, size=size, name=name) -> None:
+                if at > size:  # a server sending more than it announced: stopped before it fills the disk
+                    raise ModelFileError(f"{rel.repo}/{name}: the server sent more than the {size} bytes it "
+                                         f"announced; check HF_ENDPOINT")
                 if progress is not None:
                     progress("download", base + at, total)
 
             dest = staging / name
-            if not (dest.is_file() and size is not None and dest.stat().st_size == size):
+            if not (dest.is_file() and dest.stat().st_size == size):
                 _fetch_file(hub, url, dest, size, _progress_class(hub_tqdm, report, check_cancel))
             _check(rel, name, dest, checksum)
-            done += size or 0
+            done += size
             report(0)
     except ModelFileError:
         raise

@@ -164,7 +164,7 @@ def test_a_download_killed_halfway_resumes(released, tmp_path, monkeypatch):
 
 def test_a_file_larger_than_any_release_is_refused_before_the_download(hub, tmp_path, monkeypatch):
     monkeypatch.setattr(official, "MAX_FILE_BYTES", 1000)
-    with pytest.raises(ModelFileError, match="more than the"):
+    with pytest.raises(ModelFileError, match="where a released file has at most"):
         official.ensure("ict", tmp_path)
     assert hub.gets(ICT_BIN) == []
 
@@ -201,3 +201,10 @@ def test_a_second_run_waits_for_the_first_ones_download(released, tmp_path, monk
     assert any("waiting for another download of 8y/ICT" in r.getMessage() for r in caplog.records)
     assert read_info(out).kind == "ict"
     assert sorted(k for m, k, _ in hub.requests if m == "HEAD") == ["8y/ICT/config.json", ICT_BIN]  # the first run's
+
+
+def test_a_folder_where_the_file_goes_is_refused_before_any_request(hub, tmp_path):
+    (tmp_path / "ict.safetensors").mkdir()
+    with pytest.raises(ModelFileError, match="is a folder, not a file, where the converted 8y/ICT goes"):
+        official.ensure("ict", tmp_path)
+    assert hub.requests == []
