@@ -91,6 +91,22 @@ def save_ict_layout(model, folder: Path) -> Path:
     return folder
 
 
+def save_wide_ict_layout(folder: Path) -> Path:
+    """An 8y/ICT layout whose pickle (12.6 MB of bf16) outlasts huggingface_hub's 10 MiB download chunk, so that a
+    transfer can be caught half done: the tiny architecture with a wider text tower, in the config.json beside it."""
+    from transformers import CLIPConfig, CLIPModel
+
+    wide = dict(TINY, text_config=dict(TINY["text_config"], hidden_size=128))
+    torch.manual_seed(5)
+    model = CLIPModel(CLIPConfig(text_config=wide["text_config"], vision_config=wide["vision_config"],
+                                 projection_dim=wide["projection_dim"])).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    torch.save(sd, folder / "pytorch_model.bin")
+    (folder / "config.json").write_text(json.dumps(wide))
+    return folder
+
+
 def save_hp_layout(model, mlp, folder: Path) -> Path:
     """8y/HP: hp_backbone/ (save_pretrained-style config.json + pytorch_model.bin), hp_scorer/mlp_pytorch_model.bin."""
     (folder / "hp_backbone").mkdir(parents=True, exist_ok=True)

@@ -6,11 +6,31 @@ makes no request. Needs what tests/test_comfyui_integration.py needs ($COMFYUI_D
 """
 from __future__ import annotations
 
+import time
+import urllib.request
+from pathlib import Path
+
 import pytest
 
 from fake_hub import FakeHub
 from ict_core.weights import read_info
 from test_comfyui_integration import PACK, ROOT, _need_comfyui, _write_images, keep_cache_args, rerank_api, serve
+
+
+def _base(tmp_path: Path) -> tuple[Path, Path]:
+    base = tmp_path / "base"
+    for d in ("custom_nodes", "input", "output", "temp", "user", "models"):
+        (base / d).mkdir(parents=True)
+    (base / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
+    _write_images(base / "input")
+    yaml = tmp_path / "extra_model_paths.yaml"
+    yaml.write_text("none: {}\n")
+    return base, yaml
+
+
+def _env(hub: FakeHub, tmp_path: Path) -> dict:
+    return {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf-home"),
+            "ICT_CACHE_DIR": str(tmp_path / "cache")}
 
 
 @pytest.fixture(scope="module")
@@ -25,18 +45,10 @@ def released(tmp_path_factory, tiny_models):
 
 def test_the_template_runs_from_a_fresh_models_folder(tmp_path, released):
     _need_comfyui()
-    base = tmp_path / "base"
-    for d in ("custom_nodes", "input", "output", "temp", "user", "models"):
-        (base / d).mkdir(parents=True)
-    (base / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
-    _write_images(base / "input")
-    yaml = tmp_path / "extra_model_paths.yaml"
-    yaml.write_text("none: {}\n")
+    base, yaml = _base(tmp_path)
     models = base / "models" / "ict"
     with FakeHub({"8y/ICT": released}) as hub:
-        env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf-home"),
-               "ICT_CACHE_DIR": str(tmp_path / "cache")}
-        with serve(base, yaml, tmp_path / "comfyui.log", *keep_cache_args(), env=env) as srv:
+        with serve(base, yaml, tmp_path / "comfyui.log", *keep_cache_args(), env=_env(hub, tmp_path)) as srv:
             assert not (models / "ict.safetensors").exists()
             h = srv.wait(srv.post_prompt(rerank_api(prompt="a first run")), timeout=600)
             assert h["status"]["status_str"] == "success", h["status"]
@@ -51,3 +63,39 @@ def test_the_template_runs_from_a_fresh_models_folder(tmp_path, released):
             h2 = srv.wait(srv.post_prompt(rerank_api(prompt="a second run")), timeout=600)
             assert h2["status"]["status_str"] == "success", h2["status"]
             assert len(hub.requests) == asked  # the second run downloads nothing
+
+
+@pytest.fixture(scope="module")
+def released_big(tmp_path_factory):
+    from conftest import save_wide_ict_layout
+
+    return save_wide_ict_layout(tmp_path_factory.mktemp("released_big") / "ICT")
+
+
+def test_cancel_stops_the_download_and_the_next_run_resumes_it(tmp_path, released_big):
+    """Cancel (/interrupt) while the pickle is half downloaded ends the run as interrupted, with nothing converted;
+    the next run asks the hub only for the rest, converts, and the template runs."""
+    _need_comfyui()
+    base, yaml = _base(tmp_path)
+    models = base / "models" / "ict"
+    key = "8y/ICT/pytorch_model.bin"
+    with FakeHub({"8y/ICT": released_big}) as hub:
+        hub.stall_after[key] = 11 << 20
+        with serve(base, yaml, tmp_path / "comfyui.log", *keep_cache_args(), env=_env(hub, tmp_path)) as srv:
+            pid = srv.post_prompt(rerank_api(prompt="a cancelled first run"))
+            end = time.time() + 300
+            while not any(p.stat().st_size >= 10 << 20 for p in models.rglob("*.part")):
+                assert time.time() < end, srv.log.read_text()[-3000:]
+                time.sleep(0.2)
+            urllib.request.urlopen(urllib.request.Request(srv.url + "/interrupt", data=b"", method="POST"),
+                                   timeout=30).close()
+            hub.release.set()  # the stalled transfer breaks off; huggingface_hub resumes it and meets the Cancel
+            h = srv.wait(pid, timeout=300)
+            assert h["status"]["status_str"] == "error", h["status"]
+            assert any(m[0] == "execution_interrupted" for m in h["status"]["messages"]), h["status"]
+            assert not (models / "ict.safetensors").exists()
+            have = max(p.stat().st_size for p in models.rglob("*.part"))
+            h2 = srv.wait(srv.post_prompt(rerank_api(prompt="the run after the cancel")), timeout=600)
+            assert h2["status"]["status_str"] == "success", h2["status"]
+            assert hub.gets(key)[-1] == f"bytes={have}-"
+            assert read_info(models / "ict.safetensors").kind == "ict"

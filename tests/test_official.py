@@ -12,14 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import save_hp_layout, save_ict_layout, tiny_clip
+from conftest import save_hp_layout, save_ict_layout, save_wide_ict_layout, tiny_clip
 from fake_hub import FakeHub
 from ict_core import official
 from ict_core.errors import ModelFileError
 from ict_core.weights import read_info
-from tiny_config import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 ICT_BIN = "8y/ICT/pytorch_model.bin"
@@ -33,16 +31,7 @@ def released(tmp_path_factory, tiny_models):
     root = tmp_path_factory.mktemp("released")
     ict = save_ict_layout(tiny_models.ict_clip, root / "ICT")
     (ict / "config.json").write_text(tiny_models.config.read_text())
-    big = dict(TINY, text_config=dict(TINY["text_config"], hidden_size=128))
-    from transformers import CLIPConfig, CLIPModel
-    torch.manual_seed(5)
-    model = CLIPModel(CLIPConfig(text_config=big["text_config"], vision_config=big["vision_config"],
-                                 projection_dim=big["projection_dim"])).eval()
-    big_dir = root / "ICT-big"
-    big_dir.mkdir()
-    sd = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
-    torch.save(sd, big_dir / "pytorch_model.bin")
-    (big_dir / "config.json").write_text(json.dumps(big))
+    big_dir = save_wide_ict_layout(root / "ICT-big")
     hp = save_hp_layout(tiny_clip(2), tiny_models.hp_mlp, root / "HP")
     return {"8y/ICT": ict, "8y/HP": hp, "big": big_dir}
 
