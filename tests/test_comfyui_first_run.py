@@ -14,7 +14,16 @@ import pytest
 
 from fake_hub import FakeHub
 from ict_core.weights import read_info
-from test_comfyui_integration import PACK, ROOT, _need_comfyui, _write_images, keep_cache_args, rerank_api, serve
+from test_comfyui_integration import (
+    PACK,
+    ROOT,
+    _need_comfyui,
+    _write_images,
+    keep_cache_args,
+    rerank_api,
+    serve,
+    ws_runs,
+)
 
 
 def _base(tmp_path: Path) -> tuple[Path, Path]:
@@ -50,15 +59,16 @@ def test_the_template_runs_from_a_fresh_models_folder(tmp_path, released):
     with FakeHub({"8y/ICT": released}) as hub:
         with serve(base, yaml, tmp_path / "comfyui.log", *keep_cache_args(), env=_env(hub, tmp_path)) as srv:
             assert not (models / "ict.safetensors").exists()
-            h = srv.wait(srv.post_prompt(rerank_api(prompt="a first run")), timeout=600)
-            assert h["status"]["status_str"] == "success", h["status"]
+            run = ws_runs(srv, rerank_api(prompt="a first run"), 1)[0]
+            assert run["end"] == "execution_success", run
+            mib = (released / "pytorch_model.bin").stat().st_size >> 20
+            assert ["6", mib, mib] in run.get("progress", []), run.get("progress")  # the loader's bar, in MiB
             assert read_info(models / "ict.safetensors").kind == "ict"
             assert sorted(p.name for p in models.iterdir() if not p.name.startswith(".")) == ["ict.safetensors"]
             assert [r for m, k, r in hub.requests if m == "GET"] == [None, None]  # the pickle and config.json
             log = srv.log.read_text()
             assert "downloading 8y/ICT" in log
-            ranked = h["outputs"]["9"]
-            assert ranked, h["outputs"]
+            assert run["history"]["9"], run["history"]  # the report
             asked = len(hub.requests)
             h2 = srv.wait(srv.post_prompt(rerank_api(prompt="a second run")), timeout=600)
             assert h2["status"]["status_str"] == "success", h2["status"]

@@ -570,6 +570,8 @@ async def main():
                     run["executed"][d["node"]] = d["output"]
                 elif t == "execution_cached":
                     run["cached"] = d["nodes"]
+                elif t == "progress":
+                    run.setdefault("progress", []).append([d.get("node"), d["value"], d["max"]])
                 elif t in ("execution_success", "execution_error", "execution_interrupted"):
                     run["end"] = t
                     if t == "execution_error":
@@ -588,9 +590,9 @@ asyncio.run(main())
 def ws_runs(srv: Server, prompt: dict, runs: int) -> list[dict]:
     """Queue `prompt` `runs` times in a row from one websocket client, as the ComfyUI page does, and return per
     run what that client was sent: {"executed": {node: its `output` (the node's ui dict, which the page shows)},
-    "cached": the execution_cached node list, "end": execution_success/_error, "history": the run's outputs in
-    /history (what the queue panel shows again)}. The client runs in ComfyUI's Python with its aiohttp, so the
-    tests need no websocket package of their own."""
+    "cached": the execution_cached node list, "end": execution_success/_error, "progress": [node, value, max] of
+    each progress message, "history": the run's outputs in /history (what the queue panel shows again)}. The
+    client runs in ComfyUI's Python with its aiohttp, so the tests need no websocket package of their own."""
     py = os.environ.get("COMFYUI_PYTHON", sys.executable)
     res = subprocess.run([py, "-c", WS_RUNS, srv.url, str(runs)], input=json.dumps(prompt), capture_output=True,
                          text=True, timeout=900)
