@@ -9,10 +9,7 @@ and a host's cancel check runs between chunks, so a host shows its own bar and i
 """
 from __future__ import annotations
 
-import hashlib
-import inspect
 import logging
-import os
 import re
 import shutil
 from collections.abc import Callable
@@ -20,8 +17,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import hub_transfer
 from .errors import ModelFileError
-from .files import open_regular, regular_file_problem, sha256_file
+from .files import regular_file_problem, sha256_file
 from .paths import HP_FILE, ICT_FILE
 
 log = logging.getLogger(__name__)
@@ -31,7 +29,6 @@ Progress = Callable[[str, int, int], None]
 
 KNOWN_ICT_SHA256 = "d5b86b0d5da463288650ed86d0409a28196f7514efa44cf63641297fb0e9832f"  # FACTS.md, via a mirror
 MAX_FILE_BYTES = 8 << 30        # the largest released file accepted (8y/ICT's pickle is 1.97 GB)
-MAX_SMALL_BYTES = 1 << 20       # a config.json
 _LOCK_POLL_S = 0.5
 
 
@@ -85,47 +82,14 @@ def offline_hint(kind: str, folder: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- the hub
-def _endpoint() -> str | None:
-    return os.environ.get("HF_ENDPOINT") or None  # read per call: huggingface_hub reads it once at import
-
-
-def _reason(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def _unreachable(e: BaseException) -> bool:
-    """A refused or dropped connection, a timeout, DNS, or the hub's offline mode: no HTTP answer at all."""
-    if _status(e) is not None:
-        return False
-    names = {c.__name__ for c in type(e).__mro__}
-    return bool(names & {"OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectionError", "ConnectError",
-                         "Timeout", "TimeoutException", "TimeoutError", "NetworkError", "TransportError",
-                         "ProtocolError", "RemoteProtocolError"})
-
-
-def _status(e: BaseException) -> int | None:
-    response = getattr(e, "response", None)
-    return getattr(response, "status_code", None)
-
-
-def _git_blob_sha1(path: Path) -> str:
-    h = hashlib.sha1(usedforsecurity=False)
-    with open_regular(path) as f:
-        data = f.read(MAX_SMALL_BYTES + 1)
-    h.update(b"blob %d\0" % len(data))
-    h.update(data)
-    return h.hexdigest()
-
-
 def _expected(rel: Release, name: str, hub) -> tuple[str | None, int | None, str] | None:
     """(checksum the hub publishes, size, where to download it) of one file, or None when an optional file is not
     in the repository."""
-    url = hub.hf_hub_url(rel.repo, name, endpoint=_endpoint())
+    url = hub.hf_hub_url(rel.repo, name, endpoint=hub_transfer.endpoint())
     try:
         meta = hub.get_hf_file_metadata(url)
     except Exception as e:
-        if name in rel.optional and _status(e) == 404:
+        if name in rel.optional and hub_transfer.status(e) == 404:
             return None
         raise
     return (meta.etag or "").strip('"').lower() or None, meta.size, meta.location or url
@@ -133,7 +97,7 @@ def _expected(rel: Release, name: str, hub) -> tuple[str | None, int | None, str
 
 def _check(rel: Release, name: str, path: Path, checksum: str) -> None:
     """The downloaded bytes against the hub's checksum (sha256 of an LFS file, git's blob sha1 of a small one)."""
-    got = sha256_file(path) if len(checksum) == 64 else _git_blob_sha1(path)
+    got = sha256_file(path) if len(checksum) == 64 else hub_transfer.git_blob_sha1(path)
     if got != checksum:
         path.unlink(missing_ok=True)
         raise ModelFileError(f"{rel.repo}/{name} downloaded with checksum {got[:16]}… but the hub publishes "
@@ -142,51 +106,6 @@ def _check(rel: Release, name: str, path: Path, checksum: str) -> None:
     if rel.kind == "ict" and name == "pytorch_model.bin" and got != KNOWN_ICT_SHA256:
         log.warning("%s/%s has sha256 %s, not the published %s; the repository may have changed: check the source",
                     rel.repo, name, got, KNOWN_ICT_SHA256)
-
-
-# ----------------------------------------------------------------------------------------------- transfer
-def _progress_class(hub_tqdm, report: Callable[[int], None], check_cancel: Callable[[], None] | None):
-    """A tqdm of huggingface_hub's that reports each chunk and lets the host cancel between chunks."""
-
-    class _Bar(hub_tqdm):
-        def __init__(self, *args, **kwargs):
-            kwargs["disable"] = True  # the host draws the bar; no second one on the console
-            kwargs.pop("name", None)
-            super().__init__(*args, **kwargs)
-            self._at = int(kwargs.get("initial") or 0)
-            report(self._at)
-
-        def update(self, n=1):
-            if check_cancel is not None:
-                check_cancel()   # the host's own exception (ComfyUI: InterruptProcessingException) ends the transfer
-            self._at += int(n or 0)
-            report(self._at)
-            return super().update(n)
-
-    return _Bar
-
-
-def _fetch_file(hub, url: str, dest: Path, size: int, bar) -> None:
-    """One file into `dest` through `dest`.part, continued from where a stopped run left it (a Range request).
-
-    huggingface_hub's http_get does the transfer (headers, proxies, retries, the size check); hf_hub_download is not
-    used because since huggingface_hub 1.x each process downloads into a fresh temporary file, so a killed run
-    starts over."""
-    from huggingface_hub.file_download import http_get
-
-    part = dest.with_name(dest.name + ".part")
-    part.parent.mkdir(parents=True, exist_ok=True)
-    have = part.stat().st_size if part.is_file() else 0
-    if have > size:
-        part.unlink()
-        have = 0
-    if have < size:
-        params = inspect.signature(http_get).parameters
-        extra = ({"tqdm_class": bar} if "tqdm_class" in params
-                 else {"_tqdm_bar": bar(total=size, initial=have)} if "_tqdm_bar" in params else {})
-        with open(part, "ab") as f:
-            http_get(url, f, resume_size=have, headers=hub.utils.build_hf_headers(), expected_size=size, **extra)
-    os.replace(part, dest)
 
 
 # --------------------------------------------------------------------------------------------------- ensuring
@@ -268,30 +187,20 @@ def ensure(kind: str, folder: str | Path, progress: Progress | None = None,
 
 def _download(rel: Release, staging: Path, folder: Path, progress: Progress | None,
               check_cancel: Callable[[], None] | None) -> None:
+    """Every file of the release into `staging`, each checked; the hub's errors become one line."""
     try:
         import huggingface_hub as hub
-        from huggingface_hub.utils import tqdm as hub_tqdm
     except ImportError:  # pragma: no cover - a dependency
         raise ModelFileError("huggingface_hub is not installed; pip install huggingface_hub") from None
-    name, files = "", {}
+    name = ""
     try:
+        files = {}
         for name in (*rel.files, *rel.optional):
             got = _expected(rel, name, hub)
             if got is not None:
-                files[name] = got
-        for name, (_, size, _) in files.items():
-            bound = MAX_SMALL_BYTES if name.endswith(".json") else MAX_FILE_BYTES
-            if size is None or size > bound:
-                got = "has no size" if size is None else f"is {size / 1e9:.2f} GB"
-                raise ModelFileError(f"{rel.repo}/{name} {got} on {_endpoint() or 'huggingface.co'}, where a released "
-                                     f"file has at most {bound / 1e9:.2f} GB; check HF_ENDPOINT")
-            checksum = files[name][0]
-            if checksum is None or not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", checksum):
-                raise ModelFileError(f"{rel.repo}/{name}: {_endpoint() or 'huggingface.co'} publishes no checksum to "
-                                     f"check a download against; check HF_ENDPOINT")
+                files[name] = _bounded(rel, name, *got)
         total = sum(size for _, size, _ in files.values())
-        have = sum(_partial_size(staging, n) for n in files)
-        problem = _space_problem(folder, total - have + total)
+        problem = _space_problem(folder, 2 * total - sum(_partial_size(staging, n) for n in files))
         if problem:
             raise ModelFileError(f"{problem}; free some space and run again")
         done = 0
@@ -305,7 +214,8 @@ def _download(rel: Release, staging: Path, folder: Path, progress: Progress | No
 
             dest = staging / name
             if not (dest.is_file() and dest.stat().st_size == size):
-                _fetch_file(hub, url, dest, size, _progress_class(hub_tqdm, report, check_cancel))
+                bar = hub_transfer.progress_class(report, check_cancel)
+                hub_transfer.fetch_file(url, dest, size, bar)
             _check(rel, name, dest, checksum)
             done += size
             report(0)
@@ -314,16 +224,35 @@ def _download(rel: Release, staging: Path, folder: Path, progress: Progress | No
     except Exception as e:  # noqa: BLE001 - the hub's and the HTTP library's errors, named in one line
         if getattr(e, "_ict_cancel", False):
             raise
-        hint = offline_hint(rel.kind, folder)
-        where = _endpoint() or "huggingface.co"
-        if _unreachable(e):
-            raise ModelFileError(f"cannot reach {where} to download {rel.repo} ({_reason(e)}); {hint}") from None
-        status = _status(e)
-        if status is not None:
-            raise ModelFileError(f"{where} answered HTTP {status} for {rel.repo}/{name}; check the name, your "
-                                 f"network's proxy or HF_TOKEN, or {hint}") from None
-        raise ModelFileError(f"downloading {rel.repo}/{name} into {staging} failed ({_reason(e)}); run again to "
-                             f"resume it, or {hint}") from None
+        raise _user_error(e, rel, name, staging, folder) from None
+
+
+def _bounded(rel: Release, name: str, checksum: str | None, size: int | None, url: str) -> tuple[str, int, str]:
+    """A file's metadata, refused before any transfer when it has no size or checksum or is larger than a release."""
+    where = hub_transfer.endpoint() or "huggingface.co"
+    bound = hub_transfer.MAX_SMALL_BYTES if name.endswith(".json") else MAX_FILE_BYTES
+    if size is None or size > bound:
+        got = "has no size" if size is None else f"is {size / 1e9:.2f} GB"
+        raise ModelFileError(f"{rel.repo}/{name} {got} on {where}, where a released file has at most "
+                             f"{bound / 1e9:.2f} GB; check HF_ENDPOINT")
+    if checksum is None or not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", checksum):
+        raise ModelFileError(f"{rel.repo}/{name}: {where} publishes no checksum to check a download against; "
+                             f"check HF_ENDPOINT")
+    return checksum, size, url
+
+
+def _user_error(e: Exception, rel: Release, name: str, staging: Path, folder: Path) -> ModelFileError:
+    hint = offline_hint(rel.kind, folder)
+    where = hub_transfer.endpoint() or "huggingface.co"
+    why = hub_transfer.reason(e)
+    if hub_transfer.unreachable(e):
+        return ModelFileError(f"cannot reach {where} to download {rel.repo} ({why}); {hint}")
+    status = hub_transfer.status(e)
+    if status is not None:
+        return ModelFileError(f"{where} answered HTTP {status} for {rel.repo}/{name}; check the name, your "
+                              f"network's proxy or HF_TOKEN, or {hint}")
+    return ModelFileError(f"downloading {rel.repo}/{name} into {staging} failed ({why}); run again to resume it, "
+                          f"or {hint}")
 
 
 def _partial_size(staging: Path, name: str) -> int:

@@ -183,7 +183,7 @@ def test_a_second_run_waits_for_the_first_ones_download(released, tmp_path, monk
             threading.Timer(2.0, hub.release.set).start()  # the stalled transfer breaks off; the first run resumes
             with caplog.at_level("INFO", logger="ict_core.official"):
                 out = official.ensure("ict", models)
-            assert proc.wait(120) == 0
+            assert proc.wait(120) == 0, proc.stderr.read().decode()[-3000:]
         finally:
             if proc.poll() is None:
                 proc.kill()
