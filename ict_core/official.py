@@ -175,7 +175,9 @@ def ensure(kind: str, folder: str | Path, progress: Progress | None = None,
     except OSError as e:
         raise ModelFileError(f"cannot write to the models folder {folder} ({e.strerror or type(e).__name__}); "
                              f"check its permissions or choose another folder") from None
-    with _folder_lock(staging.with_name(staging.name + ".lock"), rel.repo, check_cancel):
+    # beside the staging folder's parent, so that .download goes once it is empty (the lock file stays: deleting
+    # a lock file lets a waiting process and a new one both hold "the" lock)
+    with _folder_lock(folder / f".{staging.name}.download.lock", rel.repo, check_cancel):
         if out.is_file():  # another run made it while this one waited
             return out
         _download(rel, staging, folder, progress, check_cancel)
@@ -218,7 +220,8 @@ def _download(rel: Release, staging: Path, folder: Path, progress: Progress | No
                 hub_transfer.fetch_file(url, dest, size, bar)
             _check(rel, name, dest, checksum)
             done += size
-            report(0)
+            if progress is not None:
+                progress("download", done, total)
     except ModelFileError:
         raise
     except Exception as e:  # noqa: BLE001 - the hub's and the HTTP library's errors, named in one line

@@ -109,3 +109,23 @@ def test_cancel_stops_the_download_and_the_next_run_resumes_it(tmp_path, release
             assert h2["status"]["status_str"] == "success", h2["status"]
             assert hub.gets(key)[-1] == f"bytes={have}-"
             assert read_info(models / "ict.safetensors").kind == "ict"
+
+
+def test_without_network_the_run_stops_with_one_line_naming_the_offline_commands(tmp_path):
+    _need_comfyui()
+    import socket
+
+    base, yaml = _base(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once the block ends
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf-home")}
+    with serve(base, yaml, tmp_path / "comfyui.log", env=env) as srv:
+        h = srv.wait(srv.post_prompt(rerank_api(prompt="an offline first run")), timeout=300)
+    assert h["status"]["status_str"] == "error"
+    err = next(m[1] for m in h["status"]["messages"] if m[0] == "execution_error")
+    assert err["node_type"] == "ICTModelLoader"
+    msg = err["exception_message"].strip()
+    assert msg.startswith(f"cannot reach http://127.0.0.1:{port} to download 8y/ICT") and "\n" not in msg
+    assert "`ict fetch --dest MODELS`" in msg and "`ict convert FOLDER --out " in msg
+    assert not list((base / "models" / "ict").glob("*.safetensors"))
