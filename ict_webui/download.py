@@ -75,8 +75,8 @@ def runnable_offline(msg: str) -> str:
     return _CONVERT_CMD.sub(one, msg)
 
 
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
+def _size(n: int, total: int) -> str:
+    return f"{n / 1e9:.2f} GB" if total >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def _installed(kind: str, dirs: list[Path]) -> Path | None:
@@ -153,8 +153,8 @@ class Downloader:
             try:
                 for i, kind in enumerate(todo):
                     rel = official.RELEASES[kind]
+                    st.sampling_step, st.sampling_steps = 0, 0     # first: a reader never sees the next job full
                     st.job_no = i
-                    st.sampling_step, st.sampling_steps = 0, 0
                     st.textinfo = f"ICT reward: downloading {rel.repo}"
                     log.info("ICT reward: downloading %s into %s", rel.repo, folder)
                     out = official.ensure(kind, folder, progress=self._progress(st, rel.repo, i, len(todo), report),
@@ -193,10 +193,14 @@ class Downloader:
 
     @staticmethod
     def _progress(st: Any, repo: str, index: int, count: int, report: Callable[[float, str], None] | None):
+        most = [0]
+
         def progress(stage: str, done: int, total: int) -> None:
             if stage == "download":
-                st.sampling_step, st.sampling_steps = int(done), int(total)
-                text = f"ICT reward: downloading {repo} ({_gb(done)} of {_gb(total)})"
+                most[0] = max(most[0], int(done))   # a bar that never goes back (between a release's files the
+                done = most[0]                      # engine may report a file's start again)
+                st.sampling_step, st.sampling_steps = done, int(total)
+                text = f"ICT reward: downloading {repo} ({_size(done, total)} of {_size(total, total)})"
                 part = done / total if total else 0.0
             else:
                 st.sampling_step = st.sampling_steps = max(int(st.sampling_steps or 0), 1)
