@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ict_core.model_hints import ict_command
 from ict_core.paths import HP_FILE, ICT_FILE
 from ict_core.weights import PICKLE_SUFFIXES
 
@@ -115,11 +114,10 @@ def missing_message(dirs: list[Path], kind: str = "ict") -> str:
     where = " or ".join(str(d) for d in dirs)
     first = dirs[0] if dirs else Path("models/ict")
     what = "ICT" if kind == "ict" else "HP"
-    elsewhere = ict_command("fetch", "--hp", "--dest", "MODELS")
     return (f"ICT reward: no {what} model found in {where}; images are left unscored. To install the official "
-            f"weights press {WHERE}, or run {hints.fetch_hint(first)}; with no network here, run `{elsewhere}` on a "
-            f"machine with network and copy MODELS/{ICT_FILE} and MODELS/{HP_FILE} into {first}. Another folder can "
-            f"be set in Settings > ICT reward.")
+            f"weights press {WHERE}, or run {hints.fetch_hint(first)} (with no network here: fetch them on a machine "
+            f"with network and copy {ICT_FILE} and {HP_FILE} into {first}). Another folder can be set in Settings > "
+            f"ICT reward.")
 
 
 def _default_loader(ict_path: Path, hp_path: Path | None, device: Any, precision: str, run_device: Any = None):
