@@ -17,7 +17,7 @@ import re
 import shlex
 import threading
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +99,37 @@ def describe(folder: str | os.PathLike, dirs: Iterable[str | os.PathLike] | None
             f"them once; a stopped download resumes. The webui's Interrupt or {STOP} stops it.")
 
 
+@contextmanager
+def torch_load_for_weights_only(original: Callable[..., Any] | None):
+    """While the download converts: ``torch.load(..., weights_only=True)`` is torch's own ``original`` load.
+
+    Automatic1111 replaces ``torch.load`` with its ``modules.safe.load``, which first checks a pickle with its own
+    restricted unpickler and a list of the names a zip checkpoint may hold; that list predates the
+    ``.format_version`` entry that recent torch writes, so it refuses such a file (printing a traceback) and returns
+    None. The converter's only load passes ``weights_only=True``: torch's own restricted unpickler, which builds
+    tensors and plain containers and nothing else, so that call goes to ``original`` (the webui's
+    ``modules.safe.unsafe_torch_load``); every other call, from any thread, still goes through the webui's check.
+    Nothing changes where torch.load is not replaced (Forge) or ``original`` is unknown."""
+    import torch
+
+    patched = torch.load
+    if original is None or patched is original:
+        yield
+        return
+
+    def load(f, *args, **kwargs):
+        if kwargs.get("weights_only") is True:
+            return original(f, *args, **kwargs)
+        return patched(f, *args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        if torch.load is load:
+            torch.load = patched
+
+
 class Downloader:
     """Runs :func:`ict_core.official.ensure` for the releases, on the webui's ``shared.state``.
 
@@ -106,9 +137,11 @@ class Downloader:
     ``job_no``, ``job_count``, ``sampling_step``, ``sampling_steps``, ``textinfo``); ``lock`` the webui's
     ``call_queue.queue_lock`` (a generation and a download then take turns)."""
 
-    def __init__(self, state: Callable[[], Any], lock: Any = None):
+    def __init__(self, state: Callable[[], Any], lock: Any = None,
+                 torch_load: Callable[[], Callable[..., Any] | None] | None = None):
         self._state = state
         self._lock = lock
+        self._torch_load = torch_load   # -> torch's own load where the webui replaced it (A1111's modules.safe)
         self._mine = threading.Lock()   # in this process, one run at a time even without the webui's lock
         self.running = False
 
@@ -150,17 +183,10 @@ class Downloader:
             self.running = True
             st.job_count = len(todo)
             done: list[str] = []
+            original = self._torch_load() if self._torch_load is not None else None
             try:
-                for i, kind in enumerate(todo):
-                    rel = official.RELEASES[kind]
-                    st.sampling_step, st.sampling_steps = 0, 0     # first: a reader never sees the next job full
-                    st.job_no = i
-                    st.textinfo = f"ICT reward: downloading {rel.repo}"
-                    log.info("ICT reward: downloading %s into %s", rel.repo, folder)
-                    out = official.ensure(kind, folder, progress=self._progress(st, rel.repo, i, len(todo), report),
-                                          check_cancel=lambda: self._check(st))
-                    files[kind] = str(out)
-                    done.append(kind)
+                with torch_load_for_weights_only(original):
+                    self._each(st, todo, folder, files, done, report)
             except Interrupted:
                 msg = (f"ICT reward: the download was stopped; press {ACTION} again to resume it "
                        f"(what is downloaded stays in {folder / '.download'}).")
@@ -185,6 +211,21 @@ class Downloader:
                f"({', '.join(Path(files[k]).name for k in done)}); generations with ICT reward enabled use them.")
         log.info(msg)
         return Outcome("done", msg, str(folder), files, done)
+
+    def _each(self, st: Any, todo: list[str], folder: Path, files: dict[str, str], done: list[str],
+              report: Callable[[float, str], None] | None) -> None:
+        from ict_core import official
+
+        for i, kind in enumerate(todo):
+            rel = official.RELEASES[kind]
+            st.sampling_step, st.sampling_steps = 0, 0     # first: a reader never sees the next job full
+            st.job_no = i
+            st.textinfo = f"ICT reward: downloading {rel.repo}"
+            log.info("ICT reward: downloading %s into %s", rel.repo, folder)
+            out = official.ensure(kind, folder, progress=self._progress(st, rel.repo, i, len(todo), report),
+                                  check_cancel=lambda: self._check(st))
+            files[kind] = str(out)
+            done.append(kind)
 
     @staticmethod
     def _check(st: Any) -> None:

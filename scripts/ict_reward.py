@@ -56,7 +56,12 @@ def _queue_lock():
         return None
 
 
-DOWNLOADER = download.Downloader(lambda: shared.state, _queue_lock())
+def _torch_own_load():
+    """torch's load where the webui replaced it (A1111: modules.safe), else None."""
+    return getattr(sys.modules.get("modules.safe"), "unsafe_torch_load", None)
+
+
+DOWNLOADER = download.Downloader(lambda: shared.state, _queue_lock(), torch_load=_torch_own_load)
 
 
 def _settings() -> Settings:

@@ -6,10 +6,16 @@ and the click handler registered on the Download button is called (with a gradio
 # ruff: noqa: F811  (the fixtures `host`, `released` are imported from test_webui.py / test_official.py)
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
 import sys
 import threading
+import time
 import types
+import urllib.error
+import urllib.request
 from html import escape
 from pathlib import Path
 
@@ -21,6 +27,7 @@ from test_official import ICT_BIN, released  # noqa: F401
 from test_webui import host, run  # noqa: F401
 
 ACTION = "Download the official weights"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -274,3 +281,169 @@ def test_a_download_waits_for_a_running_generation(host, hub):
     host.queue_lock.release()
     t.join(120)
     assert "downloaded and converted" in result["html"]
+
+
+# =============================================================================================== a real webui
+WEBUI_DIR = os.environ.get("WEBUI_DIR")          # an Automatic1111 1.10 or Forge Classic checkout
+WEBUI_PYTHON = os.environ.get("WEBUI_PYTHON")    # a Python with its requirements (its venv)
+
+
+def _slow(hub: FakeHub, seconds_per_mib: float):
+    """Have the hub send large bodies 1 MiB at a time, `seconds_per_mib` apart (a slow network: the download is
+    under way long enough to be watched and interrupted). Returns the undo."""
+    plain = hub.server.RequestHandlerClass
+
+    class Slow(plain):
+        def setup(self):
+            super().setup()
+            raw = self.wfile
+
+            class Writer:
+                def write(self, data):
+                    step = 1 << 20
+                    for i in range(0, len(data), step):
+                        raw.write(data[i:i + step])
+                        raw.flush()
+                        if len(data) > step:
+                            time.sleep(seconds_per_mib)
+                    return len(data)
+
+                def __getattr__(self, name):
+                    return getattr(raw, name)
+
+            self.wfile = Writer()
+
+    hub.server.RequestHandlerClass = Slow
+    return lambda: setattr(hub.server, "RequestHandlerClass", plain)
+
+
+def _http(url: str, method: str = "GET", body: dict | None = None, timeout: float = 600) -> tuple[int, dict]:
+    data = json.dumps(body or {}).encode() if method == "POST" else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+@pytest.fixture
+def real_webui(tmp_path):
+    """The webui as a user starts it for the API (CPU, --nowebui), with this repository as its only extension, in a
+    fresh data folder (--data-dir: extensions/, models/, config.json), and the hub answered by the fixture's
+    FakeHub through HF_ENDPOINT. Yields a function that starts it once the hub is known."""
+    if not WEBUI_DIR:
+        pytest.skip("WEBUI_DIR is not set: point it at an Automatic1111 1.10 or Forge Classic checkout, and "
+                    "WEBUI_PYTHON at a Python with its requirements, to run the real-webui download test")
+    procs = []
+
+    def start(hub_url: str) -> str:
+        data = tmp_path / "data"
+        (data / "extensions").mkdir(parents=True)
+        (data / "extensions" / "ict-reward").symlink_to(ROOT, target_is_directory=True)
+        (data / "models" / "Stable-diffusion").mkdir(parents=True)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        flags = (Path(WEBUI_DIR) / "modules" / "cmd_args.py").read_text()
+        cpu = ["--always-cpu"] if "--always-cpu" in flags else ["--use-cpu", "all", "--no-half", "--precision", "full"]
+        extra = ["--skip-load-model-at-start"] if "--skip-load-model-at-start" in flags else []
+        cmd = [WEBUI_PYTHON or sys.executable, "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test",
+               "--skip-python-version-check", "--skip-version-check", *cpu, "--api", "--nowebui",
+               "--port", str(port), "--server-name", "127.0.0.1", "--data-dir", str(data), "--no-download-sd-model",
+               *extra]
+        env = dict(os.environ, HF_ENDPOINT=hub_url, HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0",
+                   HF_HOME=str(tmp_path / "hf-home"), ICT_CACHE_DIR=str(tmp_path / "cache"),
+                   ICT_MODELS_DIR=str(tmp_path / "no-default-models"))
+        env.pop("PYTHONPATH", None)
+        log = open(tmp_path / "webui.log", "wb")
+        proc = subprocess.Popen(cmd, cwd=WEBUI_DIR, stdout=log, stderr=subprocess.STDOUT, env=env)
+        procs.append((proc, log))
+        url = f"http://127.0.0.1:{port}"
+        end = time.monotonic() + 400
+        while True:
+            assert proc.poll() is None, (tmp_path / "webui.log").read_text()[-4000:]
+            try:
+                if _http(url + "/ict-reward/v1/download", timeout=5)[0] == 200:
+                    return url
+            except OSError:
+                pass
+            assert time.monotonic() < end, (tmp_path / "webui.log").read_text()[-4000:]
+            time.sleep(2)
+
+    yield start
+    for proc, log in procs:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_a_real_webui_downloads_through_the_api_from_a_fresh_models_folder(real_webui, released, tmp_path):
+    """POST /ict-reward/v1/download in a real webui: /sdapi/v1/progress shows it, /sdapi/v1/interrupt stops it
+    (409), the next POST resumes it (a Range request) and converts both models into the webui's models/ict, and the
+    one after that makes no request."""
+    models = tmp_path / "data" / "models" / "ict"
+    with FakeHub({"8y/ICT": released["big"], "8y/HP": released["8y/HP"]}) as hub:
+        fast = _slow(hub, 0.5)
+        url = real_webui(hub.url)
+        code, body = _http(url + "/ict-reward/v1/download")
+        assert code == 200 and body["folder"] == str(models) and body["files"] == {"ict": None, "hp": None}
+        result = {}
+        t = threading.Thread(target=lambda: result.update(zip(("code", "body"),
+                                                              _http(url + "/ict-reward/v1/download", "POST"))))
+        t.start()
+        seen, end = [], time.monotonic() + 300
+        while t.is_alive() and time.monotonic() < end:
+            _, p = _http(url + "/sdapi/v1/progress?skip_current_image=true", timeout=30)
+            seen.append(p)
+            if p["state"]["job"] == "ict_reward_download" and p["state"]["sampling_step"] >= 10 << 20:
+                assert _http(url + "/sdapi/v1/interrupt", "POST")[0] == 200
+                break
+            time.sleep(0.1)
+        t.join(300)
+        assert result.get("code") == 409, (result, seen[-3:])
+        assert result["body"]["status"] == "interrupted" and "press Download the official weights again" in \
+            result["body"]["message"]
+        during = seen[-1]
+        assert during["textinfo"].startswith("ICT reward: downloading 8y/ICT (") and 0.01 < during["progress"] < 1
+        assert not (models / "ict.safetensors").exists()
+        have = next((models / ".download").rglob("pytorch_model.bin.part")).stat().st_size
+        assert have >= 10 << 20
+        fast()
+        code, body = _http(url + "/ict-reward/v1/download", "POST")
+        assert code == 200 and body["status"] == "done" and body["downloaded"] == ["ict", "hp"], body
+        assert hub.gets(ICT_BIN)[-1] == f"bytes={have}-"
+        assert read_info(models / "ict.safetensors").kind == "ict" and read_info(models / "hp.safetensors").kind == "hp"
+        assert visible(models) == ["hp.safetensors", "ict.safetensors"]
+        asked = len(hub.requests)
+        code, body = _http(url + "/ict-reward/v1/download", "POST")
+        assert code == 200 and body["downloaded"] == [] and "already installed" in body["message"]
+        assert len(hub.requests) == asked
+        _, idle = _http(url + "/sdapi/v1/progress?skip_current_image=true")
+        assert idle["state"]["job"] == "" and idle["progress"] == 0
+
+
+def test_the_conversion_gets_past_a1111s_torch_load(host, hub, monkeypatch):
+    """A1111 replaces torch.load with modules.safe.load, whose checker refuses the zip layout recent torch writes
+    (returning None after a traceback). The converter's weights_only=True load goes to torch's own; every other
+    load still meets the webui's check, and torch.load is the webui's again afterwards."""
+    import torch
+
+    real, refused = torch.load, []
+
+    def webui_load(f, *args, **kwargs):      # modules/safe.py load(): "bad file inside ...: .format_version"
+        refused.append(kwargs.get("weights_only"))
+        return None
+
+    safe = types.ModuleType("modules.safe")
+    safe.unsafe_torch_load, safe.load = real, webui_load
+    monkeypatch.setitem(sys.modules, "modules.safe", safe)
+    monkeypatch.setattr(torch, "load", webui_load)
+    html, _, _ = press(host)
+    assert "downloaded and converted" in html and refused == []
+    assert torch.load is webui_load
+    torch.load("x.pt")
+    assert refused == [None]
