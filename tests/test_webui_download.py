@@ -345,7 +345,8 @@ def real_webui(tmp_path):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        flags = (Path(WEBUI_DIR) / "modules" / "cmd_args.py").read_text()
+        flags = "".join(f.read_text() for f in (Path(WEBUI_DIR) / n for n in (
+            "modules/cmd_args.py", "ldm_patched/modules/args_parser.py", "backend/args.py")) if f.is_file())
         cpu = ["--always-cpu"] if "--always-cpu" in flags else ["--use-cpu", "all", "--no-half", "--precision", "full"]
         extra = ["--skip-load-model-at-start"] if "--skip-load-model-at-start" in flags else []
         cmd = [WEBUI_PYTHON or sys.executable, "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test",
