@@ -337,7 +337,7 @@ def real_webui(tmp_path):
                     "WEBUI_PYTHON at a Python with its requirements, to run the real-webui download test")
     procs = []
 
-    def start(hub_url: str) -> str:
+    def start(hub_url: str, ui: bool = False) -> str:
         data = tmp_path / "data"
         (data / "extensions").mkdir(parents=True)
         (data / "extensions" / "ict-reward").symlink_to(ROOT, target_is_directory=True)
@@ -350,7 +350,7 @@ def real_webui(tmp_path):
         cpu = ["--always-cpu"] if "--always-cpu" in flags else ["--use-cpu", "all", "--no-half", "--precision", "full"]
         extra = ["--skip-load-model-at-start"] if "--skip-load-model-at-start" in flags else []
         cmd = [WEBUI_PYTHON or sys.executable, "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test",
-               "--skip-python-version-check", "--skip-version-check", *cpu, "--api", "--nowebui",
+               "--skip-python-version-check", "--skip-version-check", *cpu, "--api", *([] if ui else ["--nowebui"]),
                "--port", str(port), "--server-name", "127.0.0.1", "--data-dir", str(data), "--no-download-sd-model",
                *extra]
         env = dict(os.environ, HF_ENDPOINT=hub_url, HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0",
@@ -448,3 +448,36 @@ def test_the_conversion_gets_past_a1111s_torch_load(host, hub, monkeypatch):
     assert torch.load is webui_load
     torch.load("x.pt")
     assert refused == [None]
+
+
+CLICK = """
+import json, sys
+from gradio_client import Client
+client = Client(sys.argv[1], verbose=False)
+print(json.dumps(client.predict(fn_index=int(sys.argv[2]))))
+"""
+
+
+def test_a_real_webui_settings_page_has_the_button_and_pressing_it_downloads(real_webui, released, tmp_path):
+    """With the page (no --nowebui): the Settings section holds the button, the Stop button and the status line, and
+    pressing the button (its click event called through gradio's queue by gradio_client, as the page does) downloads
+    and converts into the webui's models/ict."""
+    models = tmp_path / "data" / "models" / "ict"
+    with FakeHub({"8y/ICT": released["8y/ICT"], "8y/HP": released["8y/HP"]}) as hub:
+        url = real_webui(hub.url, ui=True)
+        config = json.loads(urllib.request.urlopen(url + "/config", timeout=60).read())
+        ids = {c["props"].get("elem_id"): c for c in config["components"] if "props" in c}
+        start, stop = ids["ict_reward_download_start"], ids["ict_reward_download_stop"]
+        status = ids["setting_ict_reward_download"]
+        assert start["props"]["value"] == ACTION and stop["props"]["value"] == "Stop the download"
+        assert "8y/ICT and 8y/HP" in status["props"]["value"] and str(models) in status["props"]["value"]
+        (fn_index,) = [i for i, d in enumerate(config["dependencies"])
+                       if start["id"] in [t[0] if isinstance(t, list) else t for t in d["targets"]]]
+        done = subprocess.run([WEBUI_PYTHON or sys.executable, "-c", CLICK, url, str(fn_index)], capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        html = json.loads(done.stdout.strip().splitlines()[-1])
+        assert "8y/ICT and 8y/HP downloaded and converted into" in html, html
+        assert visible(models) == ["hp.safetensors", "ict.safetensors"]
+        _, body = _http(url + "/sdapi/v1/options")
+        assert "ict_reward_download" not in body or body["ict_reward_download"] == ""     # not a saved setting
