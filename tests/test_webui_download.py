@@ -6,6 +6,7 @@ and the click handler registered on the Download button is called (with a gradio
 # ruff: noqa: F811  (the fixtures `host`, `released` are imported from test_webui.py / test_official.py)
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -317,9 +318,14 @@ def _slow(hub: FakeHub, seconds_per_mib: float):
     return lambda: setattr(hub.server, "RequestHandlerClass", plain)
 
 
-def _http(url: str, method: str = "GET", body: dict | None = None, timeout: float = 600) -> tuple[int, dict]:
+AUTH = {"Authorization": "Basic " + base64.b64encode(b"ict:s3cret").decode()}     # --api-auth ict:s3cret
+
+
+def _http(url: str, method: str = "GET", body: dict | None = None, timeout: float = 600,
+          headers: dict | None = None) -> tuple[int, dict]:
     data = json.dumps(body or {}).encode() if method == "POST" else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **AUTH, **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read() or b"null")
@@ -337,7 +343,7 @@ def real_webui(tmp_path):
                     "WEBUI_PYTHON at a Python with its requirements, to run the real-webui download test")
     procs = []
 
-    def start(hub_url: str, ui: bool = False) -> str:
+    def start(hub_url: str, ui: bool = False, *more: str) -> str:
         data = tmp_path / "data"
         (data / "extensions").mkdir(parents=True)
         (data / "extensions" / "ict-reward").symlink_to(ROOT, target_is_directory=True)
@@ -352,7 +358,7 @@ def real_webui(tmp_path):
         cmd = [WEBUI_PYTHON or sys.executable, "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test",
                "--skip-python-version-check", "--skip-version-check", *cpu, "--api", *([] if ui else ["--nowebui"]),
                "--port", str(port), "--server-name", "127.0.0.1", "--data-dir", str(data), "--no-download-sd-model",
-               *extra]
+               *extra, *more]
         env = dict(os.environ, HF_ENDPOINT=hub_url, HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0",
                    HF_HOME=str(tmp_path / "hf-home"), ICT_CACHE_DIR=str(tmp_path / "cache"),
                    ICT_MODELS_DIR=str(tmp_path / "no-default-models"))
@@ -365,7 +371,7 @@ def real_webui(tmp_path):
         while True:
             assert proc.poll() is None, (tmp_path / "webui.log").read_text()[-4000:]
             try:
-                if _http(url + "/ict-reward/v1/download", timeout=5)[0] == 200:
+                if _http(url + "/ict-reward/v1/download", timeout=5)[0] in (200, 401):
                     return url
             except OSError:
                 pass
@@ -389,7 +395,8 @@ def test_a_real_webui_downloads_through_the_api_from_a_fresh_models_folder(real_
     models = tmp_path / "data" / "models" / "ict"
     with FakeHub({"8y/ICT": released["big"], "8y/HP": released["8y/HP"]}) as hub:
         fast = _slow(hub, 0.5)
-        url = real_webui(hub.url)
+        url = real_webui(hub.url, False, "--api-auth", "ict:s3cret")
+        assert _http(url + "/ict-reward/v1/download", "POST", headers={"Authorization": "Basic eDp5"})[0] == 401
         code, body = _http(url + "/ict-reward/v1/download")
         assert code == 200 and body["folder"] == str(models) and body["files"] == {"ict": None, "hp": None}
         result = {}
