@@ -59,7 +59,7 @@ class Outcome:
                 "downloaded": self.downloaded}
 
     def as_html(self) -> str:
-        return f"<p>{html.escape(self.message)}</p>"
+        return status_html(self.message)
 
 
 def runnable_offline(msg: str) -> str:
@@ -95,8 +95,13 @@ def describe(folder: str | os.PathLike, dirs: Iterable[str | os.PathLike] | None
     missing = [official.RELEASES[k].repo for k in KINDS if have[k] is None]
     if not missing:
         return (f"The official weights are installed: {have['ict']} and {have['hp']}. Nothing to download.")
-    return (f"Downloads {' and '.join(missing)} from Hugging Face (about 4 GB for both) into {folder} and converts "
-            f"them once; a stopped download resumes. The webui's Interrupt or {STOP} stops it.")
+    return (f"Downloads {' and '.join(missing)} from Hugging Face (about 2 GB each) into {folder} and converts "
+            f"them once. {STOP} stops it; pressing {ACTION} again resumes it.")
+
+
+def status_html(text: str) -> str:
+    """The status line under the button."""
+    return f"<p>{html.escape(text)}</p>"
 
 
 @contextmanager

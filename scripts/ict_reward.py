@@ -157,7 +157,7 @@ def _download_component(label="", value="", elem_id=None, **kwargs):
         start = gr.Button(value=download.ACTION, variant="primary", elem_id="ict_reward_download_start")
         stop = gr.Button(value=download.STOP, elem_id="ict_reward_download_stop")
     folder, dirs = _download_folder()
-    status = gr.HTML(value=f"<p>{download.html.escape(download.describe(folder, dirs))}</p>",
+    status = gr.HTML(value=download.status_html(download.describe(folder, dirs)),
                      elem_id=elem_id or "ict_reward_download_status")
     start.click(fn=_download_from_ui, inputs=[], outputs=[status])
     stop.click(fn=_stop_from_ui, inputs=[], outputs=[])
