@@ -18,6 +18,7 @@ from ict_core.paths import HP_FILE, ICT_FILE
 from ict_core.weights import PICKLE_SUFFIXES
 
 from . import hints
+from .download import WHERE
 from .options import AFTER_UNLOAD
 from .placement import TorchPlacement, empty_cuda_cache
 
@@ -113,8 +114,10 @@ def missing_message(dirs: list[Path], kind: str = "ict") -> str:
     where = " or ".join(str(d) for d in dirs)
     first = dirs[0] if dirs else Path("models/ict")
     what = "ICT" if kind == "ict" else "HP"
-    return (f"ICT reward: no {what} model found in {where}; images are left unscored. Install the weights with "
-            f"{hints.fetch_hint(first)}, or set the folder in Settings > ICT reward.")
+    return (f"ICT reward: no {what} model found in {where}; images are left unscored. To install the official "
+            f"weights press {WHERE}, or run {hints.fetch_hint(first)} (with no network here: fetch them on a machine "
+            f"with network and copy {ICT_FILE} and {HP_FILE} into {first}). Another folder can be set in Settings > "
+            f"ICT reward.")
 
 
 def _default_loader(ict_path: Path, hp_path: Path | None, device: Any, precision: str, run_device: Any = None):

@@ -30,6 +30,7 @@ from typing import Any
 from ict_core import metadata
 
 from . import align, hints, other_scripts, plots
+from .download import WHERE
 from .holder import ScorerHolder, missing_message, search_dirs, search_models
 from .infotext import (
     HP_INFOTEXT_KEY,
@@ -181,7 +182,8 @@ class WebuiReward:
             if found.hp is None:
                 why = found.hp_problem or f"no HP model found in {dirs[0]}"
                 if args.by in NEEDS_HP:
-                    fix = "" if found.hp_problem else f"; {hints.fetch_hint(dirs[0])} installs it"
+                    fix = ("" if found.hp_problem else
+                           f"; {WHERE} or {hints.fetch_hint(dirs[0])} installs it")
                     self.notify(p, state, f"ICT reward: ranking by 'ict' instead of '{args.by}': {why}{fix}.")
                 else:
                     self.notify(p, state, f"ICT reward: {why}; only ICT scores are written.")

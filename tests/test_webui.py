@@ -9,6 +9,7 @@ import importlib.util
 import json
 import shutil
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -69,6 +70,7 @@ class OptionInfo:
                  category_id=None):
         self.default, self.label, self.component, self.component_args = default, label, component, component_args
         self.section, self.category_id, self.comment_after = section, category_id, comment_after
+        self.do_not_save = False
 
     def info(self, text):
         self.comment_after += f"({text})"
@@ -76,9 +78,46 @@ class OptionInfo:
 
 
 class State:
+    """modules.shared_state.State as far as the extension touches it; each change of what /sdapi/v1/progress reads
+    is recorded in `seen` (textinfo, job_no, job_count, sampling_step, sampling_steps)."""
     interrupted = False
     stopping_generation = False
     textinfo = None
+    job = ""
+    job_no = job_count = sampling_step = sampling_steps = 0
+    WATCHED = ("textinfo", "job_no", "job_count", "sampling_step", "sampling_steps")
+
+    def __init__(self):
+        self.seen = []
+        self.jobs = []
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in self.WATCHED and self.job:
+            self.seen.append({"changed": name, **{k: getattr(self, k) for k in self.WATCHED}})
+
+    def begin(self, job="(unknown)"):
+        self.sampling_step, self.job_count, self.job_no = 0, -1, 0
+        self.interrupted = self.stopping_generation = False
+        self.textinfo, self.job = None, job
+        self.jobs.append(job)
+
+    def end(self):
+        self.job, self.job_count = "", 0
+
+    def interrupt(self):
+        self.interrupted = True
+
+    def progress(self):
+        """What /sdapi/v1/progress answers (modules/api/api.py progressapi), without the ETA."""
+        if self.job_count == 0:
+            return 0
+        progress = 0.01
+        if self.job_count > 0:
+            progress += self.job_no / self.job_count
+        if self.sampling_steps > 0:
+            progress += 1 / self.job_count * self.sampling_step / self.sampling_steps
+        return min(progress, 1)
 
 
 class ImageSaveParams:
@@ -88,7 +127,7 @@ class ImageSaveParams:
 
 class Callbacks:
     def __init__(self):
-        self.ui_settings, self.before_image_saved = [], []
+        self.ui_settings, self.before_image_saved, self.app_started = [], [], []
 
 
 class PostprocessBatchListArgs:
@@ -304,6 +343,17 @@ class FakeGradio(types.ModuleType):
         def __exit__(self, *exc):
             return False
 
+    class _Progress:
+        """gr.Progress: a handler whose argument defaults to one gets a tracker; here the calls are kept."""
+        def __init__(self, track_tqdm=False):
+            self.calls = []
+
+        def __call__(self, progress=None, desc=None, total=None, unit="steps"):
+            self.calls.append((progress, desc))
+
+    def _click(self, fn=None, inputs=None, outputs=None, **kw):
+        self.handlers = [*getattr(self, "handlers", []), (fn, inputs, outputs)]
+
     def __init__(self):
         super().__init__("gradio")
         self.Checkbox = type("Checkbox", (self._Component,), {})
@@ -311,6 +361,9 @@ class FakeGradio(types.ModuleType):
         self.Slider = type("Slider", (self._Component,), {})
         self.Accordion = type("Accordion", (self._Block,), {})
         self.Row = type("Row", (self._Block,), {})
+        self.HTML = type("HTML", (self._Component,), {})
+        self.Button = type("Button", (self._Component,), {"click": FakeGradio._click})
+        self.Progress = FakeGradio._Progress
         self.warnings = []
         self.Warning = lambda msg: self.warnings.append(msg)
 
@@ -336,8 +389,12 @@ def host(tmp_path, monkeypatch):
     m_cb = types.ModuleType("modules.script_callbacks")
     m_cb.on_ui_settings = cb.ui_settings.append
     m_cb.on_before_image_saved = cb.before_image_saved.append
+    m_cb.on_app_started = cb.app_started.append
+    m_shared.cmd_opts = types.SimpleNamespace(api=True, nowebui=False, api_auth=None)
+    m_call_queue = types.ModuleType("modules.call_queue")
+    m_call_queue.queue_lock = threading.Lock()       # what generations hold (a FIFOLock in the webui)
     for name, mod in (("scripts", m_scripts), ("shared", m_shared), ("paths", m_paths), ("script_callbacks", m_cb),
-                      ("devices", m_devices)):
+                      ("devices", m_devices), ("call_queue", m_call_queue)):
         setattr(modules, name, mod)
         monkeypatch.setitem(sys.modules, f"modules.{name}", mod)
     monkeypatch.setitem(sys.modules, "modules", modules)
@@ -352,7 +409,7 @@ def host(tmp_path, monkeypatch):
     out.mkdir()
     h = types.SimpleNamespace(module=module, script=module.ICTRewardScript(), callbacks=cb, opts=opts, gr=gr,
                               models=webui_root / "models" / "ict", webui=Webui(cb, out), out=out, state=m_shared.state,
-                              device_asks=device_asks)
+                              device_asks=device_asks, queue_lock=m_call_queue.queue_lock)
     for f in cb.ui_settings:
         f()
     return h
@@ -523,6 +580,8 @@ def test_no_weights_message_and_generation_still_succeeds(host):
     assert all("ICT score" not in t for t in infos)
     msg = next(iter(p.comments))
     assert "no ICT model found" in msg and "ict_core fetch" in msg and str(host.models) in msg
+    assert msg.index("press Settings > ICT reward > Download the official weights") < msg.index("ict_core fetch")
+    assert "with no network here: fetch them on a machine with network" in msg and msg.count("`") == 2
     assert host.gr.warnings == [msg]
     assert not host.module.REWARD.holder.loaded
     assert "ict_score" not in Image.open(host.webui.saved[0]).text
@@ -580,7 +639,10 @@ def test_nothing_loads_at_import_and_the_model_is_reused(installed):
 
 
 def test_settings_are_registered_and_used(installed):
-    assert set(installed.opts.added) == {o.key for o in OPTIONS}
+    assert set(installed.opts.added) == {o.key for o in OPTIONS} | {"ict_reward_download"}
+    action = installed.opts.added["ict_reward_download"]
+    assert action.do_not_save and action.label == "Download the official weights"
+    assert list(installed.opts.added).index("ict_reward_download") == 1     # under the models folder
     for o in OPTIONS:
         info = installed.opts.added[o.key]
         assert info.section == ("ict_reward", "ICT reward") and info.default == o.default

@@ -300,35 +300,32 @@ def test_trim_is_skipped_where_there_is_no_glibc(monkeypatch):
 
 # =============================================================================================== hints
 SITE = '''
-import json, os, shutil, sys
+import json, os, sys
 from pathlib import Path
 sys.path.insert(0, os.environ["ICT_HINT_ROOT"])
-import huggingface_hub
 import ict_core.config as arch_config
 arch_config.VIT_H_14 = json.loads(Path(os.environ["ICT_HINT_CONFIG"]).read_text())
-def fake_download(repo, name, local_dir):
-    src = Path(os.environ["ICT_HINT_ICT" if repo == "8y/ICT" else "ICT_HINT_HP"]) / name
-    dst = Path(local_dir) / name
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(src, dst)
-    return str(dst)
-huggingface_hub.hf_hub_download = fake_download
 '''
 
 
 def run_hint(msg: str, tiny_models, tmp_path) -> subprocess.CompletedProcess:
     """Run the one command between backticks in `msg`, from another folder, as a user pastes it into a shell; the
-    hub is a local copy of the released layouts and the default architecture the tiny one (sitecustomize)."""
+    hub is a local server answering as the hub does with the released layouts of the tiny models (tests/fake_hub.py,
+    HF_ENDPOINT), and the default architecture the tiny one (sitecustomize)."""
+    from fake_hub import FakeHub
+
     assert msg.count("`") == 2, msg
     cmd = msg.split("`")[1]
     site = tmp_path / "site"
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(SITE)
-    env = dict(os.environ, PYTHONPATH=str(site), ICT_HINT_ROOT=str(ROOT), ICT_HINT_CONFIG=str(tiny_models.config),
-               ICT_HINT_ICT=str(tiny_models.ict_src), ICT_HINT_HP=str(tiny_models.hp_src), HF_HUB_OFFLINE="1")
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir(exist_ok=True)
-    return subprocess.run(cmd, shell=True, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+    with FakeHub({"8y/ICT": tiny_models.ict_src, "8y/HP": tiny_models.hp_src}) as hub:
+        env = dict(os.environ, PYTHONPATH=str(site), ICT_HINT_ROOT=str(ROOT),
+                   ICT_HINT_CONFIG=str(tiny_models.config), HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"))
+        env.pop("HF_HUB_OFFLINE", None)
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir(exist_ok=True)
+        return subprocess.run(cmd, shell=True, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_the_fetch_hint_runs_as_printed(host, tiny_models, tmp_path):
@@ -337,7 +334,8 @@ def test_the_fetch_hint_runs_as_printed(host, tiny_models, tmp_path):
     assert "ict fetch" not in msg and "-m ict_core fetch --hp --dest" in msg and str(host.models) in msg
     done = run_hint(msg, tiny_models, tmp_path)
     assert done.returncode == 0, done.stderr
-    assert sorted(f.name for f in host.models.iterdir()) == ["hp.safetensors", "ict.safetensors"]
+    assert sorted(f.name for f in host.models.iterdir() if not f.name.startswith(".")) == ["hp.safetensors",
+                                                                                              "ict.safetensors"]
     assert not (tmp_path / "elsewhere").exists() or not any((tmp_path / "elsewhere").iterdir())
     host.webui.saved.clear()
     p, res = run(host, mode="keep best K", k=1)
