@@ -95,8 +95,8 @@ def describe(folder: str | os.PathLike, dirs: Iterable[str | os.PathLike] | None
     missing = [official.RELEASES[k].repo for k in KINDS if have[k] is None]
     if not missing:
         return (f"The official weights are installed: {have['ict']} and {have['hp']}. Nothing to download.")
-    return (f"Downloads {' and '.join(missing)} from Hugging Face (about 2 GB each) into {folder} and converts "
-            f"them once. {STOP} stops it; pressing {ACTION} again resumes it.")
+    return (f"Downloads {' and '.join(missing)} from Hugging Face (8y/ICT 2 GB, 8y/HP up to 4 GB) into {folder} "
+            f"and converts them once. {STOP} stops it; pressing {ACTION} again resumes it.")
 
 
 def status_html(text: str) -> str:
