@@ -13,7 +13,8 @@ function wrapper (tests/comfyui_inproc.CallCounter), independently of the node's
 audit: the funnel with audit on over a set of prompts, each cut's rank correlation with the final scores
 and whether it kept the true best.  With random weights (the checkpoint and the ICT model) this checks the
 mechanics and the costs only: the scores and correlations say nothing about real images.  Results:
-bench/out/best_of_n_funnel.json; --render writes them into docs/BENCHMARKS.md's sampler section.
+bench/out/best_of_n_funnel.json (or --out); --render writes them (several --out: each) into docs/BENCHMARKS.md's
+sampler section.
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def measure(args) -> dict:
            platform.machine(), "cores": os.cpu_count(), "gpu": torch.cuda.is_available(),
            "threads": torch.get_num_threads(), "torch": torch.__version__, "comfyui": _version(args.comfyui),
            "ict": _ict_facts(ict), "load_start": os.getloadavg(),
-           "args": {k: v for k, v in vars(args).items() if k != "render"}}
+           "args": {k: v for k, v in vars(args).items() if k not in ("render", "out")}}
     t_start = time.perf_counter()
     with torch.inference_mode():
         if args.rounds:
@@ -158,8 +159,13 @@ def render(res: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(str(r0[c][key]) for c in ("funnel", "plain", "small")) + " |")
     lines.append(f"| wall time (s), median of {len(rounds)} round{'s' if len(rounds) > 1 else ''} | "
                  + " | ".join(f"{med[c]:.1f}" for c in ("funnel", "plain", "small")) + " |")
-    lines.append(f"| wall time / plain best-of-{a['n']} | "
-                 + " | ".join(f"{med[c] / med['plain']:.2f}" for c in ("funnel", "plain", "small")) + " |")
+    if len(rounds) > 1:
+        lines.append("| wall time (s) of each round, in order | " + " | ".join(
+            ", ".join(f"{r[c]['wall_s']:.1f}" for r in rounds) for c in ("funnel", "plain", "small")) + " |")
+    ratio = {c: statistics.median(r[c]["wall_s"] / r["plain"]["wall_s"] for r in rounds)
+             for c in ("funnel", "plain", "small")}
+    lines.append(f"| wall time / plain best-of-{a['n']} of the same round, median | "
+                 + " | ".join(f"{ratio[c]:.2f}" for c in ("funnel", "plain", "small")) + " |")
     lines.append("| kept seed (its final score) | " + " | ".join(
         f"{r0[c]['kept_seed']} ({r0[c]['kept_score']:.4f})" for c in ("funnel", "plain", "small")) + " |")
     audit = res.get("audit") or []
@@ -209,11 +215,14 @@ def main():
     p.add_argument("--audit-survivors", default="4, 2")
     p.add_argument("--ict-desc", default="", help="what the ICT model is, for the rendered text (e.g. its "
                    "architecture)")
+    p.add_argument("--out", action="append", type=Path, help=f"the results file (default {OUT.relative_to(ROOT)}); "
+                   "with --render several, rendered one after the other")
     p.add_argument("--render", action="store_true", help="only rewrite docs/BENCHMARKS.md from the last results")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    outs = args.out or [OUT]
     if args.render:
-        write_doc(render(json.loads(OUT.read_text())))
+        write_doc("\n\n".join(render(json.loads(o.read_text())) for o in outs))
         return
     if not (args.comfyui and args.checkpoint and args.ict):
         p.error("--comfyui, --checkpoint and --ict are needed to measure (or --render)")
@@ -222,8 +231,8 @@ def main():
     res["command"] = "python bench/bench_best_of_n.py " + " ".join(
         f"--{k.replace('_', '-')} '{v}'" if isinstance(v, str) else f"--{k.replace('_', '-')} {v}"
         for k, v in res["args"].items() if k not in ("comfyui", "checkpoint", "ict", "ict_desc"))
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(res, indent=1))
+    outs[0].parent.mkdir(parents=True, exist_ok=True)
+    outs[0].write_text(json.dumps(res, indent=1))
     log.info("%s", render(res))
 
 
