@@ -220,7 +220,7 @@ def main():
     p.add_argument("--render", action="store_true", help="only rewrite docs/BENCHMARKS.md from the last results")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    outs = args.out or [OUT]
+    outs = [o.resolve() for o in args.out or [OUT]]  # before ComfyUI chdirs into its folder
     if args.render:
         write_doc("\n\n".join(render(json.loads(o.read_text())) for o in outs))
         return
