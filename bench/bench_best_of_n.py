@@ -13,13 +13,16 @@ function wrapper (tests/comfyui_inproc.CallCounter), independently of the node's
 audit: the funnel with audit on over a set of prompts, each cut's rank correlation with the final scores
 and whether it kept the true best.  With random weights (the checkpoint and the ICT model) this checks the
 mechanics and the costs only: the scores and correlations say nothing about real images.  Results:
-bench/out/best_of_n_funnel.json; --render writes them into docs/BENCHMARKS.md's sampler section.
+bench/out/best_of_n_funnel.json (or --out); --render writes them (several --out: each) into docs/BENCHMARKS.md's
+sampler section.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
+import os
 import platform
 import statistics
 import sys
@@ -78,8 +81,11 @@ def measure(args) -> dict:
                 "search": seen[-1] if seen else None}
 
     res = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": platform.processor() or
-           platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "comfyui": _version(args.comfyui), "args": {k: v for k, v in vars(args).items() if k != "render"}}
+           platform.machine(), "cores": os.cpu_count(), "gpu": torch.cuda.is_available(),
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "comfyui": _version(args.comfyui),
+           "ict": _ict_facts(ict), "load_start": os.getloadavg(),
+           "args": {k: v for k, v in vars(args).items() if k not in ("render", "out")}}
+    t_start = time.perf_counter()
     with torch.inference_mode():
         if args.rounds:
             run("small", steps=1)  # warm-up: first touch of the weights, allocator
@@ -95,6 +101,7 @@ def measure(args) -> dict:
             rounds.append(rows)
         res["rounds"] = rounds
         res["audit"] = _audit(args, cn, run, job["clip"])
+    res["load_end"], res["total_s"] = os.getloadavg(), time.perf_counter() - t_start
     return res
 
 
@@ -113,6 +120,15 @@ def _audit(args, cn, run, clip) -> list[dict]:
     return rows
 
 
+def _ict_facts(path: Path) -> dict:
+    """The ICT file's name, size and parameter count (from its safetensors header), to say which model ran."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    params = sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+    return {"name": path.name, "bytes": path.stat().st_size, "params": params,
+            "metadata": header.get("__metadata__", {})}
+
+
 def _version(comfy_dir: str) -> str:
     f = Path(comfy_dir) / "comfyui_version.py"
     return f.read_text().split('"')[1] if f.is_file() else "?"
@@ -125,20 +141,31 @@ def render(res: dict) -> str:
     r0 = rounds[0]
     head = (f"| | best-of-{a['n']}, funnel (prune_at {a['prune_at']}, survivors {a['survivors']}) | plain "
             f"best-of-{a['n']} | plain best-of-{a['small_n']} |")
-    lines = [f"Measured {res['when']} on {res['cpu']} ({res['threads']} torch threads), torch {res['torch']}, "
+    ict = res.get("ict")
+    model = (f"a random-weight ICT model of {ict['params'] / 1e6:.2f} M parameters ({ict['bytes'] / 1e6:.1f} MB "
+             f"safetensors{', ' + res['ict_desc'] if res.get('ict_desc') else ''})" if ict else "a random ICT model")
+    where = (f"{res['cpu']}, {res['cores']} CPU cores, {'a GPU present (unused: --cpu)' if res['gpu'] else 'no GPU'}"
+             if "cores" in res else res["cpu"])
+    load = (f" Load average (1 min) {res['load_start'][0]:.1f} at the start, {res['load_end'][0]:.1f} at the end "
+            f"(other jobs shared the cores); the whole run took {res['total_s'] / 60:.0f} min."
+            if "load_end" in res else " The cores were shared with other jobs.")
+    lines = [f"Measured {res['when']} on {where} ({res['threads']} torch threads), torch {res['torch']}, "
              f"ComfyUI {res['comfyui']} --cpu imported in one process, random-weight SD1.5 at {a['size']}x"
-             f"{a['size']}, euler/normal, {a['steps']} steps, cfg {a['cfg']:g}, chunk {a['chunk']}, tiny random ICT "
-             f"model. "
-             f"The 2 cores were shared with other jobs. Random weights: this checks the mechanics and the costs, "
-             f"not the quality of a pick.", "",
+             f"{a['size']}, euler/normal, {a['steps']} steps, cfg {a['cfg']:g}, chunk {a['chunk']}, {model}."
+             f"{load} Random weights: this checks the mechanics and the costs, not the quality of a pick.", "",
              f"Command: `{res['command']}`", "", head, "|---|---:|---:|---:|"]
     for label, key in [("candidate-steps = model evaluations (euler), counted", "candidate_evals"),
                        ("diffusion model calls, counted", "model_calls")]:
         lines.append(f"| {label} | " + " | ".join(str(r0[c][key]) for c in ("funnel", "plain", "small")) + " |")
     lines.append(f"| wall time (s), median of {len(rounds)} round{'s' if len(rounds) > 1 else ''} | "
                  + " | ".join(f"{med[c]:.1f}" for c in ("funnel", "plain", "small")) + " |")
-    lines.append(f"| wall time / plain best-of-{a['n']} | "
-                 + " | ".join(f"{med[c] / med['plain']:.2f}" for c in ("funnel", "plain", "small")) + " |")
+    if len(rounds) > 1:
+        lines.append("| wall time (s) of each round, in order | " + " | ".join(
+            ", ".join(f"{r[c]['wall_s']:.1f}" for r in rounds) for c in ("funnel", "plain", "small")) + " |")
+    ratio = {c: statistics.median(r[c]["wall_s"] / r["plain"]["wall_s"] for r in rounds)
+             for c in ("funnel", "plain", "small")}
+    lines.append(f"| wall time / plain best-of-{a['n']} of the same round, median | "
+                 + " | ".join(f"{ratio[c]:.2f}" for c in ("funnel", "plain", "small")) + " |")
     lines.append("| kept seed (its final score) | " + " | ".join(
         f"{r0[c]['kept_seed']} ({r0[c]['kept_score']:.4f})" for c in ("funnel", "plain", "small")) + " |")
     audit = res.get("audit") or []
@@ -186,21 +213,27 @@ def main():
     p.add_argument("--audit-steps", type=int, default=3)
     p.add_argument("--audit-prune-at", default="0.3, 0.6")
     p.add_argument("--audit-survivors", default="4, 2")
+    p.add_argument("--ict-desc", default="", help="what the ICT model is, for the rendered text (e.g. its "
+                   "architecture)")
+    p.add_argument("--out", action="append", type=Path, help=f"the results file (default {OUT.relative_to(ROOT)}); "
+                   "with --render several, rendered one after the other")
     p.add_argument("--render", action="store_true", help="only rewrite docs/BENCHMARKS.md from the last results")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    outs = [o.resolve() for o in args.out or [OUT]]  # before ComfyUI chdirs into its folder
     if args.render:
-        write_doc(render(json.loads(OUT.read_text())))
+        write_doc("\n\n".join(render(json.loads(o.read_text())) for o in outs))
         return
     if not (args.comfyui and args.checkpoint and args.ict):
         p.error("--comfyui, --checkpoint and --ict are needed to measure (or --render)")
     res = measure(args)
+    res["ict_desc"] = args.ict_desc
     res["command"] = "python bench/bench_best_of_n.py " + " ".join(
         f"--{k.replace('_', '-')} '{v}'" if isinstance(v, str) else f"--{k.replace('_', '-')} {v}"
-        for k, v in res["args"].items() if k not in ("comfyui", "checkpoint", "ict"))
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(res, indent=1))
-    print(render(res))
+        for k, v in res["args"].items() if k not in ("comfyui", "checkpoint", "ict", "ict_desc"))
+    outs[0].parent.mkdir(parents=True, exist_ok=True)
+    outs[0].write_text(json.dumps(res, indent=1))
+    log.info("%s", render(res))
 
 
 if __name__ == "__main__":

@@ -96,8 +96,8 @@ def _run_in_page(srv, wf: dict, renderer: str, shots: Path, name: str) -> dict:
     """Open the page with this renderer, load `wf`, queue it, wait for the ICT nodes' text; what the page shows."""
     _post(srv, "/settings", {"Comfy.VueNodes.Enabled": renderer == "vue", "Comfy.TutorialCompleted": True})
     page = srv.browser.new_page(viewport={"width": 1900, "height": 1150})
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
+    errors: list[str] = []  # each uncaught page error with its stack (where it came from: our script or the frontend)
+    page.on("pageerror", lambda e: errors.append(f"{e}\n{getattr(e, 'stack', '') or ''}".strip()))
     try:
         page.goto(srv.url, timeout=300_000)
         page.wait_for_function("window.app && window.app.graph && window.app.extensionManager", timeout=120_000)
@@ -124,10 +124,35 @@ def _run_in_page(srv, wf: dict, renderer: str, shots: Path, name: str) -> dict:
             clip = seen["clips"][str(nid)]
             page.screenshot(path=str(shots / f"{name}_{renderer}_node{nid}.png"), clip=clip)
         page.screenshot(path=str(shots / f"{name}_{renderer}.png"))
-        seen["errors"] = errors
+        seen["errors"] = [e for e in errors if not _known_frontend_bug(e, seen["version"])]
+        seen["frontend_bugs"] = [e for e in errors if _known_frontend_bug(e, seen["version"])]
         return seen
     finally:
         page.close()
+
+
+# Page errors that a frontend raises by itself, whatever the nodes on the page: (frontend version, the error's
+# message, a frame its stack must hold).  The page tests tolerate exactly these and fail on any other.
+KNOWN_FRONTEND_BUGS = [
+    # Frontend 1.27.10 (ComfyUI 0.3.64's pin), at start-up, before any workflow loads: registering the core setting
+    # Comfy.Canvas.NavigationMode runs its onChange ("legacy"), which sets Comfy.Canvas.LeftMouseClickBehavior
+    # before that setting is registered; settingStore.set then calls onChange(undefined, ...), which reads
+    # setting.id.  An unhandled rejection of that async onChange, on every load whose user settings lack
+    # LeftMouseClickBehavior (a fresh user: every test server).  Stack: onChange <- set <- (NavigationMode)
+    # onChange <- addSetting <- CORE_SETTINGS.forEach in GraphView's onMounted.  Frontends 1.49.6 and 1.58.1 do not.
+    ("1.27.10", "Cannot read properties of undefined (reading 'id')", "addSetting"),
+]
+
+
+# Frontends whose Vue node renderer (Nodes 2.0, then a preview) cannot show a widget made by node.addDOMWidget:
+# 1.27.10 (ComfyUI 0.3.64's pin) renders only the widget types of its own Vue registry (NodeWidgets:
+# shouldRenderAsVue), so the report's widget (type "ict_scores") holds the text but stays unmounted (0x0).  The
+# browser test checks the text there, and that the box is still unshown (it fails once a frontend shows it).
+VUE_WITHOUT_DOM_WIDGETS = ("1.27.10",)
+
+
+def _known_frontend_bug(error: str, version: str | None) -> bool:
+    return any(version == v and error.startswith(msg) and frame in error for v, msg, frame in KNOWN_FRONTEND_BUGS)
 
 
 RUN_TIMEOUT = 1800  # s; a 2-core CPU shared with other work samples SD1.5 slowly
@@ -207,10 +232,14 @@ def test_template_tables_are_shown_whole_in_both_renderers(page_server, template
         print(f"{template} frontend {seen['version']} {renderer}: {time.time() - t0:.0f} s")
         assert not seen["errors"], seen["errors"]
         assert not seen["missing"], f"the page says {seen['missing']} missing, but the files are installed"
+        text_only = renderer == "vue" and seen["version"] in VUE_WITHOUT_DOM_WIDGETS
         for nid in ids:
             box, node = seen["boxes"][str(nid)], seen["rects"][str(nid)]
             want = "\n\n".join(outputs[str(nid)]["text"])
             assert box["text"] == want, (renderer, nid)
+            if text_only:  # the widget holds the report, the renderer does not mount it
+                assert box["rect"][2:] == [0, 0], f"frontend {seen['version']} shows node {nid}'s table in Vue now"
+                continue
             assert box["visible"] and box["readOnly"], (renderer, nid, box)
             assert box["scrollH"] <= box["clientH"] + 1, f"{renderer}: node {nid} scrolls vertically: {box}"
             assert box["scrollW"] <= box["clientW"] + 1, f"{renderer}: node {nid} scrolls sideways: {box}"
