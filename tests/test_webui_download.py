@@ -3,7 +3,7 @@ stand-in webui of test_webui.py with the hub answered by tests/fake_hub.py (HF_E
 
 The action is pressed as the Settings page presses it: the Settings entry's component factory builds the buttons
 and the click handler registered on the Download button is called (with a gradio progress tracker)."""
-# ruff: noqa: F811  (the fixtures `host`, `released` are imported from test_webui.py / test_official.py)
+# ruff: noqa: F811  (the fixtures `host`, `hub`, `released` are imported from test_webui.py / test_official.py)
 from __future__ import annotations
 
 import base64
@@ -24,19 +24,11 @@ import pytest
 
 from fake_hub import FakeHub
 from ict_core.weights import read_info
-from test_official import ICT_BIN, released  # noqa: F401
+from test_official import ICT_BIN, hub, released  # noqa: F401
 from test_webui import host, run  # noqa: F401
 
 ACTION = "Download the official weights"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def hub(released, monkeypatch, tmp_path):
-    with FakeHub({"8y/ICT": released["8y/ICT"], "8y/HP": released["8y/HP"]}) as h:
-        monkeypatch.setenv("HF_ENDPOINT", h.url)
-        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-        yield h
 
 
 @pytest.fixture
