@@ -57,6 +57,14 @@ def _awaiting_download(*names: str) -> bool:
                is None for n in names)
 
 
+def _file_name(choice: str, path: Path) -> str:
+    """The name records and logs give a model: the listed name, and for an official release's choice the file it
+    resolved to, so two loaders sharing one file (by either name) record it alike."""
+    from ict_core import official
+
+    return path.name if official.release_for(choice) is not None else choice
+
+
 def download_missing(ict_name: str, hp_name: str) -> None:
     """Download and convert the official releases the choices name and the folders lack, with ComfyUI's progress
     bar on the node; Cancel stops the transfer (the next run resumes it)."""
@@ -123,7 +131,8 @@ def load_model(ict_name: str, hp_name: str, precision: str, device: str) -> ICTM
             patcher = None
         else:
             scorer, patcher = comfy_host.load_scorer(ict_path, hp_path, precision, plan)
-        model = ICTModel(scorer, patcher, ict_name, None if hp_path is None else hp_name, precision)
+        model = ICTModel(scorer, patcher, _file_name(ict_name, ict_path),
+                         None if hp_path is None else _file_name(hp_name, hp_path), precision)
         _live[key] = model
         log.info("ICT model loaded: %s", model.describe())
         return model

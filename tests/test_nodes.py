@@ -223,7 +223,7 @@ def test_the_official_choices_use_the_files_already_there_without_the_network(mo
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: any request would fail
     assert loader.ICTModelLoader.validate_inputs("8y/ICT (download)", "8y/HP (download)", "auto", "cpu") is True
     m = load("8y/ICT (download)", "8y/HP (download)", "auto", "cpu")[0]
-    assert m.scorer.has_hp and m.describe().startswith("ICT 8y/ICT (download) + HP 8y/HP (download)")
+    assert m.scorer.has_hp and m.describe().startswith("ICT ict.safetensors + HP hp.safetensors")  # the files
 
 
 def test_the_loader_downloads_an_official_model_on_its_first_run(tiny_models, tmp_path, monkeypatch):
