@@ -180,16 +180,17 @@ def ensure(kind: str, folder: str | Path, progress: Progress | None = None,
     with _folder_lock(folder / f".{staging.name}.download.lock", rel.repo, check_cancel):
         if out.is_file():  # another run made it while this one waited
             return out
-        _download(rel, staging, folder, progress, check_cancel)
+        checked = _download(rel, staging, folder, progress, check_cancel)
         if check_cancel is not None:
             check_cancel()
-        _convert(rel, staging, out, progress)
+        _convert(rel, staging, out, progress, checked)
     return out
 
 
 def _download(rel: Release, staging: Path, folder: Path, progress: Progress | None,
-              check_cancel: Callable[[], None] | None) -> None:
-    """Every file of the release into `staging`, each checked; the hub's errors become one line."""
+              check_cancel: Callable[[], None] | None) -> dict[Path, str]:
+    """Every file of the release into `staging`, each checked; the hub's errors become one line. Returns the
+    sha256 of each file checked by one (the converter records them without reading the files again)."""
     try:
         import huggingface_hub as hub
     except ImportError:  # pragma: no cover - a dependency
@@ -222,6 +223,7 @@ def _download(rel: Release, staging: Path, folder: Path, progress: Progress | No
             done += size
             if progress is not None:
                 progress("download", done, total)
+        return {staging / n: c for n, (c, _, _) in files.items() if len(c) == 64}
     except ModelFileError:
         raise
     except Exception as e:  # noqa: BLE001 - the hub's and the HTTP library's errors, named in one line
@@ -266,7 +268,7 @@ def _partial_size(staging: Path, name: str) -> int:
     return 0
 
 
-def _convert(rel: Release, staging: Path, out: Path, progress: Progress | None) -> None:
+def _convert(rel: Release, staging: Path, out: Path, progress: Progress | None, checked: dict[Path, str]) -> None:
     """The converter on the checked download, then the pickles go (a failed conversion keeps them)."""
     from .weights import convert
 
@@ -274,7 +276,7 @@ def _convert(rel: Release, staging: Path, out: Path, progress: Progress | None) 
         progress("convert", 0, 1)
     config = staging / "config.json" if rel.kind == "ict" and (staging / "config.json").is_file() else None
     log.info("converting %s into %s", rel.repo, out)
-    convert(staging, out, config)
+    convert(staging, out, config, known_sha256=checked)
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.parent.rmdir()  # .download, when nothing else is staged

@@ -235,8 +235,9 @@ def _storage(sd: dict[str, torch.Tensor], dtype: str | None, src: str) -> dict[s
 
 
 def convert(src: str | Path, out: str | Path, config_path: str | Path | None = None,
-            dtype: str | None = None) -> FileInfo:
-    """Convert a released 8y/ICT or 8y/HP copy to one checked safetensors file (atomic write)."""
+            dtype: str | None = None, known_sha256: dict[Path, str] | None = None) -> FileInfo:
+    """Convert a released 8y/ICT or 8y/HP copy to one checked safetensors file (atomic write). `known_sha256`:
+    source files' sha256 already checked by the caller (a download), so they are not read a second time."""
     from .files import sha256_file
     from .modeling import expected_hp_shapes, expected_ict_shapes
 
@@ -270,7 +271,7 @@ def convert(src: str | Path, out: str | Path, config_path: str | Path | None = N
     metadata = {
         "format": "pt", META_VER: FORMAT_VERSION, META_KIND: kind, META_ARCH: arch_config.dumps(arch),
         META_SRC: ",".join(f"{k}={p.name}" for k, p in sources.items()),
-        META_SHA: ",".join(f"{k}={sha256_file(p)}" for k, p in sources.items()),
+        META_SHA: ",".join(f"{k}={(known_sha256 or {}).get(p) or sha256_file(p)}" for k, p in sources.items()),
     }
     from safetensors.torch import save_file
 

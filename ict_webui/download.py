@@ -14,7 +14,6 @@ import html
 import logging
 import os
 import re
-import shlex
 import threading
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager, nullcontext
@@ -66,13 +65,7 @@ def runnable_offline(msg: str) -> str:
     """The engine's message with its `ict convert ...` command written as it runs in this webui (the webui's
     Python, from the extension's folder). Its `ict fetch ...` is left as it is: it names a command for another
     machine, one with network, where the path of this extension means nothing."""
-    def one(m: re.Match) -> str:
-        try:
-            args = shlex.split(m.group(1))
-        except ValueError:
-            return m.group(0)
-        return f"`{hints.command(*args)}`"
-    return _CONVERT_CMD.sub(one, msg)
+    return hints.runnable(msg, _CONVERT_CMD)
 
 
 def _size(n: int, total: int) -> str:

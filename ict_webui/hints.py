@@ -28,15 +28,16 @@ def command(*args: str | os.PathLike) -> str:
                      *(_quote(str(a)) for a in args)])
 
 
-def runnable(msg: str) -> str:
-    """``msg`` with each `` `ict ARGS` `` rewritten by :func:`command` (arguments as a POSIX shell splits them)."""
+def runnable(msg: str, pattern: re.Pattern = _CLI) -> str:
+    """``msg`` with each `` `ict ARGS` `` that ``pattern`` matches (group 1: ARGS) rewritten by :func:`command`
+    (arguments as a POSIX shell splits them)."""
     def one(m: re.Match) -> str:
         try:
             args = shlex.split(m.group(1))
         except ValueError:          # unbalanced quotes: not a command we wrote
             return m.group(0)
         return f"`{command(*args)}`"
-    return _CLI.sub(one, msg)
+    return pattern.sub(one, msg)
 
 
 def fetch_hint(dest: str | os.PathLike) -> str:
