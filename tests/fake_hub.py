@@ -5,15 +5,13 @@ It serves `/{repo}/resolve/{revision}/{path}` for HEAD and GET with the hub's he
 X-Linked-Etag: the sha256 of an LFS file or the git blob sha1 of a small one, X-Linked-Size) and byte ranges, from
 a folder per repository. Knobs for the tests: `corrupt` (serve other bytes than the checksum published),
 `stall_after` (send that many bytes of a file once, then hang until `release` is set, then drop the connection),
-and `requests` (what was asked, with the Range header). Run as a script (`python fake_hub.py PORT_FILE
-REPO=FOLDER ...`) for a server in another process.
+and `requests` (what was asked, with the Range header).
 """
 from __future__ import annotations
 
 import hashlib
 import http.server
 import re
-import sys
 import threading
 from pathlib import Path
 from urllib.parse import unquote
@@ -122,10 +120,3 @@ class FakeHub:
     def gets(self, key: str) -> list[str | None]:
         """The Range headers of the GETs of one file, in order."""
         return [r for m, k, r in self.requests if m == "GET" and k == key]
-
-
-if __name__ == "__main__":
-    port_file, *pairs = sys.argv[1:]
-    with FakeHub(dict(p.split("=", 1) for p in pairs)) as hub:
-        Path(port_file).write_text(hub.url)
-        threading.Event().wait()
